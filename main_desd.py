@@ -1,0 +1,555 @@
+"""DeSD pretraining: deep self-distillation of a 3D ResNet on CT sub-volumes.
+
+One GPU:
+    python main_desd.py --data_path /data/DeepLesion --list_path SSL_data_deeplesion.txt \
+        --output_dir out --arch res3d50 --batch_size_per_gpu 32 --use_fp16 False
+N GPUs on one node (the published run is 6 GPUs; `sh run_ssl.sh` writes all its flags out):
+    torchrun --nproc_per_node 6 main_desd.py --data_path ... --output_dir out
+Several nodes: the same torchrun on each node with --nnodes, --node_rank, --master_addr and
+--master_port (see run_ssl.sh), or one task per GPU under SLURM (srun python main_desd.py ...).
+CPU only (smoke test, or a machine with no GPU):
+    python main_desd.py --device cpu --arch res3d10 --out_dim 1024 --batch_size_per_gpu 2 \
+        --global_crop_size 64 --epochs 1 --max_iters_per_epoch 5 --data_path ... --output_dir out
+
+The run resumes from <output_dir>/checkpoint.pth whenever that file exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import utils
+from augment import augment_views
+from dataset import EpochSampler, SSLDataset, ViewConfig, collate
+from loss import STAGE_NAMES, DeSDLoss
+from models import DeSDStudent, DeSDTeacher, create_model, list_models
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DeSD", add_help=False)
+
+    # Model parameters
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", default="res3d50", type=str, choices=list_models(), help="3D ResNet backbone; the paper uses res3d50.")
+    group.add_argument(
+        "--out_dim",
+        default=60000,
+        type=int,
+        help="Dimensionality of the DINO head output. Large values (60000 in the paper) suit complex data.",
+    )
+    group.add_argument(
+        "--norm_last_layer",
+        default=True,
+        type=utils.bool_flag,
+        help="Fix the norm of the prototypes to 1. Typically True; False can improve results but makes training less stable.",
+    )
+    group.add_argument(
+        "--momentum_teacher",
+        default=0.996,
+        type=float,
+        help="Base EMA momentum of the teacher, raised to 1 by a cosine schedule. Use 0.9995 with small batches.",
+    )
+    group.add_argument(
+        "--use_bn_in_head",
+        default=False,
+        type=utils.bool_flag,
+        help="Batch norms in the projection heads (True in the paper); synchronised across GPUs.",
+    )
+    group.add_argument(
+        "--drop_path_rate",
+        default=0.1,
+        type=float,
+        help="Kept for compatibility with DINO's command line; ResNets have no stochastic depth, so it has no effect.",
+    )
+
+    # Temperature teacher parameters
+    group = parser.add_argument_group("teacher temperature")
+    group.add_argument(
+        "--warmup_teacher_temp", default=0.04, type=float, help="Initial teacher temperature. Try lowering it if training is unstable."
+    )
+    group.add_argument(
+        "--teacher_temp", default=0.07, type=float, help="Teacher temperature after the warm-up. Above 0.07 training tends to be unstable."
+    )
+    group.add_argument("--warmup_teacher_temp_epochs", default=20, type=int, help="Epochs of linear warm-up of the teacher temperature.")
+
+    # Training/Optimization parameters
+    group = parser.add_argument_group("optimisation")
+    group.add_argument(
+        "--use_fp16",
+        default=True,
+        type=utils.bool_flag,
+        help="fp16 autocast with loss scaling (CUDA only; ignored on CPU). The paper trains with False; turn it off if the loss goes NaN.",
+    )
+    group.add_argument(
+        "--use_bf16",
+        default=False,
+        type=utils.bool_flag,
+        help="bf16 autocast (CUDA or CPU); no loss scaling needed. Takes precedence over --use_fp16.",
+    )
+    group.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay (cosine schedule to --weight_decay_end).")
+    group.add_argument("--weight_decay_end", default=0.4, type=float, help="Final weight decay.")
+    group.add_argument("--clip_grad", default=3.0, type=float, help="Maximal gradient norm of each parameter tensor; 0 disables clipping.")
+    group.add_argument(
+        "--batch_size_per_gpu", default=64, type=int, help="Patches per process (per GPU). The paper uses 32 on each of 6 GPUs."
+    )
+    group.add_argument(
+        "--accum_iter",
+        default=1,
+        type=int,
+        help="Accumulate gradients over this many batches per optimiser step (EMA and centre update once per step).",
+    )
+    group.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
+    group.add_argument(
+        "--max_iters_per_epoch", default=0, type=int, help="Cap on iterations per epoch for smoke runs; 0 uses the whole list every epoch."
+    )
+    group.add_argument(
+        "--freeze_last_layer",
+        default=1,
+        type=int,
+        help="Epochs during which the prototypes stay fixed. Increase it if the loss does not decrease.",
+    )
+    group.add_argument(
+        "--lr",
+        default=0.0005,
+        type=float,
+        help="Peak learning rate at a global batch of 256 (linear scaling rule), reached after the warm-up.",
+    )
+    group.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
+    group.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine schedule.")
+    group.add_argument(
+        "--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"], help="The paper uses sgd (momentum 0.9)."
+    )
+    group.add_argument(
+        "--stage_weights",
+        default=(0.25, 0.25, 0.25, 0.25),
+        type=float,
+        nargs=4,
+        help="Loss weights of stages 1-4. '0 0 0 1' is plain DINO (the ablation baseline).",
+    )
+
+    # Multi-crop and views
+    group = parser.add_argument_group("views")
+    group.add_argument(
+        "--global_crops_scale",
+        type=float,
+        nargs="+",
+        default=(0.4, 1.0),
+        help="Kept for compatibility with the reference, whose 3D crops ignore it: the crop scales are fixed (SPEC section 3).",
+    )
+    group.add_argument("--local_crops_number", type=int, default=0, help="Number of small local views (0 in the paper).")
+    group.add_argument(
+        "--local_crops_scale",
+        type=float,
+        nargs="+",
+        default=(0.05, 0.4),
+        help="Kept for compatibility with the reference, whose 3D crops ignore it.",
+    )
+    group.add_argument("--global_crop_size", type=int, default=96, help="In-plane side of the global views.")
+    group.add_argument("--local_crop_size", type=int, default=48, help="In-plane side of the local views.")
+    group.add_argument("--crop_depth", type=int, default=16, help="Slices in each view.")
+    group.add_argument(
+        "--augment_per_volume",
+        default=False,
+        type=utils.bool_flag,
+        help="One intensity draw per view instead of one per slice (the published weights were trained per slice).",
+    )
+    group.add_argument(
+        "--augment_on_device",
+        default=False,
+        type=utils.bool_flag,
+        help="Run the intensity augmentation batched on the training device; the loader workers only read and crop. Same distributions.",
+    )
+    group.add_argument(
+        "--skip_bad_patches",
+        default=False,
+        type=utils.bool_flag,
+        help="On an unreadable patch, warn and use the next one instead of stopping; counts are logged per epoch.",
+    )
+
+    # Misc
+    group = parser.add_argument_group("misc")
+    group.add_argument(
+        "--data_path", default="", type=str, help="Data root: list entries are relative to it (e.g. DL_patches_v2/xxx.nii.gz)."
+    )
+    group.add_argument(
+        "--list_path", default="SSL_data_deeplesion.txt", type=str, help="List file, relative to --data_path unless absolute."
+    )
+    group.add_argument(
+        "--output_dir", default=".", type=str, help="Where checkpoints and log.txt go; a run resumes from its checkpoint.pth."
+    )
+    group.add_argument("--saveckp_freq", default=20, type=int, help="Keep a numbered checkpoint every this many epochs.")
+    group.add_argument(
+        "--save_every_iters",
+        default=0,
+        type=int,
+        help="Also update checkpoint.pth every this many iterations within an epoch (0: at epoch ends only).",
+    )
+    group.add_argument("--seed", default=0, type=int, help="Random seed.")
+    group.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
+    group.add_argument("--dist_url", default="env://", type=str, help="URL used to set up distributed training.")
+    group.add_argument("--local_rank", default=0, type=int, help="Accepted for old launchers and ignored: torchrun's LOCAL_RANK is used.")
+    group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto uses CUDA when available.")
+    group.add_argument(
+        "--allow_tf32",
+        default=False,
+        type=utils.bool_flag,
+        help="TF32 matrix products and convolutions on Ampere+ GPUs (faster, ~1e-3 relative error).",
+    )
+    group.add_argument(
+        "--channels_last", default=False, type=utils.bool_flag, help="channels-last 3D memory format for the networks on CUDA."
+    )
+    group.add_argument("--compile", default=False, type=utils.bool_flag, help="torch.compile the networks (CUDA).")
+    group.add_argument("--print_freq", default=10, type=int, help="Iterations between progress lines.")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse bad configurations before any work is done."""
+    if args.arch not in list_models():
+        raise ValueError(f"unknown --arch {args.arch!r}; expected one of {', '.join(list_models())}")
+    for name in ("global_crop_size", "local_crop_size", "crop_depth", "batch_size_per_gpu", "epochs", "accum_iter"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.out_dim < 2:
+        raise ValueError(f"--out_dim must be at least 2, got {args.out_dim}")
+    if args.local_crops_number < 0:
+        raise ValueError(f"--local_crops_number must be >= 0, got {args.local_crops_number}")
+    for name in ("global_crop_size", "local_crop_size"):
+        d, h, w = last_stage_shape(args.crop_depth, getattr(args, name))
+        if d * h * w < 2 and (name == "global_crop_size" or args.local_crops_number > 0):
+            raise ValueError(
+                f"--{name} {getattr(args, name)} with --crop_depth {args.crop_depth} leaves a last-stage map of {d}x{h}x{w}: "
+                "instance norm needs more than one element (use at least 48 in-plane with depth 16)"
+            )
+    if not args.data_path:
+        raise ValueError("--data_path is required (the folder that holds DL_patches_v2/ and the list file)")
+
+
+def last_stage_shape(depth: int, side: int) -> tuple[int, int, int]:
+    """Size of the 4th-stage feature map of a Res3D for a (depth, side, side) input."""
+
+    def conv(n: int, k: int, s: int, p: int) -> int:
+        return (n + 2 * p - k) // s + 1
+
+    d, h = conv(depth, 7, 1, 3), conv(side, 7, 2, 3)  # stem
+    d, h = conv(d, 3, 2, 1), conv(h, 3, 2, 1)  # max-pool
+    for _ in range(3):  # stages 2-4 stride 2
+        d, h = conv(d, 3, 2, 1), conv(h, 3, 2, 1)
+    return d, h, h
+
+
+def autocast_context(args: argparse.Namespace, device: torch.device):
+    if args.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=args.amp_dtype)
+
+
+def train_desd(args: argparse.Namespace) -> None:
+    validate_args(args)
+    device = utils.init_distributed_mode(args)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    if utils.is_main_process():
+        print(utils.git_sha())
+        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    args.amp_dtype = torch.bfloat16 if args.use_bf16 else (torch.float16 if args.use_fp16 and device.type == "cuda" else None)
+    if args.use_fp16 and not args.use_bf16 and device.type != "cuda" and utils.is_main_process():
+        print("note: --use_fp16 applies on CUDA only; training in float32 on the CPU")
+
+    # ============ preparing data ... ============
+    cfg = ViewConfig(
+        global_size=args.global_crop_size,
+        local_size=args.local_crop_size,
+        depth=args.crop_depth,
+        local_crops_number=args.local_crops_number,
+        per_slice=not args.augment_per_volume,
+        intensity=not args.augment_on_device,
+    )
+    dataset = SSLDataset(args.data_path, args.list_path, cfg, seed=args.seed, skip_bad_patches=args.skip_bad_patches)
+    if len(dataset) < args.batch_size_per_gpu * args.world_size:
+        raise ValueError(
+            f"the list holds {len(dataset)} patches, fewer than one batch per process "
+            f"({args.batch_size_per_gpu} x {args.world_size} processes)"
+        )
+    sampler = EpochSampler(len(dataset), args.rank, args.world_size, args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        collate_fn=collate,
+        persistent_workers=False,
+        prefetch_factor=4 if args.num_workers > 0 else None,
+    )
+    iters_per_epoch = len(dataset) // args.world_size // args.batch_size_per_gpu
+    if args.max_iters_per_epoch > 0:
+        iters_per_epoch = min(iters_per_epoch, args.max_iters_per_epoch)
+    iters_per_epoch -= iters_per_epoch % args.accum_iter
+    if iters_per_epoch == 0:
+        raise ValueError(f"an epoch has fewer than --accum_iter {args.accum_iter} batches")
+    steps_per_epoch = iters_per_epoch // args.accum_iter
+    print(f"Data loaded: there are {len(dataset)} patches, {iters_per_epoch} iterations per epoch.")
+
+    # ============ building student and teacher networks ... ============
+    student = DeSDStudent(create_model(args.arch), args.out_dim, args.use_bn_in_head, args.norm_last_layer)
+    if args.use_bn_in_head and args.world_size > 1 and device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    teacher = DeSDTeacher.from_student(student)  # exact copy of the backbone and last head
+    student, teacher = student.to(device), teacher.to(device)
+    if args.channels_last and device.type == "cuda":
+        student, teacher = student.to(memory_format=torch.channels_last_3d), teacher.to(memory_format=torch.channels_last_3d)
+    student_without_ddp = student
+    if args.world_size > 1:
+        student = DistributedDataParallel(student, device_ids=[args.gpu] if device.type == "cuda" else None)
+    student_fwd, teacher_fwd = student, teacher
+    if args.compile:
+        student_fwd, teacher_fwd = torch.compile(student), torch.compile(teacher)
+    print(
+        f"Student and teacher are built: both {args.arch}, {sum(p.numel() for p in student_without_ddp.parameters()) / 1e6:.1f}M student parameters."
+    )
+
+    # ============ preparing loss ... ============
+    desd_loss = DeSDLoss(
+        args.out_dim,
+        cfg.ncrops,
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+        stage_weights=tuple(args.stage_weights),
+    ).to(device)
+
+    # ============ preparing optimizer ... ============
+    params_groups = utils.get_params_groups(student_without_ddp)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params_groups)
+    elif args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+    else:
+        optimizer = utils.LARS(params_groups)
+    fp16_scaler = torch.amp.GradScaler("cuda") if args.amp_dtype == torch.float16 else None
+
+    # ============ init schedulers ... ============
+    global_batch = args.batch_size_per_gpu * args.world_size * args.accum_iter
+    lr_schedule = utils.cosine_scheduler(
+        args.lr * global_batch / 256.0,  # linear scaling rule
+        args.min_lr,
+        args.epochs,
+        steps_per_epoch,
+        warmup_epochs=args.warmup_epochs,
+    )
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, steps_per_epoch)
+    print("Loss, optimizer and schedulers ready.")
+
+    # ============ optionally resume training ... ============
+    to_restore = {"epoch": 0, "iteration": 0}
+    utils.restart_from_checkpoint(
+        os.path.join(args.output_dir, "checkpoint.pth"),
+        run_variables=to_restore,
+        student=student_without_ddp,
+        teacher=teacher,
+        optimizer=optimizer,
+        fp16_scaler=fp16_scaler,
+        desd_loss=desd_loss,
+    )
+    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
+
+    start_time = time.time()
+    print("Starting DeSD training !")
+    for epoch in range(start_epoch, args.epochs):
+        first = start_iter if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, start=first * args.batch_size_per_gpu)
+
+        # ============ training one epoch of DeSD ... ============
+        train_stats = train_one_epoch(
+            student, teacher, student_fwd, teacher_fwd, student_without_ddp, desd_loss, loader, optimizer,
+            lr_schedule, wd_schedule, momentum_schedule, epoch, first, iters_per_epoch, fp16_scaler, device, args,
+        )  # fmt: skip
+
+        # ============ writing logs ... ============
+        save_checkpoint(args, student_without_ddp, teacher, optimizer, fp16_scaler, desd_loss, epoch + 1, 0)
+        if utils.is_main_process() and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            save_checkpoint(
+                args, student_without_ddp, teacher, optimizer, fp16_scaler, desd_loss, epoch + 1, 0, f"checkpoint{epoch:04}.pth"
+            )
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if utils.is_main_process():
+            utils.append_json_line(os.path.join(args.output_dir, "log.txt"), log_stats)
+            if epoch > 0:  # every run starts near ln(out_dim)
+                warn_if_collapsing(train_stats, args.out_dim)
+    total_time = time.time() - start_time
+    print(f"Training time {time.strftime('%H:%M:%S', time.gmtime(total_time))}")
+    if utils.is_main_process():
+        print(f"Teacher checkpoint: {os.path.abspath(os.path.join(args.output_dir, 'checkpoint.pth'))} (key 'teacher')")
+    if utils.is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def save_checkpoint(
+    args, student, teacher, optimizer, fp16_scaler, desd_loss, epoch: int, iteration: int, name: str = "checkpoint.pth"
+) -> None:
+    """Write the run's state on rank 0, atomically. `epoch` and `iteration` say where to resume.
+    Model keys carry the `module.` prefix at every world size (SPEC section 6)."""
+    if not utils.is_main_process():
+        return
+    state = {
+        "student": utils.with_prefix(student.state_dict()),
+        "teacher": utils.with_prefix(teacher.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "iteration": iteration,
+        "args": {k: v for k, v in vars(args).items() if k != "amp_dtype"},
+        "desd_loss": desd_loss.state_dict(),
+    }
+    if fp16_scaler is not None:
+        state["fp16_scaler"] = fp16_scaler.state_dict()
+    os.makedirs(args.output_dir, exist_ok=True)
+    utils.save_atomic(state, os.path.join(args.output_dir, name))
+
+
+def warn_if_collapsing(stats: dict, out_dim: int) -> None:
+    """DINO's failure modes: a uniform teacher (loss at ln(out_dim)) or a one-hot teacher
+    (entropy near zero)."""
+    uniform = math.log(out_dim)
+    if abs(stats["loss"] - uniform) < 0.02 * uniform:
+        print(f"WARNING: loss {stats['loss']:.3f} sits near ln(out_dim) = {uniform:.3f}: the teacher output looks uniform (collapse).")
+    if stats["teacher_entropy"] < 0.01 * uniform:
+        print(f"WARNING: teacher entropy {stats['teacher_entropy']:.4f} is near zero: the teacher output looks one-hot (collapse).")
+
+
+def train_one_epoch(
+    student, teacher, student_fwd, teacher_fwd, student_without_ddp, desd_loss, loader, optimizer,
+    lr_schedule, wd_schedule, momentum_schedule, epoch, first, iters_per_epoch, fp16_scaler, device, args,
+) -> dict:  # fmt: skip
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    names = ["loss", *STAGE_NAMES, "teacher_entropy"]
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # summed on device: no host sync per step
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    bad_patches, count = 0, 0
+    centre_batch: list[torch.Tensor] = []
+    total = iters_per_epoch - first
+    batches = zip(range(first, iters_per_epoch), loader)
+    for it, (views, bad) in metric_logger.log_every(batches, total, args.print_freq, header):
+        step = epoch * (iters_per_epoch // args.accum_iter) + it // args.accum_iter  # global optimiser step
+        if it % args.accum_iter == 0:
+            for i, param_group in enumerate(optimizer.param_groups):
+                param_group["lr"] = float(lr_schedule[step])
+                if i == 0:  # only the first group is regularised
+                    param_group["weight_decay"] = float(wd_schedule[step])
+        views = [v.to(device, non_blocking=True) for v in views]
+        if args.channels_last and device.type == "cuda":
+            views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
+        if args.augment_on_device:
+            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + args.rank * 7919 + epoch * iters_per_epoch + it)
+            views = augment_views(views, g, per_slice=not args.augment_per_volume)
+        bad_patches += bad
+
+        # teacher and student forward passes + compute the loss
+        sync = contextlib.nullcontext() if (it + 1) % args.accum_iter == 0 or not utils.is_dist() else student.no_sync()
+        with sync:
+            with autocast_context(args, device):
+                with torch.no_grad():
+                    teacher_output = teacher_fwd(views[:2])  # only the 2 global views pass through the teacher
+                student_output = student_fwd(views)
+                terms = desd_loss(student_output, teacher_output, epoch)
+            loss = terms["loss"]
+            finite &= torch.isfinite(loss)
+            if fp16_scaler is None:
+                (loss / args.accum_iter).backward()
+            else:
+                fp16_scaler.scale(loss / args.accum_iter).backward()
+        centre_batch.append(teacher_output.detach())
+
+        # student update, teacher EMA and centre: once per optimiser step
+        if (it + 1) % args.accum_iter == 0:
+            if fp16_scaler is not None and args.clip_grad:
+                fp16_scaler.unscale_(optimizer)
+            if args.clip_grad:
+                utils.clip_gradients(student_without_ddp, args.clip_grad)
+            utils.cancel_gradients_last_layer(epoch, student_without_ddp, args.freeze_last_layer)
+            if fp16_scaler is None:
+                optimizer.step()
+            else:
+                fp16_scaler.step(optimizer)
+                fp16_scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            utils.update_teacher(student_without_ddp, teacher, momentum_schedule[step])
+            desd_loss.update_center(torch.cat(centre_batch))
+            centre_batch = []
+
+        with torch.no_grad():
+            probs = desd_loss.teacher_probs(teacher_output, epoch)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+            sums += torch.stack([terms[n].detach().double() for n in names[:-1]] + [entropy.double()])
+        count += 1
+
+        last = it == iters_per_epoch - 1
+        saving = args.save_every_iters > 0 and (it + 1) % args.save_every_iters == 0 and (it + 1) % args.accum_iter == 0 and not last
+        if (it - first) % args.print_freq == 0 or last or saving:
+            check_finite(finite, epoch, it)
+            current = dict(zip(names, torch.stack([terms[n].detach().double() for n in names[:-1]] + [entropy.double()]).tolist()))
+            metric_logger.update(
+                **current,
+                lr=optimizer.param_groups[0]["lr"],
+                wd=optimizer.param_groups[0]["weight_decay"],
+                momentum=momentum_schedule[step],
+                teacher_temp=desd_loss.teacher_temp(epoch),
+            )
+        if saving:
+            save_checkpoint(args, student_without_ddp, teacher, optimizer, fp16_scaler, desd_loss, epoch, it + 1)
+
+    check_finite(finite, epoch, iters_per_epoch - 1)
+    totals = torch.cat([sums, torch.tensor([count, bad_patches], dtype=torch.float64, device=device)])
+    if utils.is_dist():
+        dist.all_reduce(totals)
+    stats = dict(zip(names, (totals[: len(names)] / totals[len(names)]).tolist()))
+    stats.update(
+        lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"], teacher_temp=desd_loss.teacher_temp(epoch)
+    )
+    stats["replaced_patches"] = int(totals[-1].item())
+    if stats["replaced_patches"]:
+        print(f"epoch {epoch}: {stats['replaced_patches']} unreadable patches were replaced by others")
+    print("Averaged stats:", json.dumps({k: round(v, 6) for k, v in stats.items()}))
+    return stats
+
+
+def check_finite(finite: torch.Tensor, epoch: int, it: int) -> None:
+    """Stop every process on a non-finite loss, before any checkpoint is written from it."""
+    flag = finite.to(torch.int32)
+    if utils.is_dist():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not bool(flag.item()):
+        print(
+            f"Loss is not finite at epoch {epoch} (by iteration {it}): stopping training; the last checkpoint is left as it was.",
+            flush=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("DeSD", parents=[get_args_parser()])
+    args = parser.parse_args()
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    train_desd(args)

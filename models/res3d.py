@@ -1,0 +1,154 @@
+"""3D ResNets with instance norm and leaky ReLU: the DeSD encoders (SPEC section 4).
+
+Input (N, 1, D, H, W). The stem strides (1, 2, 2) then max-pools by 2, so stage k's feature
+map is (N, C_k, D/s_d, H/s, W/s) with in-plane strides 4, 8, 16, 32 and depth strides
+2, 4, 8, 16. Parameter names equal those of the released DeSD weights (`conv1`, `norm1`,
+`layer{1-4}.{i}.conv{1,2,3}`, `.norm{1,2,3}`, `.downsample.{0,1}`).
+
+Pooling and projection heads are not part of the backbone: `forward` returns the four stage
+feature maps so that the same network feeds the self-supervised heads and a segmentation
+decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Res3D", "BasicBlock", "Bottleneck", "DEPTHS"]
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm3d(channels, affine=True)
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.01, inplace=True)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3x3 convolutions; the stride sits on the first."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(planes)
+        self.conv2 = nn.Conv3d(planes, planes, 3, padding=1, bias=False)
+        self.norm2 = _norm(planes)
+        self.act = _act()
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1x1 -> 3x3x3 (strided) -> 1x1x1 convolutions, widening by 4."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_planes, planes, 1, bias=False)
+        self.norm1 = _norm(planes)
+        self.conv2 = nn.Conv3d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = _norm(planes)
+        self.conv3 = nn.Conv3d(planes, planes * self.expansion, 1, bias=False)
+        self.norm3 = _norm(planes * self.expansion)
+        self.act = _act()
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.act(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        return self.act(out + identity)
+
+
+# depth: (block type, blocks in stages 1-4)
+DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    10: (BasicBlock, (1, 1, 1, 1)),
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+    200: (Bottleneck, (3, 24, 36, 3)),
+}
+
+STAGE_PLANES = (64, 128, 256, 512)
+STAGE_STRIDES = (1, 2, 2, 2)
+
+
+class Res3D(nn.Module):
+    """3D ResNet, shortcut type B, returning the feature map of each of its four stages.
+
+    `feature_info[k]` gives the channels and the (depth, in-plane) reduction of stage k+1.
+    PyTorch's default initialisation is kept, as in the reference (its init is never called).
+    """
+
+    def __init__(self, block: type[nn.Module], layers: tuple[int, int, int, int], in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, 64, 7, stride=(1, 2, 2), padding=3, bias=False)
+        self.norm1 = _norm(64)
+        self.act = _act()
+        self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
+        self.in_planes = 64
+        self.feature_info: list[dict] = []
+        depth_stride, plane_stride = 2, 4  # after the stem and max-pool
+        for i, (planes, blocks, stride) in enumerate(zip(STAGE_PLANES, layers, STAGE_STRIDES)):
+            setattr(self, f"layer{i + 1}", self._make_layer(block, planes, blocks, stride))
+            depth_stride, plane_stride = depth_stride * stride, plane_stride * stride
+            self.feature_info.append(
+                {"module": f"layer{i + 1}", "num_chs": planes * block.expansion, "reduction": (depth_stride, plane_stride, plane_stride)}
+            )
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        out_planes = planes * block.expansion
+        if stride != 1 or self.in_planes != out_planes:
+            downsample = nn.Sequential(nn.Conv3d(self.in_planes, out_planes, 1, stride=stride, bias=False), _norm(out_planes))
+        layers = [block(self.in_planes, planes, stride, downsample)]
+        self.in_planes = out_planes
+        layers += [block(self.in_planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        return [info["num_chs"] for info in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.act(self.norm1(self.conv1(x))))  # (N, 64, D/2, H/4, W/4)
+        features = []
+        for k in range(1, 5):
+            x = getattr(self, f"layer{k}")(x)  # stage k: (N, C_k, D/2^k, H/2^(k+1), W/2^(k+1))
+            features.append(x)
+        return features
+
+
+def _constructor(depth: int) -> Callable[..., Res3D]:
+    block, layers = DEPTHS[depth]
+
+    def build(**kwargs) -> Res3D:
+        return Res3D(block, layers, **kwargs)
+
+    build.__name__ = f"res3d{depth}"
+    build.__doc__ = f"3D ResNet-{depth} ({block.__name__}, blocks {layers})."
+    return build
+
+
+res3d10 = _constructor(10)
+res3d18 = _constructor(18)
+res3d34 = _constructor(34)
+res3d50 = _constructor(50)
+res3d101 = _constructor(101)
+res3d152 = _constructor(152)
+res3d200 = _constructor(200)

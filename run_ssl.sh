@@ -1,0 +1,63 @@
+#!/bin/sh
+# DeSD pretraining with the published hyperparameters (6 GPUs x 32 patches, 300 epochs).
+#
+# Settings from the environment (defaults in brackets):
+#   DATA_PATH [data/DeepLesion]  LIST_PATH [SSL_data_deeplesion.txt]  OUTPUT_DIR [snapshots/DeSD_res3d50]
+#   NPROC_PER_NODE [number of GPUs, or 1 process on the CPU when there is none]
+#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]
+#   MAX_RESTARTS [0]: torchrun restarts the workers this many times after a failure; each
+#                     restart resumes from OUTPUT_DIR/checkpoint.pth.
+#   PYTHON [python]
+# Extra arguments are passed on to main_desd.py and override the values below, e.g.
+#   sh run_ssl.sh --batch_size_per_gpu 16 --num_workers 8
+set -e
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+DATA_PATH=${DATA_PATH:-data/DeepLesion}
+LIST_PATH=${LIST_PATH:-SSL_data_deeplesion.txt}
+OUTPUT_DIR=${OUTPUT_DIR:-snapshots/DeSD_res3d50}
+GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+DEVICE=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
+mkdir -p "$OUTPUT_DIR"
+
+$PYTHON -m torch.distributed.run \
+  --nproc_per_node="$NPROC_PER_NODE" \
+  --nnodes="$NNODES" \
+  --node_rank="$NODE_RANK" \
+  --master_addr="$MASTER_ADDR" \
+  --master_port="$MASTER_PORT" \
+  --max_restarts="$MAX_RESTARTS" \
+  main_desd.py \
+  --arch res3d50 \
+  --data_path "$DATA_PATH" \
+  --list_path "$LIST_PATH" \
+  --output_dir "$OUTPUT_DIR" \
+  --device "$DEVICE" \
+  --batch_size_per_gpu 32 \
+  --epochs 300 \
+  --optimizer sgd \
+  --lr 0.3 \
+  --min_lr 0.048 \
+  --warmup_epochs 10 \
+  --weight_decay 1e-6 \
+  --weight_decay_end 1e-6 \
+  --clip_grad 0 \
+  --momentum_teacher 0.996 \
+  --out_dim 60000 \
+  --use_bn_in_head True \
+  --norm_last_layer True \
+  --use_fp16 False \
+  --freeze_last_layer 1 \
+  --warmup_teacher_temp 0.04 \
+  --teacher_temp 0.07 \
+  --warmup_teacher_temp_epochs 20 \
+  --local_crops_number 0 \
+  --saveckp_freq 20 \
+  --num_workers 10 \
+  "$@"

@@ -1,0 +1,153 @@
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from augment import GLOBAL_1, IntensityProbs, augment_intensity, gaussian_blur_slices
+from dataset import EpochSampler, SSLDataset, ViewConfig, load_region, read_list
+from tests.conftest import write_patches
+
+
+def test_views_have_the_published_shapes_and_dtype(patch_root):
+    ds = SSLDataset(patch_root, "SSL_data_deeplesion.txt", ViewConfig(local_crops_number=2))
+    views, replaced = ds[(0, 0)]
+    assert replaced == 0
+    assert [tuple(v.shape) for v in views] == [(1, 16, 96, 96)] * 2 + [(1, 16, 48, 48)] * 2
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+
+
+def test_small_patches_are_padded_to_the_view_size(tmp_path):
+    root = write_patches(str(tmp_path), n=1, shape=(50, 40, 9))
+    views, _ = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig())[(0, 0)]
+    assert [tuple(v.shape) for v in views] == [(1, 16, 96, 96)] * 2
+
+
+def test_views_are_reproducible_for_a_seed_epoch_and_index_and_change_with_the_epoch(patch_root):
+    ds = SSLDataset(patch_root, "SSL_data_deeplesion.txt", ViewConfig(), seed=3)
+    a, _ = ds[(1, 0)]
+    b, _ = ds[(1, 0)]
+    c, _ = ds[(1, 1)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_network_input_is_z_x_y_as_nibabel_reads_it(tmp_path):
+    x, y, z = np.meshgrid(np.arange(30), np.arange(20), np.arange(10), indexing="ij")
+    arr = (x * 30 + y + z * 1000).astype(np.int16)  # nibabel order (x, y, z)
+    path = str(tmp_path / "p.nii")
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
+    region = load_region(path, 25, 15, min_h=8, rng=np.random.default_rng(0))
+    assert region.shape == (10, 25, 15)
+    assert np.all(np.diff(region, axis=0) == 1000)  # depth (z) first
+    assert np.all(np.diff(region, axis=1) == 30)  # then x
+    assert np.all(np.diff(region, axis=2) == 1)  # then y
+
+
+def test_intensities_are_scaled_by_1024_without_augmentation(tmp_path):
+    root = write_patches(str(tmp_path), n=1, shape=(100, 100, 16))
+    arr = np.asarray(nib.load(os.path.join(root, "DL_patches_v2", os.listdir(os.path.join(root, "DL_patches_v2"))[0])).dataobj)
+    views, _ = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig(intensity=False))[(0, 0)]
+    assert views[0].abs().max() <= 1.0
+    assert views[0].max().item() <= arr.max() / 1024 + 1e-6
+
+
+def blur_probs(**kw):
+    base = dict(
+        blur=1.0, blur_slice=1.0, brightness_mul=0.0, brightness_add=0.0, brightness_add_slice=0.0, gamma=0.0, noise=0.0, contrast=0.0
+    )
+    base.update(kw)
+    return IntensityProbs(**base)
+
+
+def test_slice_blur_equals_scipy_gaussian_filter_per_slice():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 20, 24)).astype(np.float32)
+    sigma = rng.uniform(0.1, 2.0, size=(2, 3))
+    apply = np.array([[True, False, True], [True, True, False]])
+    out = gaussian_blur_slices(torch.from_numpy(x), torch.from_numpy(sigma), torch.from_numpy(apply)).numpy()
+    for b in range(2):
+        for d in range(3):
+            ref = ndi.gaussian_filter(x[b, d].astype(np.float64), sigma[b, d], mode="reflect", truncate=4.0) if apply[b, d] else x[b, d]
+            assert np.allclose(out[b, d], ref, atol=1e-5)
+
+
+def test_per_slice_mode_draws_per_slice_and_volume_mode_once_per_view():
+    x = torch.zeros(1, 16, 32, 32) + torch.linspace(-0.5, 0.5, 32)
+    only_mul = blur_probs(blur=0.0, brightness_mul=1.0)
+    g = torch.Generator().manual_seed(0)
+    per_slice = augment_intensity(x, only_mul, g, per_slice=True)
+    factors = per_slice[0, :, 0, -1] / x[0, :, 0, -1]
+    assert factors.unique().numel() == 16
+    per_view = augment_intensity(x, only_mul, torch.Generator().manual_seed(0), per_slice=False)
+    assert (per_view[0, :, 0, -1] / x[0, :, 0, -1]).unique().numel() == 1
+
+
+def test_gamma_keeps_each_slice_mean_and_std_and_contrast_keeps_its_range():
+    x = torch.rand(4, 8, 24, 24, generator=torch.Generator().manual_seed(1))
+    gamma_only = blur_probs(blur=0.0, gamma=1.0)
+    y = augment_intensity(x, gamma_only, torch.Generator().manual_seed(0))
+    assert torch.allclose(y.mean((-1, -2)), x.mean((-1, -2)), atol=1e-5)
+    assert torch.allclose(y.std((-1, -2), unbiased=False), x.std((-1, -2), unbiased=False), atol=1e-5)
+    assert not torch.allclose(y, x)
+    contrast_only = blur_probs(blur=0.0, contrast=1.0)
+    z = augment_intensity(x, contrast_only, torch.Generator().manual_seed(0))
+    assert (z.amin((-1, -2)) >= x.amin((-1, -2)) - 1e-6).all() and (z.amax((-1, -2)) <= x.amax((-1, -2)) + 1e-6).all()
+
+
+def test_view_probabilities_show_in_the_fraction_of_blurred_views():
+    x = torch.randn(400, 1, 16, 16)
+    only_blur = blur_probs(blur=0.8, blur_slice=1.0)
+    y = augment_intensity(x, only_blur, torch.Generator().manual_seed(0))
+    blurred = (y - x).abs().flatten(1).amax(1) > 1e-6
+    assert 0.72 < blurred.float().mean().item() < 0.88
+
+
+def test_noise_std_is_uniform_up_to_point_one():
+    x = torch.zeros(2000, 1, 16, 16)
+    noise_only = blur_probs(blur=0.0, noise=1.0)
+    stds = augment_intensity(x, noise_only, torch.Generator().manual_seed(0)).flatten(1).std(1)
+    assert stds.max().item() < 0.11 and abs(stds.mean().item() - 0.05) < 0.005
+
+
+def test_full_chain_is_finite_and_changes_the_view():
+    x = torch.rand(3, 16, 32, 32) * 2 - 1
+    y = augment_intensity(x, GLOBAL_1, torch.Generator().manual_seed(0))
+    assert torch.isfinite(y).all() and not torch.allclose(x, y)
+
+
+def test_list_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        read_list(str(tmp_path / "missing"), "list.txt")
+    with pytest.raises(FileNotFoundError, match="list file"):
+        read_list(str(tmp_path), "list.txt")
+    (tmp_path / "list.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_list(str(tmp_path), "list.txt")
+    (tmp_path / "list.txt").write_text("DL_patches_v2/nope.nii.gz\n")
+    with pytest.raises(FileNotFoundError, match="entry 1.*nope.nii.gz"):
+        read_list(str(tmp_path), "list.txt")
+
+
+def test_unreadable_patch_stops_by_default_and_is_replaced_when_asked(tmp_path):
+    root = write_patches(str(tmp_path), n=3)
+    bad = os.path.join(root, "DL_patches_v2", sorted(os.listdir(os.path.join(root, "DL_patches_v2")))[0])
+    with open(bad, "wb") as f:
+        f.write(b"not a nifti")
+    with pytest.raises(RuntimeError, match="cannot read patch.*000000"):
+        SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig())[(0, 0)]
+    views, replaced = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig(), skip_bad_patches=True)[(0, 0)]
+    assert replaced == 1 and len(views) == 2
+
+
+def test_sampler_splits_one_permutation_across_ranks_and_resumes_mid_epoch():
+    shares = [list(EpochSampler(10, rank, 3, seed=0)) for rank in range(3)]
+    flat = [i for share in shares for i, _ in share]
+    assert len(flat) == 9 and len(set(flat)) == 9
+    s = EpochSampler(10, 1, 3, seed=0)
+    s.set_epoch(0, start=2)
+    assert list(s) == shares[1][2:]
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in shares[1]] and all(e == 1 for _, e in s)

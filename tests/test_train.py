@@ -1,0 +1,98 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models import create_model
+from tests.conftest import ROOT, TINY_TRAIN_ARGS, run_main_desd, write_patches
+
+
+def tiny_run(root, out, *extra):
+    run_main_desd(["--data_path", root, "--output_dir", str(out), *TINY_TRAIN_ARGS, *extra])
+
+
+def test_checkpoint_layout_loads_in_safe_mode_and_log_has_one_line_per_epoch(patch_root, tmp_path):
+    out = tmp_path / "out"
+    tiny_run(patch_root, out, "--epochs", "2", "--saveckp_freq", "1", "--local_crops_number", "1")
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert {"student", "teacher", "optimizer", "epoch", "args", "desd_loss", "iteration"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 0
+    assert "center" in ckpt["desd_loss"]
+    assert all(k.startswith("module.") for k in ckpt["teacher"])
+    assert "module.backbone.conv1.weight" in ckpt["teacher"] and "module.heads.layer4.last_layer.weight_v" in ckpt["teacher"]
+    assert {p.name for p in out.iterdir()} >= {"checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "log.txt"}
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1]
+    assert {"train_loss", "train_stage1", "train_stage4", "train_teacher_entropy", "train_lr"} <= set(lines[0])
+
+
+def test_fine_tuning_recipe_shares_all_159_encoder_tensors_of_a_res3d50_checkpoint(patch_root, tmp_path):
+    out = tmp_path / "out"
+    tiny_run(patch_root, out, "--arch", "res3d50", "--epochs", "1", "--max_iters_per_epoch", "1")
+    # the recipe users are given (SPEC section 7)
+    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["teacher"]
+    state = {k.replace("module.backbone.", ""): v for k, v in state.items() if k.startswith("module.backbone.")}
+    encoder = create_model("res3d50")
+    model_dict = encoder.state_dict()
+    shared = {k: v for k, v in state.items() if k in model_dict}
+    model_dict.update(shared)
+    encoder.load_state_dict(model_dict)
+    assert len(shared) == 159
+    assert torch.equal(encoder.conv1.weight, state["conv1.weight"])
+
+
+def test_run_resumed_after_an_epoch_ends_with_the_same_state(tmp_path):
+    root = write_patches(str(tmp_path / "data"), n=4)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ("--epochs", "2", "--saveckp_freq", "1")
+    tiny_run(root, full, *args)
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint0000.pth", resumed / "checkpoint.pth")  # state after epoch 0
+    tiny_run(root, resumed, *args)
+    assert [json.loads(line)["epoch"] for line in (resumed / "log.txt").read_text().splitlines()] == [1]
+    a = torch.load(full / "checkpoint.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pth", weights_only=True)
+    for key in ("student", "teacher"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert torch.equal(a["desd_loss"]["center"], b["desd_loss"]["center"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (("--out_dim", "1"), "out_dim"),
+        (("--global_crop_size", "0"), "global_crop_size"),
+        (("--batch_size_per_gpu", "10"), "fewer than one batch"),
+        (("--list_path", "missing.txt"), "missing.txt"),
+    ],
+)
+def test_bad_configuration_is_refused_before_any_work(patch_root, tmp_path, extra, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        tiny_run(patch_root, tmp_path / "out", *extra)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_unknown_arch_is_refused_by_the_command_line(patch_root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "main_desd.py", "--arch", "vit_small", "--data_path", patch_root], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "res3d50" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_through_torchrun(tmp_path):
+    root = write_patches(str(tmp_path / "data"), n=8)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "main_desd.py",
+           "--data_path", root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "1", "--max_iters_per_epoch", "2",
+           "--use_bn_in_head", "True"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "process 1 of 2" in proc.stdout
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["world_size"] == 2
+    assert all(k.startswith("module.backbone.") or k.startswith("module.heads.") for k in ckpt["teacher"])

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import utils
+from models import DeSDStudent, DeSDTeacher, create_model
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_final():
+    s = utils.cosine_scheduler(1.0, 0.1, epochs=10, niter_per_ep=5, warmup_epochs=2)
+    assert len(s) == 50
+    assert s[0] == 0.0
+    assert np.allclose(np.diff(s[:10]), s[1] - s[0])
+    assert s[10] == pytest.approx(1.0)
+    assert 0.1 < s[-1] < 0.1 + 0.45 * (1 + np.cos(np.pi * 38 / 40))  # one step short of final, as in DINO
+    assert np.all(np.diff(s[10:]) <= 1e-12)
+
+
+def test_schedule_shorter_than_warmup_is_all_warmup():
+    s = utils.cosine_scheduler(1.0, 0.1, epochs=2, niter_per_ep=3, warmup_epochs=10)
+    assert len(s) == 6 and s[-1] == pytest.approx(1.0)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    decayed, plain = utils.get_params_groups(model)
+    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 3])]
+    assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
+
+
+def test_teacher_ema_pairs_parameters_by_name_not_by_order():
+    student = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
+    teacher = nn.ModuleDict({"b": nn.Linear(2, 2), "a": nn.Linear(2, 2)})  # other registration order
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    utils.update_teacher(student, teacher, momentum=0.75)
+    s = student.state_dict()
+    for k, v in teacher.state_dict().items():
+        assert torch.allclose(v, 0.75 * before[k] + 0.25 * s[k])
+
+
+def test_ema_of_desd_teacher_moves_backbone_and_last_head_only():
+    torch.manual_seed(0)
+    student = DeSDStudent(create_model("res3d10"), out_dim=8)
+    teacher = DeSDTeacher.from_student(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    utils.update_teacher(student, teacher, momentum=0.5)
+    s = dict(student.named_parameters())
+    for name, p in teacher.named_parameters():
+        assert torch.allclose(p, s[name] - 0.5), name
+
+
+def test_ema_refuses_a_teacher_parameter_the_student_lacks():
+    with pytest.raises(KeyError, match="extra"):
+        utils.update_teacher(nn.ModuleDict({"a": nn.Linear(2, 2)}), nn.ModuleDict({"a": nn.Linear(2, 2), "extra": nn.Linear(2, 2)}), 0.9)
+
+
+def test_last_layer_gradients_are_dropped_only_while_frozen():
+    student = DeSDStudent(create_model("res3d10"), out_dim=8, norm_last_layer=False)
+    for p in student.parameters():
+        p.grad = torch.ones_like(p)
+    utils.cancel_gradients_last_layer(0, student, freeze_last_layer=1)
+    assert all(p.grad is None for n, p in student.named_parameters() if "last_layer" in n)
+    assert all(p.grad is not None for n, p in student.named_parameters() if "last_layer" not in n)
+    for p in student.parameters():
+        p.grad = torch.ones_like(p)
+    utils.cancel_gradients_last_layer(1, student, freeze_last_layer=1)
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_save_atomic_leaves_the_old_file_when_the_write_fails(tmp_path):
+    path = str(tmp_path / "ck.pth")
+    utils.save_atomic({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        utils.save_atomic({"a": Unpicklable()}, path)
+    assert torch.equal(utils.load_checkpoint(path)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+
+def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "ck.pth"
+    utils.save_atomic({"a": torch.ones(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="ck.pth"):
+        utils.load_checkpoint(str(path))

@@ -1,0 +1,344 @@
+"""Training utilities: distributed set-up, schedules, checkpoints, logging (SPEC section 6)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# ============ command line ============
+
+
+def bool_flag(s: str) -> bool:
+    """Parse 'True'/'False' style values, as DINO's flags do (`--use_fp16 False`)."""
+    if s.lower() in {"off", "false", "0", "no"}:
+        return False
+    if s.lower() in {"on", "true", "1", "yes"}:
+        return True
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r}")
+
+
+def git_sha() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run(cmd):
+        return subprocess.check_output(cmd, cwd=here, stderr=subprocess.DEVNULL).decode().strip()
+
+    try:
+        sha = run(["git", "rev-parse", "HEAD"])
+        dirty = "has uncommitted changes" if run(["git", "status", "--porcelain", "--untracked-files=no"]) else "clean"
+        return f"sha: {sha}, status: {dirty}"
+    except (OSError, subprocess.CalledProcessError):
+        return "sha: unknown (not a git checkout)"
+
+
+# ============ distributed ============
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed_mode(args: argparse.Namespace) -> torch.device:
+    """Join the process group if launched by torchrun (env://) or SLURM; otherwise run as one
+    process without torch.distributed. NCCL on CUDA, gloo on CPU. Sets args.rank,
+    args.world_size, args.gpu and returns the device."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        args.rank, args.world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        local_rank = int(os.environ.get("SLURM_LOCALID", 0))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("under SLURM set MASTER_ADDR to the first node's host name")
+    else:
+        args.rank, args.world_size, local_rank = 0, 1, 0
+    if use_cuda:
+        args.gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(args.gpu)
+        device = torch.device("cuda", args.gpu)
+    else:
+        args.gpu = None
+        device = torch.device("cpu")
+    if args.world_size > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method=args.dist_url,
+            world_size=args.world_size,
+            rank=args.rank,
+            timeout=datetime.timedelta(minutes=30),
+        )
+        dist.barrier()
+    print(f"| process {args.rank} of {args.world_size} on {device}", flush=True)
+    return device
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= get_world_size()
+    return t
+
+
+# ============ schedules ============
+
+
+def cosine_scheduler(
+    base_value: float, final_value: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0, start_warmup_value: float = 0.0
+) -> np.ndarray:
+    """One value per iteration: linear warm-up from start_warmup_value, then a half cosine
+    from base_value to final_value."""
+    warmup_iters = min(warmup_epochs, epochs) * niter_per_ep  # a run shorter than its warm-up is all warm-up
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    schedule = np.concatenate((warmup, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+# ============ optimisation ============
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weights only: biases and 1-D parameters (norms) are not regularised."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with layer-wise adaptive rate scaling; 1-D parameters are neither decayed nor scaled."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, (group["eta"] * param_norm / update_norm), one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(dp)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def clip_gradients(model: nn.Module, clip: float) -> list[float]:
+    """Clip each parameter's gradient to norm `clip` (DINO's per-tensor clipping)."""
+    norms = []
+    for p in model.parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the prototypes' gradients during the first `freeze_last_layer` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """EMA of the student's parameters into the teacher's, paired by name (the teacher has a
+    subset: the backbone and the last-stage head). Names missing from the student raise."""
+    student_params = dict(student.named_parameters())
+    names, t_params, s_params = [], [], []
+    for name, p in teacher.named_parameters():
+        if name not in student_params:
+            raise KeyError(f"teacher parameter {name!r} has no student counterpart")
+        names.append(name)
+        t_params.append(p.data)
+        s_params.append(student_params[name].detach().data)
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+
+# ============ checkpoints ============
+
+
+def with_prefix(state: dict, prefix: str = "module.") -> dict:
+    """Keys as the reference saves them from DDP-wrapped models, whatever the world size."""
+    return {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
+
+
+def strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """torch.save to a temporary name in the same folder, fsync, then rename over `path`: a
+    crash mid-write leaves the previous file intact."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint in torch.load's safe mode, naming the file when it is unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated: {err}") from err
+
+
+def restart_from_checkpoint(path: str, run_variables: dict | None = None, **objects) -> bool:
+    """Restore each named object (`student=student, optimizer=opt, ...`) from `path` by its
+    state_dict, and fill `run_variables` (epoch, iteration) from the checkpoint. Returns False
+    if the file does not exist."""
+    if not os.path.isfile(path):
+        return False
+    ckpt = load_checkpoint(path)
+    print(f"Found checkpoint at {path}")
+    for key, obj in objects.items():
+        if obj is None:
+            continue
+        if key not in ckpt:
+            raise KeyError(f"checkpoint {path!r} has no {key!r} entry (has {sorted(ckpt)})")
+        state = ckpt[key]
+        if key in {"student", "teacher"}:
+            state = strip_prefix(state)
+        obj.load_state_dict(state)
+        print(f"=> loaded {key!r} from checkpoint {path!r}")
+    if run_variables is not None:
+        for key in run_variables:
+            if key in ckpt:
+                run_variables[key] = ckpt[key]
+    return True
+
+
+# ============ logging ============
+
+
+class SmoothedValue:
+    """A series of values with a windowed median and a global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4g} ({global_avg:.4g})"):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        if not is_dist():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else math.nan
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, global_avg=self.global_avg)
+
+
+class MetricLogger:
+    """Accumulate named values and print a progress line with the ETA every `print_freq` steps."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            self.meters[k].update(float(v))
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable, total: int, print_freq: int, header: str = ""):
+        start = time.time()
+        end = time.time()
+        step_time = SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        for i, obj in enumerate(iterable):
+            yield obj
+            step_time.update(time.time() - end)
+            end = time.time()
+            if is_main_process() and (i % print_freq == 0 or i == total - 1):
+                eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i - 1)))
+                print(f"{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  time/it: {step_time.global_avg:.3f}s", flush=True)
+        if is_main_process():
+            spent = datetime.timedelta(seconds=int(time.time() - start))
+            print(f"{header} total time: {spent} ({(time.time() - start) / max(total, 1):.3f} s / it)", flush=True)
+
+
+def append_json_line(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
