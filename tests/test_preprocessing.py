@@ -1,0 +1,234 @@
+import csv
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+from scipy import ndimage as ndi
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "preprocessing"))
+import DL_save_nifti as s1  # noqa: E402
+import re_spacing_ITK as s2  # noqa: E402
+import splitting_to_patches as s3  # noqa: E402
+import synthetic_deeplesion as syn  # noqa: E402
+
+
+def write_series(root, folder, indices, spacing="0.8, 0.8, 2.5", shape=(20, 24), seed=0, extra_rows=()):
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "Images_png", folder), exist_ok=True)
+    slices = {}
+    for i in indices:
+        hu = rng.integers(-1000, 1500, size=shape).astype(np.int16)
+        Image.fromarray((hu.astype(np.int32) + 32768).astype(np.uint16)).save(os.path.join(root, "Images_png", folder, f"{i:03d}.png"))
+        slices[i] = hu
+    csv_path = os.path.join(root, "DL_info.csv")
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=s1.CSV_COLUMNS)
+        if new:
+            w.writeheader()
+        p, st, se = (int(x) for x in folder.split("_"))
+        for sp in (spacing, *extra_rows):
+            w.writerow(
+                {
+                    "File_name": f"{folder}_{indices[0]:03d}.png",
+                    "Patient_index": p,
+                    "Study_index": st,
+                    "Series_ID": se,
+                    "Spacing_mm_px_": sp,
+                }
+            )
+    return slices
+
+
+def test_png_value_minus_32768_is_hounsfield_int16(tmp_path):
+    path = str(tmp_path / "a.png")
+    Image.fromarray(np.array([[0, 32768, 32768 + 1500]], np.uint16)).save(path)
+    hu = s1.read_png_hu(path)
+    assert hu.dtype == np.int16 and hu.tolist() == [[-32768, 0, 1500]]
+
+
+def test_consecutive_slice_indices_form_runs():
+    assert s1.split_runs([8, 1, 3, 2, 7, 12]) == [[1, 2, 3], [7, 8], [12]]
+
+
+def test_series_becomes_one_volume_per_run_with_nih_names_affine_and_spacing(tmp_path):
+    root = str(tmp_path)
+    slices = write_series(root, "000001_01_01", [1, 2, 3, 7, 8], extra_rows=["0.5, 0.5, 1"])
+    assert s1.main(["--data_root", root, "--workers", "1"]) == 0
+    out = os.path.join(root, "Images_nifti")
+    assert sorted(os.listdir(out)) == ["000001_01_01_001-003.nii.gz", "000001_01_01_007-008.nii.gz"]
+    img = nib.load(os.path.join(out, "000001_01_01_001-003.nii.gz"))
+    assert np.allclose(img.affine, [[0, -0.8, 0, 0], [-0.8, 0, 0, 0], [0, 0, -2.5, 0], [0, 0, 0, 1]])
+    data = np.asarray(img.dataobj)
+    assert data.dtype == np.int16 and data.shape == (20, 24, 3)  # (rows, cols, slices)
+    assert np.array_equal(data[:, :, 1], slices[2])
+    itk = sitk.ReadImage(os.path.join(out, "000001_01_01_001-003.nii.gz"))
+    assert np.allclose(itk.GetSpacing(), (0.8, 0.8, 2.5))  # first CSV row of the series wins
+    assert np.array_equal(sitk.GetArrayFromImage(itk)[1], slices[2].T)
+
+
+def test_bad_inputs_are_reported_and_the_rest_goes_on(tmp_path, capsys):
+    root = str(tmp_path)
+    write_series(root, "000001_01_01", [1, 2])
+    write_series(root, "000002_01_01", [1], spacing="0.8, 0.8")
+    write_series(root, "000003_01_01", [1])
+    with open(os.path.join(root, "Images_png", "000003_01_01", "001.png"), "wb") as f:
+        f.write(b"garbage")
+    write_series(root, "000004_01_01", [1])
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(os.path.join(root, "Images_png", "000004_01_01", "001.png"))
+    os.makedirs(os.path.join(root, "Images_png", "000005_01_01"))
+    Image.fromarray(np.zeros((4, 4), np.uint16)).save(os.path.join(root, "Images_png", "000005_01_01", "001.png"))
+    assert s1.main(["--data_root", root, "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "000002_01_01" in err and "malformed Spacing" in err
+    assert "000003_01_01" in err
+    assert "000004_01_01" in err and "not a 16-bit" in err
+    assert "000005_01_01" in err and "no row in DL_info.csv" in err
+    assert os.listdir(os.path.join(root, "Images_nifti")) == ["000001_01_01_001-002.nii.gz"]
+
+
+def make_volume(path, arr_zyx, spacing, origin=(3.0, -2.0, 7.0)):
+    img = sitk.GetImageFromArray(arr_zyx)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    sitk.WriteImage(img, path)
+
+
+def test_resampling_gives_1mm_grid_with_reference_sizes_origin_and_clipping(tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    arr = np.full((7, 30, 33), 3000, np.int16)
+    arr[:, :, :10] = -3000
+    make_volume(str(src / "v.nii.gz"), arr, (0.7, 0.75, 2.5))
+    assert s2.main(["--in_dir", str(src), "--out_dir", str(dst), "--workers", "1"]) == 0
+    out = sitk.ReadImage(str(dst / "v.nii.gz"))
+    assert out.GetSize() == (int(33 * 0.7), int(30 * 0.75), round(7 * 2.5))
+    assert np.allclose(out.GetSpacing(), 1.0) and np.allclose(out.GetOrigin(), (3.0, -2.0, 7.0))
+    a = sitk.GetArrayFromImage(out)
+    # clipped before the cubic resampling (as in the reference), so only the spline's overshoot at the edge exceeds +-1024
+    assert out.GetPixelID() == sitk.sitkInt16 and a.min() >= -1024 * 1.3 and a.max() <= 1024 * 1.3
+    assert a[3, 10, -3] == 1024 and a[3, 10, 1] == -1024
+
+
+def test_resampling_agrees_with_an_independent_cubic_interpolation(tmp_path):
+    z, y, x = np.meshgrid(np.arange(12) * 2.0, np.arange(40) * 0.8, np.arange(40) * 0.8, indexing="ij")
+    smooth = (300 * np.sin(x / 9) * np.cos(y / 11) + 200 * np.sin(z / 13)).astype(np.float32)
+    img = sitk.GetImageFromArray(smooth)
+    img.SetSpacing((0.8, 0.8, 2.0))
+    out = sitk.GetArrayFromImage(s2.resample_volume(img)).astype(np.float64)  # (z, y, x) at 1 mm
+    zz, yy, xx = np.meshgrid(np.arange(out.shape[0]) / 2.0, np.arange(out.shape[1]) / 0.8, np.arange(out.shape[2]) / 0.8, indexing="ij")
+    ref = ndi.map_coordinates(smooth.astype(np.float64), [zz, yy, xx], order=3, mode="nearest")
+    inner = (slice(2, -3), slice(3, -3), slice(3, -3))
+    assert np.abs(out[inner] - ref[inner]).max() <= 2.0
+
+
+@pytest.mark.parametrize("depth,starts", [(10, [0]), (24, [0]), (25, [0, 1]), (36, [0, 12]), (40, [0, 12, 16]), (61, [0, 12, 24, 36, 37])])
+def test_last_tile_is_flush_with_volume_end(depth, starts):
+    got = s3.tile_starts(depth)
+    assert got == starts
+    assert len(got) == (1 if depth <= 24 else -(-(depth - 24) // 12) + 1)
+    assert min(got[-1] + 24, depth) == depth
+
+
+def test_volumes_shorter_than_24_slices_give_one_shorter_tile():
+    tiles = s3.split_volume(np.zeros((9, 50, 50), np.int16))
+    assert [t.shape for t in tiles] == [(9, 50, 50)]
+
+
+def test_central_80_percent_kept_only_above_320_rows():
+    vol = np.arange(2 * 400 * 350, dtype=np.int32).reshape(2, 400, 350)
+    cropped = s3.central_crop(vol)
+    assert cropped.shape == (2, 320, 280)
+    assert cropped[0, 0, 0] == vol[0, 40, 35]
+    assert s3.central_crop(vol[:, :320]).shape == (2, 320, 350)
+
+
+def prepare_split_input(tmp_path, n=3):
+    src = tmp_path / "Images_nifti_spacing"
+    src.mkdir(parents=True)
+    for i, depth in enumerate([10, 30, 40][:n]):
+        make_volume(str(src / f"00000{i}_01_01_001-0{depth}.nii.gz"), np.full((depth, 330, 340), i, np.int16), (1.0, 1.0, 1.0))
+    return str(tmp_path)
+
+
+def test_list_names_exactly_the_written_patches_and_a_rerun_writes_nothing(tmp_path, capsys):
+    root = prepare_split_input(tmp_path)
+    assert s3.main(["--data_root", root, "--workers", "1"]) == 0
+    written = sorted(os.listdir(os.path.join(root, "DL_patches_v2")))
+    listed = open(os.path.join(root, "SSL_data_deeplesion.txt")).read().split()
+    assert len(written) == 1 + 2 + 3
+    assert listed == [f"DL_patches_v2/{n}" for n in written]
+    patch = sitk.ReadImage(os.path.join(root, "DL_patches_v2", "000002_01_01_001-040_dep2.nii.gz"))
+    assert patch.GetSize() == (272, 264, 24) and patch.GetPixelID() == sitk.sitkInt16
+    mtimes = {n: os.stat(os.path.join(root, "DL_patches_v2", n)).st_mtime_ns for n in written}
+    capsys.readouterr()
+    assert s3.main(["--data_root", root, "--workers", "1"]) == 0
+    assert "0 written, 6 skipped" in capsys.readouterr().out
+    assert {n: os.stat(os.path.join(root, "DL_patches_v2", n)).st_mtime_ns for n in written} == mtimes
+    assert open(os.path.join(root, "SSL_data_deeplesion.txt")).read().split() == listed
+
+
+def test_uncompressed_option_writes_and_lists_nii(tmp_path):
+    root = prepare_split_input(tmp_path, n=1)
+    assert s3.main(["--data_root", root, "--workers", "1", "--ext", ".nii"]) == 0
+    assert open(os.path.join(root, "SSL_data_deeplesion.txt")).read().split() == ["DL_patches_v2/000000_01_01_001-010_dep0.nii"]
+
+
+def test_partial_output_of_an_interrupted_run_is_redone(tmp_path):
+    root = prepare_split_input(tmp_path, n=2)
+    out = os.path.join(root, "DL_patches_v2")
+    os.makedirs(out)
+    partial = os.path.join(out, ".000001_01_01_001-030_dep1.partial999.nii.gz")
+    with open(partial, "wb") as f:
+        f.write(b"half a file")
+    assert s3.main(["--data_root", root, "--workers", "1"]) == 0
+    assert not os.path.exists(partial)
+    assert sitk.ReadImage(os.path.join(out, "000001_01_01_001-030_dep1.nii.gz")).GetSize()[2] == 24
+
+
+def test_unreadable_nifti_is_reported_and_exit_is_nonzero(tmp_path, capsys):
+    root = prepare_split_input(tmp_path, n=1)
+    with open(os.path.join(root, "Images_nifti_spacing", "bad.nii.gz"), "wb") as f:
+        f.write(b"not a nifti")
+    assert s3.main(["--data_root", root, "--workers", "1"]) == 1
+    assert "bad.nii.gz" in capsys.readouterr().err
+    assert open(os.path.join(root, "SSL_data_deeplesion.txt")).read().split() == ["DL_patches_v2/000000_01_01_001-010_dep0.nii.gz"]
+    assert s2.main(["--in_dir", os.path.join(root, "Images_nifti_spacing"), "--out_dir", str(tmp_path / "r"), "--workers", "1"]) == 1
+
+
+def test_synthetic_deeplesion_has_the_real_layout_and_plausible_values(tmp_path):
+    root = str(tmp_path)
+    syn.make_deeplesion(root, patients=2, size=128, seed=1, context_mm=6)
+    with open(os.path.join(root, "DL_info.csv")) as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = list(reader)
+    assert tuple(header) == s1.CSV_COLUMNS and len(header) == 18
+    folders = sorted(os.listdir(os.path.join(root, "Images_png")))
+    assert all(len(f) == 12 and f[6] == "_" and f[9] == "_" for f in folders)
+    per_series = {}
+    for r in rows:
+        per_series.setdefault(r[0][:12], []).append(r)
+        sx, sy, sz = s1.parse_spacing(r[12])
+        assert 0.6 * 4 <= sx == sy <= 1.0 * 4 + 1e-6 and 0.8 <= sz <= 5  # 128-px images: 4x DeepLesion's pixel size
+        assert r[13] == "128, 128"
+    assert set(per_series) == set(folders) and all(len(v) >= 2 for v in per_series.values())
+    indices = sorted(int(f[:3]) for f in os.listdir(os.path.join(root, "Images_png", folders[0])))
+    assert len(s1.split_runs(indices)) >= 2  # gaps between key-slice contexts
+    png = np.asarray(Image.open(os.path.join(root, "Images_png", folders[0], f"{indices[0]:03d}.png")))
+    assert png.dtype == np.uint16 and png.min() >= 32768 - 1024
+
+
+def test_synthetic_organs_have_portal_venous_hu(tmp_path):
+    syn.make_msd(str(tmp_path), cases=1, size=96, slices=40, seed=0)
+    img = np.asarray(nib.load(str(tmp_path / "imagesTr" / "synth_000.nii.gz")).dataobj)
+    lab = np.asarray(nib.load(str(tmp_path / "labelsTr" / "synth_000.nii.gz")).dataobj)
+    assert img.shape == lab.shape
+    assert 90 < np.median(img[lab == 1]) < 140  # enhanced liver
+    assert np.median(img[lab == 2]) < np.median(img[lab == 1])  # spleen a little below
+    assert np.median(img[lab == 3]) > 120  # enhanced kidney
+    assert (img < -950).mean() > 0.2  # air around the body
