@@ -35,6 +35,7 @@ from augment import augment_views
 from dataset import EpochSampler, SSLDataset, ViewConfig, collate
 from loss import STAGE_NAMES, DeSDLoss
 from models import DeSDStudent, DeSDTeacher, create_model, list_models
+from models.res3d import last_stage_shape
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -227,7 +228,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.local_crops_number < 0:
         raise ValueError(f"--local_crops_number must be >= 0, got {args.local_crops_number}")
     for name in ("global_crop_size", "local_crop_size"):
-        d, h, w = last_stage_shape(args.crop_depth, getattr(args, name))
+        d, h, w = last_stage_shape((args.crop_depth, getattr(args, name), getattr(args, name)))
         if d * h * w < 2 and (name == "global_crop_size" or args.local_crops_number > 0):
             raise ValueError(
                 f"--{name} {getattr(args, name)} with --crop_depth {args.crop_depth} leaves a last-stage map of {d}x{h}x{w}: "
@@ -235,19 +236,6 @@ def validate_args(args: argparse.Namespace) -> None:
             )
     if not args.data_path:
         raise ValueError("--data_path is required (the folder that holds DL_patches_v2/ and the list file)")
-
-
-def last_stage_shape(depth: int, side: int) -> tuple[int, int, int]:
-    """Size of the 4th-stage feature map of a Res3D for a (depth, side, side) input."""
-
-    def conv(n: int, k: int, s: int, p: int) -> int:
-        return (n + 2 * p - k) // s + 1
-
-    d, h = conv(depth, 7, 1, 3), conv(side, 7, 2, 3)  # stem
-    d, h = conv(d, 3, 2, 1), conv(h, 3, 2, 1)  # max-pool
-    for _ in range(3):  # stages 2-4 stride 2
-        d, h = conv(d, 3, 2, 1), conv(h, 3, 2, 1)
-    return d, h, h
 
 
 def autocast_context(args: argparse.Namespace, device: torch.device):

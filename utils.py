@@ -233,6 +233,14 @@ def save_atomic(obj: dict, path: str) -> None:
             os.remove(tmp)
 
 
+def save_atomic_json(obj, path: str) -> None:
+    """Write JSON to a temporary name, then rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint in torch.load's safe mode, naming the file when it is unreadable."""
     try:

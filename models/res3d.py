@@ -125,13 +125,31 @@ class Res3D(nn.Module):
     def stage_channels(self) -> list[int]:
         return [info["num_chs"] for info in self.feature_info]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.act(self.norm1(self.conv1(x))))  # (N, 64, D/2, H/4, W/4)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm1(self.conv1(x)))  # (N, 64, D, H/2, W/2)
+
+    def forward(self, x: torch.Tensor, return_stem: bool = False) -> list[torch.Tensor]:
+        """The four stage maps; with `return_stem`, the stem's map (before max-pooling) first."""
+        stem = self.forward_stem(x)
+        x = self.maxpool(stem)  # (N, 64, D/2, H/4, W/4)
         features = []
         for k in range(1, 5):
             x = getattr(self, f"layer{k}")(x)  # stage k: (N, C_k, D/2^k, H/2^(k+1), W/2^(k+1))
             features.append(x)
-        return features
+        return [stem, *features] if return_stem else features
+
+
+def last_stage_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Size of the 4th-stage feature map of any Res3D for a (depth, rows, cols) input."""
+
+    def conv(n: int, k: int, s: int, p: int) -> int:
+        return (n + 2 * p - k) // s + 1
+
+    d, h, w = shape
+    d, h, w = conv(d, 7, 1, 3), conv(h, 7, 2, 3), conv(w, 7, 2, 3)  # stem
+    for _ in range(4):  # max-pool, then the stride-2 stages 2-4
+        d, h, w = conv(d, 3, 2, 1), conv(h, 3, 2, 1), conv(w, 3, 2, 1)
+    return d, h, w
 
 
 def _constructor(depth: int) -> Callable[..., Res3D]:

@@ -1,0 +1,134 @@
+import argparse
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import finetune
+from models import create_model
+from models.pretrained import load_pretrained_encoder
+from models.segmentation import Res3DSegmentation
+from tests.conftest import TINY_TRAIN_ARGS, run_main_desd
+
+
+@pytest.mark.parametrize("shape", [(16, 64, 64), (13, 50, 70), (20, 33, 97)])
+def test_segmentation_output_has_the_input_shape(shape):
+    torch.manual_seed(0)
+    model = Res3DSegmentation(create_model("res3d10"), num_classes=3)
+    out = model(torch.randn(1, 1, *shape))
+    assert out.shape == (1, 3, *shape) and torch.isfinite(out).all()
+
+
+def test_segmentation_on_res3d50_keeps_the_released_encoder_names():
+    model = Res3DSegmentation(create_model("res3d50"), num_classes=2)
+    assert model(torch.randn(1, 1, 16, 40, 40)).shape == (1, 2, 16, 40, 40)
+    assert len(model.encoder.state_dict()) == 159
+
+
+def test_every_encoder_tensor_loads_from_a_checkpoint_our_trainer_wrote(patch_root, tmp_path):
+    run_main_desd(
+        ["--data_path", patch_root, "--output_dir", str(tmp_path), *TINY_TRAIN_ARGS, "--epochs", "1", "--max_iters_per_epoch", "1"]
+    )
+    model = Res3DSegmentation(create_model("res3d10"), num_classes=2)
+    shared, total = load_pretrained_encoder(model.encoder, str(tmp_path / "checkpoint.pth"))
+    assert shared == total == len(model.encoder.state_dict())
+    teacher = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["teacher"]
+    assert torch.equal(model.encoder.layer4[0].conv2.weight, teacher["module.backbone.layer4.0.conv2.weight"])
+
+
+def released_format(path, state, **extra):
+    ckpt = {
+        "teacher": {f"module.backbone.{k}": v for k, v in state.items()},
+        "args": argparse.Namespace(arch="res3d50", lr=0.3),
+        "epoch": 300,
+    }
+    ckpt.update(extra)
+    torch.save(ckpt, path)
+
+
+def test_a_file_in_the_released_format_with_namespace_args_loads(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("res3d50")
+    released_format(tmp_path / "desd.pth", source.state_dict())
+    with pytest.raises(Exception):  # noqa: B017 - plain safe mode refuses the Namespace
+        torch.load(tmp_path / "desd.pth", weights_only=True)
+    encoder = create_model("res3d50")
+    assert load_pretrained_encoder(encoder, str(tmp_path / "desd.pth")) == (159, 159)
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), source.state_dict().values()))
+
+
+def test_refusals_name_the_problem(tmp_path):
+    released_format(tmp_path / "other.pth", {"fc.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="shares no tensor"):
+        load_pretrained_encoder(create_model("res3d10"), str(tmp_path / "other.pth"))
+    released_format(tmp_path / "r50.pth", create_model("res3d50").state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        load_pretrained_encoder(create_model("res3d18"), str(tmp_path / "r50.pth"))
+    torch.save({"student": {}}, tmp_path / "no_teacher.pth")
+    with pytest.raises(KeyError, match="no 'teacher'"):
+        load_pretrained_encoder(create_model("res3d10"), str(tmp_path / "no_teacher.pth"))
+
+
+def test_dice_of_hand_made_masks():
+    truth = torch.zeros(1, 1, 4, 8, 8)
+    truth[:, :, :, :4, :] = 1  # class 1: half the volume
+    truth[:, :, :, 4:6, :] = 2  # class 2
+    pred = truth.clone()
+    pred[:, :, :, :2, :] = 0  # class 1 predicted on half its voxels
+    logits = torch.nn.functional.one_hot(pred[:, 0].long(), 3).permute(0, 4, 1, 2, 3).float()
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits
+
+    args = argparse.Namespace(patch_size=(4, 8, 8), sw_batch_size=1, sw_overlap=0.0, use_bf16=False)
+    dice = finetune.evaluate(Fixed(), [{"image": torch.zeros(1, 1, 4, 8, 8), "label": truth}], 3, args, torch.device("cpu"))
+    assert dice[0] == pytest.approx(2 * 64 / (128 + 64))
+    assert dice[1] == pytest.approx(1.0)
+
+
+def write_cube_task(root, n=5):
+    """A trivially learnable task: a bright box (label 1) on a noisy background."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "imagesTr"))
+    os.makedirs(os.path.join(root, "labelsTr"))
+    training = []
+    for i in range(n):
+        lab = np.zeros((48, 48, 24), np.uint8)
+        x, y, z = rng.integers(4, 20, 3)
+        lab[x : x + 20, y : y + 20, z // 2 : z // 2 + 10] = 1
+        img = (rng.normal(0, 20, lab.shape) + 300.0 * lab).astype(np.int16)
+        for sub, arr in (("imagesTr", img), ("labelsTr", lab)):
+            nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), os.path.join(root, sub, f"c{i}.nii.gz"))
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump({"labels": {"0": "background", "1": "box"}, "training": training}, f)
+
+
+def test_tiny_fine_tuning_improves_dice_over_its_first_evaluation(tmp_path):
+    write_cube_task(str(tmp_path / "task"))
+    parser = argparse.ArgumentParser(parents=[finetune.get_args_parser()])
+    args = parser.parse_args(
+        ["--data_dir", str(tmp_path / "task"), "--output_dir", str(tmp_path / "out"), "--arch", "res3d10", "--spacing", "2",
+         "--patch_size", "16", "64", "64", "--epochs", "6", "--num_workers", "0", "--device", "cpu", "--lr", "1e-3"]
+    )  # fmt: skip
+    result = finetune.main(args)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert len(log) == 6
+    assert max(r["mean_dice"] for r in log[1:]) > log[0]["mean_dice"] + 0.05
+    assert json.loads((tmp_path / "out" / "dice.json").read_text())["classes"] == ["box"]
+    assert result["best_mean_dice"] >= max(r["mean_dice"] for r in log)
+
+
+def test_seeded_split_is_fixed_and_train_fraction_subsets_it():
+    cases = [{"image": f"/d/i{i}.nii.gz", "label": f"/d/l{i}.nii.gz"} for i in range(10)]
+    args = argparse.Namespace(split_file="", val_fraction=0.2, train_fraction=1.0, seed=0)
+    train, val = finetune.split_cases(cases, args)
+    assert len(val) == 2 and len(train) == 8 and not {c["image"] for c in train} & {c["image"] for c in val}
+    assert finetune.split_cases(cases, args) == (train, val)
+    args.train_fraction = 0.25
+    small, val2 = finetune.split_cases(cases, args)
+    assert val2 == val and len(small) == 2 and all(c in train for c in small)
