@@ -1,0 +1,35 @@
+#!/bin/sh
+# Fine-tune a res3d50 segmentation network from a DeSD teacher (or from scratch) on a
+# Decathlon-layout data set, through torchrun on every GPU of this node (or one CPU process).
+#
+# Settings from the environment (defaults in brackets):
+#   DATA_DIR [data/Task03_Liver]  OUTPUT_DIR [snapshots/finetune_res3d50]
+#   PRETRAINED [snapshots/DeSD_res3d50/checkpoint.pth; empty: from scratch]
+#   NPROC_PER_NODE [number of GPUs, or 1]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]
+#   MASTER_PORT [29501]  PYTHON [python]
+# Extra arguments are passed on to finetune.py, e.g. --train_fraction 0.1 --epochs 200
+set -e
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+DATA_DIR=${DATA_DIR:-data/Task03_Liver}
+OUTPUT_DIR=${OUTPUT_DIR:-snapshots/finetune_res3d50}
+PRETRAINED=${PRETRAINED-snapshots/DeSD_res3d50/checkpoint.pth}
+GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}
+DEVICE=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
+
+$PYTHON -m torch.distributed.run \
+  --nproc_per_node="$NPROC_PER_NODE" \
+  --nnodes="${NNODES:-1}" \
+  --node_rank="${NODE_RANK:-0}" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+  --master_port="${MASTER_PORT:-29501}" \
+  finetune.py \
+  --data_dir "$DATA_DIR" \
+  --output_dir "$OUTPUT_DIR" \
+  --pretrained "$PRETRAINED" \
+  --arch res3d50 \
+  --device "$DEVICE" \
+  --spacing 1.0 \
+  --patch_size 64 128 128 \
+  "$@"
