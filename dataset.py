@@ -61,64 +61,84 @@ def read_list(data_path: str, list_path: str) -> list[str]:
     return [os.path.join(data_path, e) for e in entries]
 
 
-def load_region(path: str, side_h: int, side_w: int, min_h: int, rng: np.random.Generator) -> np.ndarray:
-    """Read a random (D, side_h, side_w) in-plane window of the zero-padded patch.
-
-    The patch is padded at the end of the in-plane axes to at least `min_h` (only the part of
-    the window inside the image is read, so an uncompressed `.nii` is read from disk only
-    where needed). Returns int16 (z, x, y).
-    """
+def open_volume(path: str) -> np.ndarray:
+    """The patch as nibabel orders it, (x, y, z). An uncompressed `.nii` without intensity
+    scaling comes back as a memory map, so only the voxels a crop touches are read."""
+    if path.endswith(".nii"):
+        with open(path, "rb") as f:
+            header = nib.Nifti1Header.from_fileobj(f)
+        slope, inter = header.get_slope_inter()
+        shape = header.get_data_shape()
+        if len(shape) != 3:
+            raise ValueError(f"{path}: expected a 3-D volume, got shape {shape}")
+        if slope in (None, 1.0) and inter in (None, 0.0):
+            return np.memmap(path, dtype=header.get_data_dtype(), mode="r", offset=int(header.get_data_offset()), shape=shape, order="F")
     img = nib.load(path)
     if len(img.shape) != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {img.shape}")
-    sx, sy, _ = img.shape
-    ph, pw = max(sx, min_h), max(sy, min_h)
-    if side_h >= ph:
-        side_h = min_h
-    if side_w >= pw:
-        side_w = min_h
-    h0 = int(rng.integers(0, ph - side_h + 1))
-    w0 = int(rng.integers(0, pw - side_w + 1))
-    part = np.asarray(img.dataobj[h0 : min(h0 + side_h, sx), w0 : min(w0 + side_w, sy), :])  # (x, y, z)
-    region = np.zeros((part.shape[2], side_h, side_w), dtype=np.float32)
-    region[:, : part.shape[0], : part.shape[1]] = part.transpose(2, 0, 1)
-    return region
+    return np.asanyarray(img.dataobj)
 
 
-def crop_view(base: torch.Tensor, size: int, scale: tuple[float, float], depth: int, rng: np.random.Generator) -> torch.Tensor:
-    """A random crop of the base (D, H, W): side int(size * U(scale)) per axis (size when that
-    reaches the base side), `depth` slices, each axis flipped with p 0.8, resized in-plane to
-    size x size bilinearly. Returns (D', size, size)."""
-    d, h, w = base.shape
-    sides = []
-    for full in (h, w):
-        side = int(size * rng.uniform(*scale))
-        sides.append(size if side >= full else side)
-    z0 = int(rng.integers(0, d - depth + 1))
-    y0 = int(rng.integers(0, h - sides[0] + 1))
-    x0 = int(rng.integers(0, w - sides[1] + 1))
-    view = base[z0 : z0 + depth, y0 : y0 + sides[0], x0 : x0 + sides[1]]
-    flips = [axis for axis in range(3) if rng.random() < 0.8]
+def read_block(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
+    """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 (z, x, y) /
+    1024, flipped along the given output axes. Indices outside the volume read as 0 HU."""
+    shape = (depths[1] - depths[0], rows[1] - rows[0], cols[1] - cols[0])
+    sx, sy, sz = volume.shape
+    r0, r1 = max(rows[0], 0), min(rows[1], sx)
+    c0, c1 = max(cols[0], 0), min(cols[1], sy)
+    d0, d1 = max(depths[0], 0), min(depths[1], sz)
+    scale = np.float32(1.0 / HU_SCALE)
+    if (r1 - r0, c1 - c0, d1 - d0) == shape[1:] + shape[:1]:  # inside the volume: no padding
+        out = np.multiply(np.asarray(volume[r0:r1, c0:c1, d0:d1]).transpose(2, 0, 1), scale, dtype=np.float32)
+    else:
+        out = np.zeros(shape, np.float32)
+        if r0 < r1 and c0 < c1 and d0 < d1:
+            block = np.asarray(volume[r0:r1, c0:c1, d0:d1]).transpose(2, 0, 1)  # (z, x, y)
+            np.multiply(block, scale, out=out[d0 - depths[0] : d1 - depths[0], r0 - rows[0] : r1 - rows[0], c0 - cols[0] : c1 - cols[0]])
     if flips:
-        view = view.flip(flips)
-    if sides != [size, size]:
-        view = F.interpolate(view[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    return view.contiguous()
+        out = np.flip(out, axis=tuple(flips))
+    return np.ascontiguousarray(out)
+
+
+def _side(size: int, scale: tuple[float, float], limit: int, rng: np.random.Generator) -> int:
+    """int(size * U(scale)), or size itself when that reaches `limit`."""
+    side = int(size * rng.uniform(*scale))
+    return size if side >= limit else side
 
 
 def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Generator) -> list[torch.Tensor]:
-    """SPEC section 3, steps 1-6, for one patch: a list of (1, D, H, W) float32 views."""
-    side_h = int(cfg.global_size * rng.uniform(*BASE_SCALE))
-    side_w = int(cfg.global_size * rng.uniform(*BASE_SCALE))
-    region = load_region(path, side_h, side_w, cfg.global_size, rng)  # (z, x, y)
-    if region.shape[0] < cfg.depth:  # pad depth symmetrically
-        before = (cfg.depth - region.shape[0]) // 2
-        region = np.pad(region, ((before, cfg.depth - region.shape[0] - before), (0, 0), (0, 0)))
-    base = torch.from_numpy(region).div_(HU_SCALE)  # HU -> [-1, 1]
-    views = [crop_view(base, cfg.global_size, GLOBAL_SCALE, cfg.depth, rng) for _ in range(2)]
-    views += [crop_view(base, cfg.local_size, LOCAL_SCALE, cfg.depth, rng) for _ in range(cfg.local_crops_number)]
+    """SPEC section 3, steps 1-6, for one patch: a list of (1, D, H, W) float32 views.
+
+    The base crop (in-plane side 96 x U(1.4, 1.8) per axis, full depth, of the patch padded to
+    at least 96 in-plane at the end and 16 slices symmetrically) is never materialised: each
+    view's block is read straight from the file at the base crop's offset.
+    """
+    volume = open_volume(path)  # (x, y, z)
+    sx, sy, sz = volume.shape
+    ph, pw = max(sx, cfg.global_size), max(sy, cfg.global_size)
+    pd = max(sz, cfg.depth)
+    z_shift = (pd - sz) // 2  # symmetric depth padding
+    base_h = _side(cfg.global_size, BASE_SCALE, ph, rng)
+    base_w = _side(cfg.global_size, BASE_SCALE, pw, rng)
+    h0 = int(rng.integers(0, ph - base_h + 1))
+    w0 = int(rng.integers(0, pw - base_w + 1))
+    kinds = [(cfg.global_size, GLOBAL_SCALE)] * 2 + [(cfg.local_size, LOCAL_SCALE)] * cfg.local_crops_number
+    views = []
+    for size, scale in kinds:
+        side_h, side_w = _side(size, scale, base_h, rng), _side(size, scale, base_w, rng)
+        z0 = int(rng.integers(0, pd - cfg.depth + 1)) - z_shift
+        y0 = h0 + int(rng.integers(0, base_h - side_h + 1))
+        x0 = w0 + int(rng.integers(0, base_w - side_w + 1))
+        flips = [axis for axis in range(3) if rng.random() < 0.8]
+        view = torch.from_numpy(read_block(volume, (y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth), flips))
+        if (side_h, side_w) != (size, size):
+            view = F.interpolate(view[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        views.append(view)  # (D, size, size)
     if cfg.intensity:
-        views = [augment_intensity(v[None], probs_for_view(k), g, cfg.per_slice)[0] for k, v in enumerate(views)]
+        out = list(augment_intensity(torch.stack(views[:2]), [probs_for_view(0), probs_for_view(1)], g, cfg.per_slice))
+        if cfg.local_crops_number:
+            out += list(augment_intensity(torch.stack(views[2:]), probs_for_view(2), g, cfg.per_slice))
+        views = out
     return [v[None] for v in views]
 
 

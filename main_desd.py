@@ -516,6 +516,8 @@ def train_one_epoch(
         lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"], teacher_temp=desd_loss.teacher_temp(epoch)
     )
     stats["replaced_patches"] = int(totals[-1].item())
+    stats["time_per_iter"] = metric_logger.step_time.global_avg
+    stats["data_wait_per_iter"] = metric_logger.data_time.global_avg  # near 0: the loader keeps up
     if stats["replaced_patches"]:
         print(f"epoch {epoch}: {stats['replaced_patches']} unreadable patches were replaced by others")
     print("Averaged stats:", json.dumps({k: round(v, 6) for k, v in stats.items()}))

@@ -329,17 +329,23 @@ class MetricLogger:
             meter.synchronize_between_processes()
 
     def log_every(self, iterable, total: int, print_freq: int, header: str = ""):
+        """Yield from `iterable`, timing each step and the wait for its data (`data_time`)."""
         start = time.time()
         end = time.time()
-        step_time = SmoothedValue(fmt="{avg:.4f}")
+        self.step_time = SmoothedValue(fmt="{global_avg:.4f}")
+        self.data_time = SmoothedValue(fmt="{global_avg:.4f}")
         width = len(str(total))
         for i, obj in enumerate(iterable):
+            self.data_time.update(time.time() - end)
             yield obj
-            step_time.update(time.time() - end)
+            self.step_time.update(time.time() - end)
             end = time.time()
             if is_main_process() and (i % print_freq == 0 or i == total - 1):
-                eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i - 1)))
-                print(f"{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  time/it: {step_time.global_avg:.3f}s", flush=True)
+                eta = datetime.timedelta(seconds=int(self.step_time.global_avg * (total - i - 1)))
+                print(
+                    f"{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  time: {self.step_time.global_avg:.3f}s  data: {self.data_time.global_avg:.3f}s",
+                    flush=True,
+                )
         if is_main_process():
             spent = datetime.timedelta(seconds=int(time.time() - start))
             print(f"{header} total time: {spent} ({(time.time() - start) / max(total, 1):.3f} s / it)", flush=True)

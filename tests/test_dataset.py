@@ -7,7 +7,7 @@ import scipy.ndimage as ndi
 import torch
 
 from augment import GLOBAL_1, IntensityProbs, augment_intensity, gaussian_blur_slices
-from dataset import EpochSampler, SSLDataset, ViewConfig, load_region, read_list
+from dataset import EpochSampler, SSLDataset, ViewConfig, open_volume, read_block, read_list
 from tests.conftest import write_patches
 
 
@@ -39,11 +39,23 @@ def test_network_input_is_z_x_y_as_nibabel_reads_it(tmp_path):
     arr = (x * 30 + y + z * 1000).astype(np.int16)  # nibabel order (x, y, z)
     path = str(tmp_path / "p.nii")
     nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
-    region = load_region(path, 25, 15, min_h=8, rng=np.random.default_rng(0))
-    assert region.shape == (10, 25, 15)
+    region = read_block(open_volume(path), (2, 27), (3, 18), (0, 10)) * 1024
+    assert region.shape == (10, 25, 15) and region[0, 0, 0] == 2 * 30 + 3
     assert np.all(np.diff(region, axis=0) == 1000)  # depth (z) first
     assert np.all(np.diff(region, axis=1) == 30)  # then x
     assert np.all(np.diff(region, axis=2) == 1)  # then y
+
+
+def test_blocks_outside_the_volume_read_as_zero_and_flips_reverse_axes(tmp_path):
+    arr = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "p.nii.gz"))
+    vol = open_volume(str(tmp_path / "p.nii.gz"))
+    block = read_block(vol, (-1, 5), (0, 5), (-1, 4)) * 1024
+    assert block.shape == (5, 6, 5)
+    assert np.all(block[0] == 0) and np.all(block[-1] == 0) and np.all(block[:, 0] == 0) and np.all(block[:, -1] == 0)
+    assert np.array_equal(block[1:4, 1:5], arr.transpose(2, 0, 1))
+    flipped = read_block(vol, (0, 4), (0, 5), (0, 3), flips=[0, 2]) * 1024
+    assert np.array_equal(flipped, arr.transpose(2, 0, 1)[::-1, :, ::-1])
 
 
 def test_intensities_are_scaled_by_1024_without_augmentation(tmp_path):
@@ -151,3 +163,22 @@ def test_sampler_splits_one_permutation_across_ranks_and_resumes_mid_epoch():
     assert list(s) == shares[1][2:]
     s.set_epoch(1)
     assert [i for i, _ in s] != [i for i, _ in shares[1]] and all(e == 1 for _, e in s)
+
+
+def test_batched_device_augmentation_matches_the_per_sample_path_in_distribution(tmp_path):
+    from scipy import stats
+
+    from augment import augment_views
+
+    root = write_patches(str(tmp_path), n=1, shape=(130, 130, 24))
+    n = 150
+    worker = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig(global_size=48, depth=8))
+    plain = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig(global_size=48, depth=8, intensity=False))
+    per_sample = [worker[(0, e)][0] for e in range(n)]
+    crops = [plain[(0, e)][0] for e in range(n)]
+    batched = augment_views([torch.stack([c[k] for c in crops]) for k in range(2)], torch.Generator().manual_seed(0))
+    for k in range(2):  # each view position keeps its own probabilities
+        a = torch.stack([s[k] for s in per_sample]).flatten(1)
+        b = batched[k].flatten(1)
+        for stat in (lambda t: t.mean(1), lambda t: t.std(1), lambda t: t.amax(1) - t.amin(1)):
+            assert stats.ks_2samp(stat(a).numpy(), stat(b).numpy()).pvalue > 0.001

@@ -1,6 +1,6 @@
 """Print the per-class Dice of several fine-tuning runs side by side.
 
-    python tools/compare_dice.py pretrained=out/ft_desd/dice.json scratch=out/ft_scratch/dice.json
+python tools/compare_dice.py pretrained=out/ft_desd/dice.json scratch=out/ft_scratch/dice.json
 """
 
 from __future__ import annotations

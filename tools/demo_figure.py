@@ -60,7 +60,9 @@ def main() -> None:
             canvas.paste(t, (c * TILE, row * TILE))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     canvas.save(args.out)
-    print(f"figure: {args.out} (top: generated slices, W400/L40; bottom: augmented pretraining views, 1-99th percentile window, of {os.path.basename(ds.paths[len(ds) // 2])})")
+    print(
+        f"figure: {args.out} (top: generated slices, W400/L40; bottom: augmented pretraining views, 1-99th percentile window, of {os.path.basename(ds.paths[len(ds) // 2])})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Loader throughput: training samples per second (2 global views of 16 x 96 x 96, no local
+crops) from generated patches of the real size (nibabel 286 x 286 x 24 int16).
+
+Modes: the worker reads, crops and augments; or it only reads and crops, the intensity
+augmentation running batched on the training device (timed on its own on --aug_device).
+One process (single-threaded), then --workers loader processes.
+
+    python benchmarks/bench_loader.py                 # CPU defaults, a minute or two
+    python benchmarks/bench_loader.py --workers 8 --aug_device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import make_patch_set, report  # noqa: I001
+
+from augment import augment_views
+from dataset import SSLDataset, ViewConfig, collate
+
+
+def samples_per_second_single(ds: SSLDataset, n: int) -> float:
+    ds[(0, 0)]  # warm-up
+    start = time.perf_counter()
+    for i in range(n):
+        ds[(i % len(ds), 1)]
+    return n / (time.perf_counter() - start)
+
+
+def samples_per_second_workers(ds: SSLDataset, n: int, workers: int, batch: int = 32) -> float:
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, sampler=[(i % len(ds), 1) for i in range(n + 4 * batch * workers)], num_workers=workers,
+        collate_fn=collate, prefetch_factor=4, persistent_workers=False,
+    )  # fmt: skip
+    it = iter(loader)
+    for _ in range(2 * workers):  # let every worker start
+        next(it)
+    start, count = time.perf_counter(), 0
+    for views, _ in it:
+        count += views[0].shape[0]
+        if count >= n:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def device_aug_seconds_per_sample(device: str, batch: int = 64, repeats: int = 5) -> float:
+    views = [torch.randn(batch, 1, 16, 96, 96, device=device) for _ in range(2)]
+    g = torch.Generator(device=device).manual_seed(0)
+    augment_views(views, g)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        augment_views(views, g)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (repeats * batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser("loader benchmark")
+    parser.add_argument("--root", default="bench_data")
+    parser.add_argument("--patches", default=64, type=int)
+    parser.add_argument("--samples", default=200, type=int, help="Samples timed per configuration.")
+    parser.add_argument("--workers", default=2, type=int)
+    parser.add_argument("--aug_device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    rows = []
+    for ext in (".nii", ".nii.gz"):
+        list_path = make_patch_set(args.root, args.patches, ext)
+        for mode, intensity in (("read+crop+augment", True), ("read+crop (augment on device)", False)):
+            ds = SSLDataset(args.root, list_path, ViewConfig(intensity=intensity))
+            single = samples_per_second_single(ds, args.samples)
+            multi = samples_per_second_workers(ds, args.samples * args.workers, args.workers) if args.workers > 0 else float("nan")
+            rows.append({"format": ext, "worker does": mode, "1 process": round(single, 1), f"{args.workers} workers": round(multi, 1)})
+    torch.set_num_threads(torch.get_num_threads() if args.aug_device == "cuda" else 1)
+    aug = device_aug_seconds_per_sample(args.aug_device)
+    rows.append({"format": "-", "worker does": f"(augmentation batched on {args.aug_device}, 1 thread)", "1 process": round(1 / aug, 1)})
+    report("loader samples/s", rows, ["format", "worker does", "1 process", f"{args.workers} workers"])
+
+
+if __name__ == "__main__":
+    main()
