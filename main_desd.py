@@ -11,7 +11,9 @@ CPU only (smoke test, or a machine with no GPU):
     python main_desd.py --device cpu --arch res3d10 --out_dim 1024 --batch_size_per_gpu 2 \
         --global_crop_size 64 --epochs 1 --max_iters_per_epoch 5 --data_path ... --output_dir out
 
-The run resumes from <output_dir>/checkpoint.pth whenever that file exists.
+The run resumes from the newest readable checkpoint in <output_dir> (checkpoint.pth, its .prev
+copy, or a numbered one) whenever there is one; --save_every_iters N also checkpoints within
+epochs, and a resumed run then continues exactly where the checkpoint was taken.
 """
 
 from __future__ import annotations
@@ -350,16 +352,26 @@ def train_desd(args: argparse.Namespace) -> None:
 
     # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "iteration": 0}
-    utils.restart_from_checkpoint(
-        os.path.join(args.output_dir, "checkpoint.pth"),
-        run_variables=to_restore,
-        student=student_without_ddp,
-        teacher=teacher,
-        optimizer=optimizer,
-        fp16_scaler=fp16_scaler,
-        desd_loss=desd_loss,
-    )
+    if utils.is_main_process():
+        utils.remove_stale_temporaries(args.output_dir)
+    if utils.is_dist():
+        dist.barrier()
+    ckpt_path, ckpt = utils.load_latest_checkpoint(args.output_dir)
+    if ckpt is not None:
+        utils.restore(
+            ckpt,
+            ckpt_path,
+            run_variables=to_restore,
+            student=student_without_ddp,
+            teacher=teacher,
+            optimizer=optimizer,
+            fp16_scaler=fp16_scaler,
+            desd_loss=desd_loss,
+        )
+        del ckpt
     start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
+    if start_iter:
+        print(f"Resuming at epoch {start_epoch}, iteration {start_iter}")
 
     start_time = time.time()
     print("Starting DeSD training !")
@@ -412,7 +424,7 @@ def save_checkpoint(
     if fp16_scaler is not None:
         state["fp16_scaler"] = fp16_scaler.state_dict()
     os.makedirs(args.output_dir, exist_ok=True)
-    utils.save_atomic(state, os.path.join(args.output_dir, name))
+    utils.save_atomic(state, os.path.join(args.output_dir, name), keep_previous=name == "checkpoint.pth")
 
 
 def warn_if_collapsing(stats: dict, out_dim: int) -> None:

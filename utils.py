@@ -88,13 +88,24 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
         device = torch.device("cpu")
     if args.world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            init_method=args.dist_url,
-            world_size=args.world_size,
-            rank=args.rank,
-            timeout=datetime.timedelta(minutes=30),
-        )
+        timeout = datetime.timedelta(minutes=30)
+        if args.dist_url == "env://":
+            # A store prefix per torchrun restart: after an elastic restart the workers must not
+            # find the dead group's keys (gloo would try to reach the killed peers).
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                args.world_size,
+                is_master=args.rank == 0 and not agent_store,
+                timeout=timeout,
+            )
+            prefix = f"desd/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            dist.init_process_group(
+                backend, store=dist.PrefixStore(prefix, store), world_size=args.world_size, rank=args.rank, timeout=timeout
+            )
+        else:
+            dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout)
         dist.barrier()
     print(f"| process {args.rank} of {args.world_size} on {device}", flush=True)
     return device
@@ -218,19 +229,27 @@ def strip_prefix(state: dict, prefix: str = "module.") -> dict:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def save_atomic(obj: dict, path: str) -> None:
+def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
     """torch.save to a temporary name in the same folder, fsync, then rename over `path`: a
-    crash mid-write leaves the previous file intact."""
+    crash mid-write leaves the previous file intact. With `keep_previous` the file being
+    replaced is kept as `<stem>.prev.pth`, a fallback should `path` itself be damaged later."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            os.replace(path, previous_name(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def previous_name(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
 
 
 def save_atomic_json(obj, path: str) -> None:
@@ -249,14 +268,30 @@ def load_checkpoint(path: str) -> dict:
         raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated: {err}") from err
 
 
-def restart_from_checkpoint(path: str, run_variables: dict | None = None, **objects) -> bool:
-    """Restore each named object (`student=student, optimizer=opt, ...`) from `path` by its
-    state_dict, and fill `run_variables` (epoch, iteration) from the checkpoint. Returns False
-    if the file does not exist."""
-    if not os.path.isfile(path):
-        return False
-    ckpt = load_checkpoint(path)
-    print(f"Found checkpoint at {path}")
+def load_latest_checkpoint(output_dir: str, name: str = "checkpoint.pth") -> tuple[str | None, dict | None]:
+    """The newest readable checkpoint of a run: `name`, its `.prev` copy or a numbered one,
+    newest first by modification time. Unreadable (truncated, corrupt) files are reported and
+    skipped; (None, None) when there is none at all."""
+    if not os.path.isdir(output_dir):
+        return None, None
+    stem = os.path.splitext(name)[0]
+    candidates = [
+        os.path.join(output_dir, f) for f in os.listdir(output_dir) if f.startswith(stem) and f.endswith(".pth") and ".tmp." not in f
+    ]
+    candidates.sort(key=os.path.getmtime, reverse=True)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as err:
+            print(f"WARNING: {err}; trying an older checkpoint", flush=True)
+    if candidates:
+        raise RuntimeError(f"no readable checkpoint in {output_dir!r} (tried {[os.path.basename(c) for c in candidates]})")
+    return None, None
+
+
+def restore(ckpt: dict, path: str, run_variables: dict | None = None, **objects) -> None:
+    """Restore each named object (`student=student, optimizer=opt, ...`) from a loaded
+    checkpoint by its state_dict, and fill `run_variables` (epoch, iteration) from it."""
     for key, obj in objects.items():
         if obj is None:
             continue
@@ -266,12 +301,27 @@ def restart_from_checkpoint(path: str, run_variables: dict | None = None, **obje
         if key in {"student", "teacher"}:
             state = strip_prefix(state)
         obj.load_state_dict(state)
-        print(f"=> loaded {key!r} from checkpoint {path!r}")
+    print(f"=> resumed {', '.join(k for k, o in objects.items() if o is not None)} from {path!r}", flush=True)
     if run_variables is not None:
         for key in run_variables:
             if key in ckpt:
                 run_variables[key] = ckpt[key]
+
+
+def restart_from_checkpoint(path: str, run_variables: dict | None = None, **objects) -> bool:
+    """Restore named objects from the file at `path` if it exists (see `restore`)."""
+    if not os.path.isfile(path):
+        return False
+    restore(load_checkpoint(path), path, run_variables, **objects)
     return True
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files of writes that a killed run left behind."""
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if ".tmp." in f:
+                os.remove(os.path.join(folder, f))
 
 
 # ============ logging ============

@@ -1,0 +1,181 @@
+"""Faults injected for real: processes killed with SIGKILL mid-run and mid-save, a torchrun
+worker killed, truncated checkpoints, a corrupt patch, a killed preprocessing run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import utils
+from tests.conftest import ROOT, TINY_TRAIN_ARGS, run_main_desd, write_patches
+
+
+def desd_command(root, out, *extra):
+    return [sys.executable, "main_desd.py", "--data_path", root, "--output_dir", str(out), *TINY_TRAIN_ARGS, *extra]
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def kill_after_a_checkpoint(cmd, out, delay, log):
+    """Start cmd, wait for a checkpoint written by this process, sleep `delay`, SIGKILL it."""
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpt = out / "checkpoint.pth"
+    wait_for(lambda: proc.poll() is not None or (ckpt.exists() and ckpt.stat().st_mtime > started))
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return proc.returncode
+
+
+def assert_same_state(a, b):
+    for key in ("student", "teacher"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
+    assert torch.equal(a["desd_loss"]["center"], b["desd_loss"]["center"])
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b["optimizer"]["state"][pid][name]), f"optimizer {pid}.{name} differs"
+    assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"])
+
+
+@pytest.mark.slow
+def test_runs_killed_at_random_iterations_end_with_the_same_weights_bit_for_bit(tmp_path):
+    root = write_patches(str(tmp_path / "data"), n=12)
+    extra = ("--epochs", "2", "--save_every_iters", "1", "--num_workers", "2")
+    subprocess.run(desd_command(root, tmp_path / "whole", *extra), cwd=ROOT, check=True, capture_output=True)
+    rng = random.Random(0)
+    out = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "wb") as log:
+        for _ in range(3):
+            assert kill_after_a_checkpoint(desd_command(root, out, *extra), out, rng.uniform(0.0, 1.5), log) == -signal.SIGKILL
+        subprocess.run(desd_command(root, out, *extra), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    assert "Resuming at epoch" in (tmp_path / "killed.log").read_text()
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert_same_state(whole, resumed)
+
+
+@pytest.mark.slow
+def test_a_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    root = write_patches(str(tmp_path / "data"), n=8)
+    out = tmp_path / "out"
+    extra = ("--epochs", "3", "--save_every_iters", "1", "--out_dim", "8192", "--saveckp_freq", "1")
+    rng = random.Random(1)
+    with open(tmp_path / "run.log", "wb") as log:
+        for _ in range(4):
+            kill_after_a_checkpoint(desd_command(root, str(out), *extra), out, rng.uniform(0.0, 0.6), log)
+            assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] >= 0  # never half-written
+        subprocess.run(desd_command(root, str(out), *extra), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 3
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+
+
+def test_truncated_checkpoints_are_reported_and_the_newest_intact_one_is_used(patch_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_main_desd(["--data_path", patch_root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "2", "--saveckp_freq", "1"])
+    for name in ("checkpoint.pth", "checkpoint.prev.pth"):
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[: len(data) // 3])
+        os.utime(out / name)  # the damaged files are the newest
+    capsys.readouterr()
+    run_main_desd(["--data_path", patch_root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "3", "--saveckp_freq", "1"])
+    printed = capsys.readouterr().out
+    assert "checkpoint.pth' is unreadable or truncated" in printed and "checkpoint.prev.pth' is unreadable" in printed
+    assert "checkpoint0001.pth" in printed  # resumed from the newest intact one: after epoch 1
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_corrupt_patch_stops_training_with_its_path_or_is_replaced_when_asked(tmp_path):
+    root = write_patches(str(tmp_path / "data"), n=6)
+    bad = os.path.join(root, "DL_patches_v2", sorted(os.listdir(os.path.join(root, "DL_patches_v2")))[2])
+    with open(bad, "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(RuntimeError, match=os.path.basename(bad)):
+        run_main_desd(["--data_path", root, "--output_dir", str(tmp_path / "a"), *TINY_TRAIN_ARGS, "--epochs", "1"])
+    run_main_desd(
+        ["--data_path", root, "--output_dir", str(tmp_path / "b"), *TINY_TRAIN_ARGS, "--epochs", "2", "--skip_bad_patches", "True"]
+    )
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.txt").read_text().splitlines()]
+    assert [r["train_replaced_patches"] for r in log] == [1, 1]  # the one bad patch, every epoch
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_from_the_latest_checkpoint(tmp_path):
+    root = write_patches(str(tmp_path / "data"), n=16)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29547", "--nnodes", "1",
+           "main_desd.py", "--data_path", root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "2", "--save_every_iters", "1"]  # fmt: skip
+    started = time.time()
+    with open(tmp_path / "run.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        assert wait_for(lambda: (out / "checkpoint.pth").exists() and (out / "checkpoint.pth").stat().st_mtime > started)
+
+        def workers():
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                return [int(p) for p in f.read().split()]
+
+        assert wait_for(lambda: len(workers()) == 2)
+        os.kill(workers()[1], signal.SIGKILL)  # one worker dies mid-run
+        assert proc.wait(timeout=300) == 0
+    text = (tmp_path / "run.log").read_text()
+    assert "Resuming at epoch" in text or "=> resumed" in text
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 0
+
+
+@pytest.mark.slow
+def test_preprocessing_killed_at_random_points_and_rerun_equals_an_uninterrupted_run(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "preprocessing"))
+    import synthetic_deeplesion
+
+    def prepare(root):
+        synthetic_deeplesion.make_deeplesion(str(root), patients=3, size=192, seed=5, context_mm=12)
+
+    scripts = ["DL_save_nifti.py", "re_spacing_ITK.py", "splitting_to_patches.py"]
+
+    def run(root, script, kill_after=None):
+        cmd = [sys.executable, os.path.join("preprocessing", script), "--data_root", str(root), "--workers", "2"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if kill_after is not None:
+            time.sleep(kill_after)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    prepare(clean)
+    prepare(killed)
+    for script in scripts:
+        assert run(clean, script) == 0
+    rng = random.Random(2)
+    for script in scripts:
+        for _ in range(2):
+            run(killed, script, kill_after=rng.uniform(0.3, 2.0))
+        assert run(killed, script) == 0
+    for folder in ("Images_nifti", "Images_nifti_spacing", "DL_patches_v2"):
+        names = sorted(os.listdir(clean / folder))
+        assert sorted(os.listdir(killed / folder)) == names  # no partial file survives
+        for name in names:
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(clean / folder / name)))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(killed / folder / name)))
+            assert np.array_equal(a, b), f"{folder}/{name}"
+    assert (clean / "SSL_data_deeplesion.txt").read_text() == (killed / "SSL_data_deeplesion.txt").read_text()
