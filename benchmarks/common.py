@@ -19,10 +19,12 @@ REAL_PATCH = (286, 286, 24)  # nibabel (x, y, z) of a typical DeepLesion patch a
 
 
 def make_patch_set(root: str, n: int, ext: str, shape=REAL_PATCH, seed: int = 0) -> str:
-    """n int16 CT-like patches (a smooth body with noise) and their list file, once."""
-    list_path = os.path.join(root, f"list{ext.replace('.', '_')}.txt")
+    """n int16 CT-like patches (a smooth body with noise) and their list file, once; returns
+    the list file's name, relative to root."""
+    list_name = f"list{ext.replace('.', '_')}.txt"
+    list_path = os.path.join(root, list_name)
     if os.path.exists(list_path):
-        return list_path
+        return list_name
     os.makedirs(os.path.join(root, "DL_patches_v2"), exist_ok=True)
     rng = np.random.default_rng(seed)
     x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
@@ -35,7 +37,7 @@ def make_patch_set(root: str, n: int, ext: str, shape=REAL_PATCH, seed: int = 0)
         names.append(name)
     with open(list_path, "w") as f:
         f.write("\n".join(names) + "\n")
-    return list_path
+    return list_name
 
 
 def machine() -> str:

@@ -96,3 +96,36 @@ def test_two_process_gloo_run_through_torchrun(tmp_path):
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["args"]["world_size"] == 2
     assert all(k.startswith("module.backbone.") or k.startswith("module.heads.") for k in ckpt["teacher"])
+
+
+def test_non_finite_loss_stops_and_leaves_the_last_checkpoint_intact(patch_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    tiny_run(patch_root, out, "--epochs", "1")
+    before = (out / "checkpoint.pth").read_bytes()
+    import loss
+
+    original = loss.DeSDLoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(loss.DeSDLoss, "forward", poisoned)
+    with pytest.raises(SystemExit):
+        tiny_run(patch_root, out, "--epochs", "2")
+    assert "Loss is not finite at epoch 1" in capsys.readouterr().out
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+def test_collapse_warnings(capsys):
+    import math
+
+    import main_desd
+
+    main_desd.warn_if_collapsing({"loss": math.log(1000), "teacher_entropy": 3.0}, 1000)
+    assert "near ln(out_dim)" in capsys.readouterr().out
+    main_desd.warn_if_collapsing({"loss": 0.01, "teacher_entropy": 0.001}, 1000)
+    assert "one-hot" in capsys.readouterr().out
+    main_desd.warn_if_collapsing({"loss": 4.0, "teacher_entropy": 3.0}, 1000)
+    assert capsys.readouterr().out == ""
