@@ -108,13 +108,20 @@ def gaussian_blur_slices(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tens
     return flat.index_copy(0, index, y).view(b, d, h, w)
 
 
+_PROB_TABLES: dict[tuple, torch.Tensor] = {}
+
+
 def _prob_rows(probs: IntensityProbs | list[IntensityProbs], b: int, device) -> dict[str, torch.Tensor]:
-    """Each probability as a (B, 1) tensor: one IntensityProbs for all rows, or one per row."""
-    rows = probs if isinstance(probs, list) else [probs] * b
+    """Each probability as a (B, 1) tensor: one IntensityProbs for all rows, or one per row.
+    Tables are cached per device, so a training step copies nothing to the GPU for them."""
+    rows = tuple(probs) if isinstance(probs, list) else (probs,) * b
     if len(rows) != b:
         raise ValueError(f"{len(rows)} probability sets for a batch of {b} views")
     names = IntensityProbs.__dataclass_fields__
-    table = torch.tensor([[getattr(p, n) for n in names] for p in rows], dtype=torch.float32, device=device)
+    key = (rows, str(device))
+    if key not in _PROB_TABLES:
+        _PROB_TABLES[key] = torch.tensor([[getattr(p, n) for n in names] for p in rows], dtype=torch.float32, device=device)
+    table = _PROB_TABLES[key]
     return {n: table[:, i : i + 1] for i, n in enumerate(names)}
 
 

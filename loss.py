@@ -79,9 +79,9 @@ class DeSDLoss(nn.Module):
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """EMA of the batch mean of the raw teacher output, averaged over all processes."""
         batch_center = teacher_output.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([teacher_output.shape[0]], dtype=torch.float32, device=teacher_output.device)
+        world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
-            dist.all_reduce(count)
-        batch_center = batch_center / count
+            world = dist.get_world_size()
+        batch_center = batch_center / (teacher_output.shape[0] * world)  # every process has the same batch size
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

@@ -286,7 +286,7 @@ def train_desd(args: argparse.Namespace) -> None:
         pin_memory=device.type == "cuda",
         drop_last=True,
         collate_fn=collate,
-        persistent_workers=False,
+        persistent_workers=args.num_workers > 0,
         prefetch_factor=4 if args.num_workers > 0 else None,
     )
     iters_per_epoch = len(dataset) // args.world_size // args.batch_size_per_gpu

@@ -6,7 +6,9 @@ import torch
 
 from models import DeSDStudent, DeSDTeacher, DINOHead, create_model, list_models
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "data", "res3d50_state_dict_shapes.tsv")  # copied from the project SPEC's reference folder
+REFERENCE = os.path.join(
+    os.path.dirname(__file__), "data", "res3d50_state_dict_shapes.tsv"
+)  # copied from the project SPEC's reference folder
 
 
 @pytest.mark.parametrize("name", list_models())
