@@ -30,7 +30,7 @@ import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -179,18 +179,24 @@ def train_transforms(args: argparse.Namespace) -> Compose:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, num_classes: int, args: argparse.Namespace, device: torch.device) -> list[float]:
-    """Per-class Dice (background excluded) over whole volumes, by sliding-window inference."""
+    """Per-class Dice (background excluded) over whole volumes, by sliding-window inference;
+    each process scores its share of the cases and the scores of all processes are pooled."""
     model.eval()
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    scores = [torch.empty(0, num_classes - 1)]
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
             logits = sliding_window_inference(image, args.patch_size, args.sw_batch_size, model, overlap=args.sw_overlap, mode="gaussian")
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_classes).permute(0, 4, 1, 2, 3)
         truth = torch.nn.functional.one_hot(label[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3)
-        metric(pred, truth)
+        scores.append(compute_dice(pred, truth, include_background=False, ignore_empty=True).float().cpu())  # (1, classes - 1)
+    scores = torch.cat(scores)
+    if utils.is_dist():
+        gathered = [None] * utils.get_world_size()
+        dist.all_gather_object(gathered, scores)
+        scores = torch.cat(gathered)
     model.train()
-    return [float(v) for v in metric.aggregate().cpu()]
+    return [float(v) for v in torch.nanmean(scores, dim=0)]  # classes absent from a case's truth are skipped
 
 
 def dice_table(columns: dict[str, list[float]], names: list[str]) -> str:
@@ -240,7 +246,8 @@ def main(args: argparse.Namespace) -> dict:
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(args.seed),
     )
-    val_loader = DataLoader(Dataset(val_cases, Compose(preprocessing(args.spacing))), batch_size=1, num_workers=min(args.num_workers, 2))
+    val_share = val_cases[args.rank :: args.world_size]  # each process validates its share
+    val_loader = DataLoader(Dataset(val_share, Compose(preprocessing(args.spacing))), batch_size=1, num_workers=min(args.num_workers, 2))
     print(f"Data: {len(train_cases)} training and {len(val_cases)} validation cases, classes {class_names}.")
 
     # ============ building the network ... ============
@@ -287,10 +294,10 @@ def main(args: argparse.Namespace) -> dict:
             losses.append(loss.detach())
         mean_loss = float(utils.all_reduce_mean(torch.stack(losses).mean()).item())
         record = {"epoch": epoch, "train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
-        if utils.is_main_process() and ((epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1):
+        if (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1:
             dice = evaluate(model_without_ddp, val_loader, num_classes, args, device)
             record.update({f"dice_{n}": d for n, d in zip(class_names, dice)}, mean_dice=float(np.nanmean(dice)))
-            if record["mean_dice"] > best:
+            if record["mean_dice"] > best and utils.is_main_process():
                 best = record["mean_dice"]
                 utils.save_atomic(
                     {"model": model_without_ddp.state_dict(), "epoch": epoch + 1, "dice": dice}, os.path.join(args.output_dir, "best.pth")

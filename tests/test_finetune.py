@@ -132,3 +132,21 @@ def test_seeded_split_is_fixed_and_train_fraction_subsets_it():
     args.train_fraction = 0.25
     small, val2 = finetune.split_cases(cases, args)
     assert val2 == val and len(small) == 2 and all(c in train for c in small)
+
+
+@pytest.mark.slow
+def test_two_process_fine_tuning_through_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    write_cube_task(str(tmp_path / "task"), n=6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", "finetune.py",
+           "--data_dir", str(tmp_path / "task"), "--output_dir", str(tmp_path / "out"), "--arch", "res3d10", "--spacing", "2",
+           "--patch_size", "16", "64", "64", "--epochs", "2", "--num_workers", "0", "--device", "cpu", "--batch_size", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "process 1 of 2" in proc.stdout
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and "mean_dice" in log[-1]
