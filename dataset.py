@@ -151,6 +151,7 @@ class SSLDataset(Dataset):
         self.cfg = cfg
         self.seed = seed
         self.skip_bad_patches = skip_bad_patches
+        self.reported: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -166,7 +167,9 @@ class SSLDataset(Dataset):
             except Exception as err:
                 if not self.skip_bad_patches:
                     raise RuntimeError(f"cannot read patch {self.paths[i]!r}: {err} (use --skip_bad_patches to go on)") from err
-                print(f"warning: skipping unreadable patch {self.paths[i]!r}: {err}", flush=True)
+                if i not in self.reported:  # once per patch and process
+                    self.reported.add(i)
+                    print(f"warning: skipping unreadable patch {self.paths[i]!r}: {err}", flush=True)
         raise RuntimeError("no readable patch in the list")
 
 

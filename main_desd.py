@@ -501,14 +501,15 @@ def train_one_epoch(
         with torch.no_grad():
             probs = desd_loss.teacher_probs(teacher_output, epoch)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-            sums += torch.stack([terms[n].detach().double() for n in names[:-1]] + [entropy.double()])
+            values = torch.stack([terms[n].detach().double() for n in names[:-1]] + [entropy.double()])
+            sums += values
         count += 1
 
         last = it == iters_per_epoch - 1
         saving = args.save_every_iters > 0 and (it + 1) % args.save_every_iters == 0 and (it + 1) % args.accum_iter == 0 and not last
         if (it - first) % args.print_freq == 0 or last or saving:
             check_finite(finite, epoch, it)
-            current = dict(zip(names, torch.stack([terms[n].detach().double() for n in names[:-1]] + [entropy.double()]).tolist()))
+            current = dict(zip(names, values.tolist()))
             metric_logger.update(
                 **current,
                 lr=optimizer.param_groups[0]["lr"],

@@ -179,17 +179,12 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
-def clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """Clip each parameter's gradient to norm `clip` (DINO's per-tensor clipping)."""
-    norms = []
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """Clip each parameter's gradient to norm `clip` (DINO's per-tensor clipping), on the
+    device: no value is read back to the host."""
     for p in model.parameters():
         if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
-    return norms
+            p.grad.mul_((clip / (p.grad.norm(2) + 1e-6)).clamp(max=1.0))
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
@@ -229,14 +224,14 @@ def strip_prefix(state: dict, prefix: str = "module.") -> dict:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
-    """torch.save to a temporary name in the same folder, fsync, then rename over `path`: a
-    crash mid-write leaves the previous file intact. With `keep_previous` the file being
-    replaced is kept as `<stem>.prev.pth`, a fallback should `path` itself be damaged later."""
+def write_atomic(path: str, write, keep_previous: bool = False) -> None:
+    """Call write(file object) on a temporary name in the same folder, fsync, then rename over
+    `path`: a crash mid-write leaves the previous file intact. With `keep_previous` the file
+    being replaced is kept as `<stem>.prev<ext>`, a fallback should `path` be damaged later."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and os.path.exists(path):
@@ -247,17 +242,19 @@ def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
             os.remove(tmp)
 
 
+def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
+    """torch.save through `write_atomic`."""
+    write_atomic(path, lambda f: torch.save(obj, f), keep_previous)
+
+
 def previous_name(path: str) -> str:
     root, ext = os.path.splitext(path)
     return f"{root}.prev{ext}"
 
 
 def save_atomic_json(obj, path: str) -> None:
-    """Write JSON to a temporary name, then rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """JSON through `write_atomic`."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def load_checkpoint(path: str) -> dict:
