@@ -224,6 +224,7 @@ def validate_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     device = utils.init_distributed_mode(args)
+    utils.settle_vector_math()  # before any arithmetic: see its docstring
     torch.manual_seed(args.seed + args.rank)
     os.makedirs(args.output_dir, exist_ok=True)
     if utils.is_main_process():

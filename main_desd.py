@@ -249,6 +249,7 @@ def autocast_context(args: argparse.Namespace, device: torch.device):
 def train_desd(args: argparse.Namespace) -> None:
     validate_args(args)
     device = utils.init_distributed_mode(args)
+    utils.settle_vector_math()  # before any arithmetic: see its docstring
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     if utils.is_main_process():
