@@ -62,50 +62,71 @@ def _two_sided_factor(shape, low: float, high: float, g: torch.Generator, device
     return torch.where(_chance(shape, 0.5, g, device), below, above)
 
 
-def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    """Pad by mirroring with the edge sample repeated (scipy's 'reflect' mode)."""
-    n = x.shape[dim]
-    if r > n:
-        raise ValueError(f"blur radius {r} exceeds image side {n}")
-    head = x.narrow(dim, 0, r).flip(dim)
-    tail = x.narrow(dim, n - r, r).flip(dim)
-    return torch.cat([head, x, tail], dim=dim)
+def host_reads_are_free(device: torch.device) -> bool:
+    """On the CPU the chain may read values back to decide what to skip (which slices to
+    blur, whether any gamma applies); on an accelerator it never does, so that a training
+    step queues without waiting. Tests patch this to run the accelerator path on the CPU."""
+    return device.type == "cpu"
 
 
-def gaussian_blur_slices(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """In-plane Gaussian blur of each slice of x (B, D, H, W) with its own sigma (B, D), where
-    `apply` (B, D) is set; kernels truncated at 4 sigma and edges mirrored as scipy does.
-    On the CPU only the slices to blur are convolved."""
+def _blur_axis(src: torch.Tensor, kernel: torch.Tensor, r: int, axis: int) -> torch.Tensor:
+    """Depthwise 1-D convolution of the images src (H, W, n), any strides, along axis
+    (0: H, 1: W) with each channel's kernel (n, 2r + 1), edges mirrored with the edge sample
+    repeated (scipy's 'reflect' mode). Returns (1, n, H, W), channels-last."""
+    h, w, n = src.shape
+    size = src.shape[axis]
+    shape = [h, w, n]
+    shape[axis] += 2 * r
+    batch = src.new_empty([1, *shape])  # the image with r mirrored samples at each end, channels-last
+    padded = batch[0]
+    padded.narrow(axis, r, size).copy_(src)
+    padded.narrow(axis, 0, r).copy_(src.narrow(axis, 0, r).flip(axis))
+    padded.narrow(axis, r + size, r).copy_(src.narrow(axis, size - r, r).flip(axis))
+    weight = kernel.view(n, 1, -1, 1) if axis == 0 else kernel.view(n, 1, 1, -1)
+    return F.conv2d(batch.permute(0, 3, 1, 2), weight, groups=n)
+
+
+def gaussian_blur_slices_(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """In-plane Gaussian blur, in place, of each slice of x (B, D, H, W) with its own sigma
+    (B, D), where `apply` (B, D) is set; kernels truncated at 4 sigma and edges mirrored as
+    scipy.ndimage.gaussian_filter does. On the CPU only the slices to blur are convolved; on
+    other devices every slice is, with an identity kernel where no blur is asked for (no
+    host synchronisation). The slices are the channels of depthwise convolutions, laid out
+    channels-last (about twice as fast on the CPU)."""
     b, d, h, w = x.shape
-    flat = x.reshape(b * d, h, w)
+    flat = x.view(b * d, h, w)
     s = sigma.reshape(-1).to(x.dtype)
     on = apply.reshape(-1)
-    index = None
-    if x.device.type == "cpu":
+    r = int(BLUR_TRUNCATE * BLUR_SIGMA[1] + 0.5)
+    if r > min(h, w):
+        raise ValueError(f"blur radius {r} exceeds image side {min(h, w)}")
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)  # (2r + 1,)
+    if host_reads_are_free(x.device):
         index = on.nonzero().flatten()
         if index.numel() == 0:
             return x
-        flat_sel, s = flat.index_select(0, index), s.index_select(0, index)
+        s = s.index_select(0, index)
+        src = flat.index_select(0, index).permute(1, 2, 0)  # (H, W, n) view
     else:
-        flat_sel = flat
-    n = flat_sel.shape[0]
-    r = int(BLUR_TRUNCATE * BLUR_SIGMA[1] + 0.5)
-    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)  # (2r + 1,)
-    s = s.view(-1, 1)
-    kernel = torch.exp(-0.5 * (offsets / s) ** 2) * (offsets.abs() <= (BLUR_TRUNCATE * s + 0.5).floor())
+        index = None
+        src = flat.permute(1, 2, 0)
+    sd = s.view(-1, 1)
+    kernel = torch.exp(-0.5 * (offsets / sd) ** 2) * (offsets.abs() <= (BLUR_TRUNCATE * sd + 0.5).floor())
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    if index is None:  # every slice is convolved; an identity kernel where none is asked for
-        kernel = torch.where(on.view(-1, 1), kernel, (offsets == 0).to(x.dtype).expand_as(kernel))  # (B * D, 2r + 1)
-    y = flat_sel.view(1, n, h, w)
-    # channels-last makes the depthwise convolutions about twice as fast on the CPU
-    y = _symmetric_pad(y, r, 3).contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(y, kernel.view(n, 1, 1, -1), groups=n)
-    y = _symmetric_pad(y, r, 2).contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(y, kernel.view(n, 1, -1, 1), groups=n)
-    y = y.contiguous().view(n, h, w)
+    if index is None:  # an identity kernel where no blur is asked for
+        kernel = torch.where(on.view(-1, 1), kernel, (offsets == 0).to(x.dtype).expand_as(kernel))
+    y = _blur_axis(src, kernel, r, 1)  # along W
+    y = _blur_axis(y[0].permute(1, 2, 0), kernel, r, 0)[0]  # along H: (n, H, W), channels-last
     if index is None:
-        return y.view(b, d, h, w)
-    return flat.index_copy(0, index, y).view(b, d, h, w)
+        flat.copy_(y)
+    else:
+        flat.index_copy_(0, index, y.contiguous())  # a strided source is several times slower
+    return x
+
+
+def gaussian_blur_slices(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """`gaussian_blur_slices_` on a copy of x."""
+    return gaussian_blur_slices_(x.clone(), sigma, apply)
 
 
 _PROB_TABLES: dict[tuple, torch.Tensor] = {}
@@ -129,64 +150,105 @@ def _chance_rows(p: torch.Tensor, shape, g: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=g, device=p.device) < p
 
 
+def draw_intensity_params(
+    b: int, d: int, probs: IntensityProbs | list[IntensityProbs], g: torch.Generator, per_slice: bool = True, device="cpu"
+) -> dict[str, torch.Tensor]:
+    """Every random choice of the intensity chain for B views of D slices: per view (B, 1) or
+    per unit (B, units), units being the slices (per_slice) or the whole view. A factor of 1,
+    an offset of 0 or a false flag stands for a transform that was not drawn."""
+    units = d if per_slice else 1
+    ushape = (b, units)
+    p = _prob_rows(probs, b, device)
+    out = {"noise_std": _uniform((b, 1), 0.0, 0.1, g, device) * _chance_rows(p["noise"], (b, 1), g)}
+    out["blur_on"] = _chance_rows(p["blur"], (b, 1), g) & _chance_rows(p["blur_slice"], ushape, g)
+    out["blur_sigma"] = _uniform(ushape, *BLUR_SIGMA, g, device)
+    f = _uniform(ushape, 0.75, 1.25, g, device)
+    out["brightness_mul"] = torch.where(_chance_rows(p["brightness_mul"], (b, 1), g), f, 1.0)
+    o = torch.randn(ushape, generator=g, device=device) * 0.4
+    out["brightness_add"] = o * (_chance_rows(p["brightness_add"], (b, 1), g) & _chance_rows(p["brightness_add_slice"], ushape, g))
+    c = _two_sided_factor(ushape, 0.75, 1.25, g, device)
+    out["contrast"] = torch.where(_chance_rows(p["contrast"], (b, 1), g), c, 1.0)
+    out["gamma"] = _two_sided_factor(ushape, 0.7, 1.5, g, device)
+    out["gamma_on"] = _chance_rows(p["gamma"], (b, 1), g).expand(ushape)
+    return out
+
+
+def _mean_std(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std over the last axis, from the sum and the sum of squares, one
+    pass each (torch.var_mean is several times slower on the CPU)."""
+    n = flat.shape[-1]
+    mean = flat.sum(-1) / n
+    squares = torch.linalg.vector_norm(flat, dim=-1).square() / n
+    return mean, (squares - mean.square()).clamp_min_(0).sqrt_()
+
+
+def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    """SPEC section 3's intensity chain on x (B, D, H, W) with the draws of
+    `draw_intensity_params` and standard normal `noise` of x's shape, which it overwrites.
+    Returns a new tensor.
+
+    Each step is affine in a unit or monotone, so the chain needs few passes over the voxels:
+    brightness x f, brightness + o and contrast c collapse into one affine map whose
+    statistics follow from those taken after the blur; the range of the clipped unit follows
+    from the map (f, c > 0) without a pass; and restoring the mean and std after gamma is one
+    more affine map of ((y - lo) / range) ** gamma, whose range and offset cancel. The result
+    equals the steps applied one after the other, up to float rounding (see
+    tests/test_dataset.py). Per-unit factors are applied by in-place operations on the full
+    tensor, the form that torch vectorises on the CPU."""
+    b, d, h, w = x.shape
+    units = params["blur_sigma"].shape[1]
+    cpu = host_reads_are_free(x.device)
+
+    def col(t: torch.Tensor) -> torch.Tensor:  # (B, units) -> broadcastable over (B, units, N)
+        return t.unsqueeze(-1)
+
+    # Gaussian noise, one std per view; in-plane Gaussian blur per unit
+    x = noise.mul_(params["noise_std"].view(b, 1, 1, 1)).add_(x)
+    reps = d // units
+    gaussian_blur_slices_(x, params["blur_sigma"].repeat_interleave(reps, 1), params["blur_on"].repeat_interleave(reps, 1))
+
+    y = x.view(b, units, -1)
+    mean, lo, hi = y.mean(-1), y.amin(-1), y.amax(-1)
+
+    # brightness x f, brightness + o, contrast c around the mean, clipped to the range
+    f, o, c = params["brightness_mul"], params["brightness_add"], params["contrast"]
+    m1, lo1, hi1 = mean * f + o, lo * f + o, hi * f + o  # statistics after the brightness steps (f > 0)
+    scale, shift = f * c, (o - m1) * c + m1  # (x * f + o - m1) * c + m1
+    y.mul_(col(scale)).add_(col(shift))
+    torch.minimum(torch.maximum(y, col(lo1), out=y), col(hi1), out=y)
+    gamma_on = params["gamma_on"]
+    if cpu and not bool(gamma_on.any()):  # a host read is free on the CPU
+        return x
+
+    # gamma, then the unit's mean and std restored
+    y_lo = (lo * scale + shift).clamp_(min=lo1).clamp_(max=hi1)  # the map is increasing: no pass needed
+    y_hi = (hi * scale + shift).clamp_(min=lo1).clamp_(max=hi1)
+    y_mean, y_std = _mean_std(y)
+    span = y_hi - y_lo
+    inv = 1.0 / (span + 1e-7)
+    u = torch.mul(y, col(inv)).sub_(col(y_lo * inv)).clamp_(0, 1)  # (y - lo) / range
+    u.log_().mul_(col(params["gamma"])).exp_()  # ** gamma
+    u_mean, u_std = _mean_std(u)
+    # z = u * span + lo has mean u_mean * span + lo and std u_std * span; its mean and std
+    # are mapped to y's: (z - z_mean) * y_std / (z_std + 1e-8) + y_mean
+    a = y_std * span / (u_std * span + 1e-8)
+    z = u.mul_(col(a)).add_(col(y_mean - u_mean * a))
+    if not cpu:
+        return torch.where(col(gamma_on), z, y).view(b, d, h, w)
+    off = (~gamma_on).reshape(-1).nonzero().flatten()
+    if off.numel():  # units without gamma keep y
+        z.view(b * units, -1).index_copy_(0, off, y.view(b * units, -1).index_select(0, off))
+    return z.view(b, d, h, w)
+
+
 def augment_intensity(
     x: torch.Tensor, probs: IntensityProbs | list[IntensityProbs], g: torch.Generator, per_slice: bool = True
 ) -> torch.Tensor:
     """Apply SPEC section 3's intensity chain to a batch of views x (B, D, H, W); `probs` is
-    one set for every view or one per view. Returns a new tensor.
-
-    Brightness and contrast are affine in each slice, so they are applied as one fused affine
-    map whose statistics follow from those taken after the blur; the result is the same as
-    applying them one after the other.
-    """
-    b, d, h, w = x.shape
-    dev = x.device
-    units = d if per_slice else 1
-    ushape = (b, units)
-    p = _prob_rows(probs, b, dev)
-
-    def per_unit(t: torch.Tensor) -> torch.Tensor:  # (B, units) -> broadcastable over (B, units, N)
-        return t.unsqueeze(-1)
-
-    # Gaussian noise: one std ~ U(0, 0.1) per view
-    std = _uniform((b, 1), 0.0, 0.1, g, dev) * _chance_rows(p["noise"], (b, 1), g)
-    x = torch.randn(x.shape, generator=g, device=dev).mul_(std.view(b, 1, 1, 1)).add_(x)
-
-    # Gaussian blur, in-plane; sigma and the per-slice draw per unit
-    unit_on = _chance_rows(p["blur"], (b, 1), g) & _chance_rows(p["blur_slice"], ushape, g)
-    sigma = _uniform(ushape, *BLUR_SIGMA, g, dev)
-    x = gaussian_blur_slices(x, sigma.expand(b, d), unit_on.expand(b, d))
-
-    flat = x.view(b, units, -1)
-    mean, lo, hi = flat.mean(-1), flat.amin(-1), flat.amax(-1)
-
-    # brightness x f, brightness + o, contrast c around the mean, clipped to the range
-    f = _uniform(ushape, 0.75, 1.25, g, dev)
-    f = torch.where(_chance_rows(p["brightness_mul"], (b, 1), g), f, 1.0)
-    o = torch.randn(ushape, generator=g, device=dev) * 0.4
-    o = o * (_chance_rows(p["brightness_add"], (b, 1), g) & _chance_rows(p["brightness_add_slice"], ushape, g))
-    c = _two_sided_factor(ushape, 0.75, 1.25, g, dev)
-    c = torch.where(_chance_rows(p["contrast"], (b, 1), g), c, 1.0)
-    m1, lo1, hi1 = mean * f + o, lo * f + o, hi * f + o  # statistics after the brightness steps (f > 0)
-    scale, shift = f * c, (o - m1) * c + m1  # (x * f + o - m1) * c + m1
-    y = torch.addcmul(per_unit(shift), flat, per_unit(scale))
-    y = torch.maximum(torch.minimum(y, per_unit(hi1)), per_unit(lo1))
-
-    # gamma, then the unit's mean and std restored
-    gamma = _two_sided_factor(ushape, 0.7, 1.5, g, dev)
-    gamma_on = _chance_rows(p["gamma"], (b, 1), g).expand(ushape)
-    y_lo, y_hi = y.amin(-1), y.amax(-1)
-    y_mean = y.mean(-1)
-    y_std = (y - per_unit(y_mean)).square_().mean(-1).sqrt_()
-    span = per_unit(y_hi - y_lo)
-    z = ((y - per_unit(y_lo)) / (span + 1e-7)).clamp_(0, 1)
-    z = z.log_().mul_(per_unit(gamma)).exp_().mul_(span).add_(per_unit(y_lo))  # ((y - lo) / span) ** gamma * span + lo
-    z_mean = z.mean(-1)
-    z_std = (z - per_unit(z_mean)).square_().mean(-1).sqrt_()
-    a = y_std / (z_std + 1e-8)
-    z = torch.addcmul(per_unit(y_mean - z_mean * a), z, per_unit(a))
-    out = torch.where(per_unit(gamma_on), z, y)
-    return out.view(b, d, h, w)
+    one set for every view or one per view. Returns a new tensor."""
+    b, d = x.shape[:2]
+    params = draw_intensity_params(b, d, probs, g, per_slice, x.device)
+    return apply_intensity(x, params, torch.randn(x.shape, generator=g, device=x.device))
 
 
 def augment_views(views: list[torch.Tensor], g: torch.Generator, per_slice: bool = True) -> list[torch.Tensor]:

@@ -13,7 +13,9 @@ sees exactly the views an uninterrupted run would have.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -81,14 +83,15 @@ def open_volume(path: str) -> np.ndarray:
 
 def read_block(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
     """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 (z, x, y) /
-    1024, flipped along the given output axes. Indices outside the volume read as 0 HU."""
-    shape = (depths[1] - depths[0], rows[1] - rows[0], cols[1] - cols[0])
+    1024, C-contiguous, flipped along the given output axes. Indices outside the volume read
+    as 0 HU."""
+    shape = (depths[1] - depths[0], rows[1] - rows[0], cols[1] - cols[0])  # (z, x, y)
     sx, sy, sz = volume.shape
     r0, r1 = max(rows[0], 0), min(rows[1], sx)
     c0, c1 = max(cols[0], 0), min(cols[1], sy)
     d0, d1 = max(depths[0], 0), min(depths[1], sz)
     scale = np.float32(1.0 / HU_SCALE)
-    if (r1 - r0, c1 - c0, d1 - d0) == shape[1:] + shape[:1]:  # inside the volume: no padding
+    if (d1 - d0, r1 - r0, c1 - c0) == shape:  # inside the volume: no padding
         out = np.multiply(np.asarray(volume[r0:r1, c0:c1, d0:d1]).transpose(2, 0, 1), scale, dtype=np.float32)
     else:
         out = np.zeros(shape, np.float32)
@@ -123,23 +126,27 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
     h0 = int(rng.integers(0, ph - base_h + 1))
     w0 = int(rng.integers(0, pw - base_w + 1))
     kinds = [(cfg.global_size, GLOBAL_SCALE)] * 2 + [(cfg.local_size, LOCAL_SCALE)] * cfg.local_crops_number
-    views = []
-    for size, scale in kinds:
+    n_global = 2
+    out = [torch.empty(n_global, cfg.depth, cfg.global_size, cfg.global_size)]
+    if cfg.local_crops_number:
+        out.append(torch.empty(cfg.local_crops_number, cfg.depth, cfg.local_size, cfg.local_size))
+    for k, (size, scale) in enumerate(kinds):
         side_h, side_w = _side(size, scale, base_h, rng), _side(size, scale, base_w, rng)
         z0 = int(rng.integers(0, pd - cfg.depth + 1)) - z_shift
         y0 = h0 + int(rng.integers(0, base_h - side_h + 1))
         x0 = w0 + int(rng.integers(0, base_w - side_w + 1))
         flips = [axis for axis in range(3) if rng.random() < 0.8]
-        view = torch.from_numpy(read_block(volume, (y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth), flips))
+        view = torch.from_numpy(read_block(volume, (y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth)))[None]
         if (side_h, side_w) != (size, size):
-            view = F.interpolate(view[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        views.append(view)  # (D, size, size)
+            view = F.interpolate(view, size=(size, size), mode="bilinear", align_corners=False)
+        # flipped after the resize, which is symmetric under flips, where it costs least
+        target = out[0][k] if k < n_global else out[1][k - n_global]
+        target.copy_(view[0].flip(flips) if flips else view[0])  # (D, size, size)
     if cfg.intensity:
-        out = list(augment_intensity(torch.stack(views[:2]), [probs_for_view(0), probs_for_view(1)], g, cfg.per_slice))
+        out[0] = augment_intensity(out[0], [probs_for_view(0), probs_for_view(1)], g, cfg.per_slice)
         if cfg.local_crops_number:
-            out += list(augment_intensity(torch.stack(views[2:]), probs_for_view(2), g, cfg.per_slice))
-        views = out
-    return [v[None] for v in views]
+            out[1] = augment_intensity(out[1], probs_for_view(2), g, cfg.per_slice)
+    return [v[None] for part in out for v in part]
 
 
 class SSLDataset(Dataset):
@@ -171,6 +178,31 @@ class SSLDataset(Dataset):
                     self.reported.add(i)
                     print(f"warning: skipping unreadable patch {self.paths[i]!r}: {err}", flush=True)
         raise RuntimeError("no readable patch in the list")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's allocator keep freed memory for reuse instead of returning it to the
+    system (Linux only; elsewhere a no-op that returns False).
+
+    A sample's views and their intermediates are fresh 1-2 MB buffers. By default glibc
+    maps each one anew and unmaps it when freed, so every sample touches fresh pages:
+    about 900 page faults a sample here, some 20% of a worker's time on this project's
+    virtual machines (benchmarks/bench_loader.py). Raising the mmap and trim thresholds keeps
+    the memory in the heap, where the next sample reuses it. The cost is that a worker holds
+    on to its peak working set (tens of MB)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def init_worker(_worker_id: int) -> None:
+    """DataLoader worker_init_fn of the pretraining loader."""
+    keep_freed_memory()
 
 
 class EpochSampler(Sampler):

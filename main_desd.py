@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import utils
 from augment import augment_views
-from dataset import EpochSampler, SSLDataset, ViewConfig, collate
+from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker
 from loss import STAGE_NAMES, DeSDLoss
 from models import DeSDStudent, DeSDTeacher, create_model, list_models
 from models.res3d import last_stage_shape
@@ -289,6 +289,7 @@ def train_desd(args: argparse.Namespace) -> None:
         collate_fn=collate,
         persistent_workers=args.num_workers > 0,
         prefetch_factor=4 if args.num_workers > 0 else None,
+        worker_init_fn=init_worker,
     )
     iters_per_epoch = len(dataset) // args.world_size // args.batch_size_per_gpu
     if args.max_iters_per_epoch > 0:

@@ -18,7 +18,7 @@ import torch
 from common import make_patch_set, report  # noqa: I001
 
 from augment import augment_views
-from dataset import SSLDataset, ViewConfig, collate
+from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory
 
 
 def samples_per_second_single(ds: SSLDataset, n: int) -> float:
@@ -32,7 +32,7 @@ def samples_per_second_single(ds: SSLDataset, n: int) -> float:
 def samples_per_second_workers(ds: SSLDataset, n: int, workers: int, batch: int = 32) -> float:
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch, sampler=[(i % len(ds), 1) for i in range(n + 4 * batch * workers)], num_workers=workers,
-        collate_fn=collate, prefetch_factor=4, persistent_workers=False,
+        collate_fn=collate, prefetch_factor=4, persistent_workers=False, worker_init_fn=init_worker,
     )  # fmt: skip
     it = iter(loader)
     for _ in range(2 * workers):  # let every worker start
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--aug_device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as in a training loader's workers
 
     rows = []
     for ext in (".nii", ".nii.gz"):

@@ -6,7 +6,17 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from augment import GLOBAL_1, IntensityProbs, augment_intensity, gaussian_blur_slices
+import augment
+from augment import (
+    GLOBAL_1,
+    GLOBAL_2,
+    LOCAL,
+    IntensityProbs,
+    apply_intensity,
+    augment_intensity,
+    draw_intensity_params,
+    gaussian_blur_slices,
+)
 from dataset import EpochSampler, SSLDataset, ViewConfig, open_volume, read_block, read_list
 from tests.conftest import write_patches
 
@@ -74,9 +84,10 @@ def blur_probs(**kw):
     return IntensityProbs(**base)
 
 
-def test_slice_blur_equals_scipy_gaussian_filter_per_slice():
+@pytest.mark.parametrize("side", [(20, 24), (11, 9)])  # wider than two kernel radii, and narrower
+def test_slice_blur_equals_scipy_gaussian_filter_per_slice(side):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 3, 20, 24)).astype(np.float32)
+    x = rng.normal(size=(2, 3, *side)).astype(np.float32)
     sigma = rng.uniform(0.1, 2.0, size=(2, 3))
     apply = np.array([[True, False, True], [True, True, False]])
     out = gaussian_blur_slices(torch.from_numpy(x), torch.from_numpy(sigma), torch.from_numpy(apply)).numpy()
@@ -84,6 +95,40 @@ def test_slice_blur_equals_scipy_gaussian_filter_per_slice():
         for d in range(3):
             ref = ndi.gaussian_filter(x[b, d].astype(np.float64), sigma[b, d], mode="reflect", truncate=4.0) if apply[b, d] else x[b, d]
             assert np.allclose(out[b, d], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_slice", [True, False])
+@pytest.mark.parametrize("accelerator_path", [False, True])
+def test_fused_intensity_chain_equals_the_steps_one_after_the_other(per_slice, accelerator_path, monkeypatch):
+    if accelerator_path:  # the code path of CUDA (no host reads), run on the CPU
+        monkeypatch.setattr(augment, "host_reads_are_free", lambda device: False)
+    b, d = 3, 16
+    x = torch.rand(b, d, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    g = torch.Generator().manual_seed(3)
+    params = draw_intensity_params(b, d, [GLOBAL_1, GLOBAL_2, LOCAL], g, per_slice)
+    noise = torch.randn(x.shape, generator=g)
+    fused = apply_intensity(x.clone(), params, noise.clone()).double().numpy()
+    # SPEC section 3, step by step in float64, per unit (a slice, or the whole view)
+    p = {k: v.double().numpy() if v.dtype != torch.bool else v.numpy() for k, v in params.items()}
+    ref = x.double().numpy() + noise.double().numpy() * p["noise_std"].reshape(b, 1, 1, 1)
+    units = p["blur_sigma"].shape[1]
+    for i in range(b):
+        for s in range(d):
+            u = s * units // d
+            if p["blur_on"][i, u]:
+                ref[i, s] = ndi.gaussian_filter(ref[i, s], p["blur_sigma"][i, u], mode="reflect", truncate=4.0)
+    ref = ref.reshape(b, units, -1)
+    for i in range(b):
+        for u in range(units):
+            v = ref[i, u] * p["brightness_mul"][i, u] + p["brightness_add"][i, u]
+            lo, hi, mean = v.min(), v.max(), v.mean()
+            v = np.clip((v - mean) * p["contrast"][i, u] + mean, lo, hi)
+            if p["gamma_on"][i, u]:
+                lo, span, mean, std = v.min(), v.max() - v.min(), v.mean(), v.std()
+                v = ((v - lo) / span) ** p["gamma"][i, u] * span + lo
+                v = (v - v.mean()) / v.std() * std + mean
+            ref[i, u] = v
+    assert np.abs(fused - ref.reshape(fused.shape)).max() < 2e-4
 
 
 def test_per_slice_mode_draws_per_slice_and_volume_mode_once_per_view():
