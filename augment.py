@@ -203,7 +203,12 @@ def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: tor
         return t.unsqueeze(-1)
 
     # Gaussian noise, one std per view; in-plane Gaussian blur per unit
-    x = noise.mul_(params["noise_std"].view(b, 1, 1, 1)).add_(x)
+    if cpu:  # one pass a view: x + std * noise, the std read back as a scalar
+        for i, std in enumerate(params["noise_std"].view(-1).tolist()):
+            torch.add(x[i], noise[i], alpha=std, out=noise[i])
+        x = noise
+    else:
+        x = noise.mul_(params["noise_std"].view(b, 1, 1, 1)).add_(x)
     reps = d // units
     gaussian_blur_slices_(x, params["blur_sigma"].repeat_interleave(reps, 1), params["blur_on"].repeat_interleave(reps, 1))
 

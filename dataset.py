@@ -81,23 +81,30 @@ def open_volume(path: str) -> np.ndarray:
     return np.asanyarray(img.dataobj)
 
 
-def read_block(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
-    """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 (z, x, y) /
-    1024, C-contiguous, flipped along the given output axes. Indices outside the volume read
-    as 0 HU."""
-    shape = (depths[1] - depths[0], rows[1] - rows[0], cols[1] - cols[0])  # (z, x, y)
+def read_slices(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int]) -> np.ndarray:
+    """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 / 1024 in
+    (z, y, x) order, C-contiguous: each depth slice with its in-plane axes transposed, which
+    is the file's own order (x varies fastest), so one sequential pass converts it. Indices
+    outside the volume read as 0 HU."""
+    shape = (depths[1] - depths[0], cols[1] - cols[0], rows[1] - rows[0])  # (z, y, x)
     sx, sy, sz = volume.shape
     r0, r1 = max(rows[0], 0), min(rows[1], sx)
     c0, c1 = max(cols[0], 0), min(cols[1], sy)
     d0, d1 = max(depths[0], 0), min(depths[1], sz)
     scale = np.float32(1.0 / HU_SCALE)
-    if (d1 - d0, r1 - r0, c1 - c0) == shape:  # inside the volume: no padding
-        out = np.multiply(np.asarray(volume[r0:r1, c0:c1, d0:d1]).transpose(2, 0, 1), scale, dtype=np.float32)
-    else:
-        out = np.zeros(shape, np.float32)
-        if r0 < r1 and c0 < c1 and d0 < d1:
-            block = np.asarray(volume[r0:r1, c0:c1, d0:d1]).transpose(2, 0, 1)  # (z, x, y)
-            np.multiply(block, scale, out=out[d0 - depths[0] : d1 - depths[0], r0 - rows[0] : r1 - rows[0], c0 - cols[0] : c1 - cols[0]])
+    if (d1 - d0, c1 - c0, r1 - r0) == shape:  # inside the volume: no padding
+        return np.multiply(np.asarray(volume[r0:r1, c0:c1, d0:d1]).T, scale, dtype=np.float32, order="C")
+    out = np.zeros(shape, np.float32)
+    if r0 < r1 and c0 < c1 and d0 < d1:
+        block = np.asarray(volume[r0:r1, c0:c1, d0:d1]).T  # (z, y, x)
+        np.multiply(block, scale, out=out[d0 - depths[0] : d1 - depths[0], c0 - cols[0] : c1 - cols[0], r0 - rows[0] : r1 - rows[0]])
+    return out
+
+
+def read_block(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
+    """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 (z, x, y) /
+    1024, C-contiguous, flipped along the given output axes (see `read_slices`)."""
+    out = read_slices(volume, rows, cols, depths).transpose(0, 2, 1)
     if flips:
         out = np.flip(out, axis=tuple(flips))
     return np.ascontiguousarray(out)
@@ -136,12 +143,15 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
         y0 = h0 + int(rng.integers(0, base_h - side_h + 1))
         x0 = w0 + int(rng.integers(0, base_w - side_w + 1))
         flips = [axis for axis in range(3) if rng.random() < 0.8]
-        view = torch.from_numpy(read_block(volume, (y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth)))[None]
+        # (1, D, W, H): in-plane axes in the file's order; the resize is separable, so it runs
+        # on the transposed slices, and the transpose back is folded into the last copy
+        view = torch.from_numpy(read_slices(volume, (y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth)))[None]
         if (side_h, side_w) != (size, size):
             view = F.interpolate(view, size=(size, size), mode="bilinear", align_corners=False)
+        view = view[0].transpose(1, 2)  # (D, H, W)
         # flipped after the resize, which is symmetric under flips, where it costs least
         target = out[0][k] if k < n_global else out[1][k - n_global]
-        target.copy_(view[0].flip(flips) if flips else view[0])  # (D, size, size)
+        target.copy_(view.flip(flips) if flips else view)
     if cfg.intensity:
         out[0] = augment_intensity(out[0], [probs_for_view(0), probs_for_view(1)], g, cfg.per_slice)
         if cfg.local_crops_number:

@@ -56,6 +56,23 @@ def test_network_input_is_z_x_y_as_nibabel_reads_it(tmp_path):
     assert np.all(np.diff(region, axis=2) == 1)  # then y
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_views_keep_the_z_x_y_orientation_through_resize_and_flips(tmp_path, axis):
+    grids = np.meshgrid(np.arange(100), np.arange(100), np.arange(12), indexing="ij")  # (x, y, z)
+    root = tmp_path / "data"
+    (root / "DL_patches_v2").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(grids[axis].astype(np.int16), np.eye(4)), str(root / "DL_patches_v2" / "p.nii"))
+    (root / "list.txt").write_text("DL_patches_v2/p.nii\n")
+    ds = SSLDataset(str(root), "list.txt", ViewConfig(global_size=48, depth=8, intensity=False))
+    view_axis = {0: 1, 1: 2, 2: 0}[axis]  # volume x -> view H, y -> W, z -> D
+    for epoch in range(6):  # different crops, sizes and flips
+        for view in ds[(0, epoch)][0]:
+            v = view[0].numpy()
+            for a in range(3):
+                steps = np.abs(np.diff(v, axis=a))
+                assert (steps.mean() > 0.5 / 1024) if a == view_axis else (steps.max() < 1e-6), (epoch, a)
+
+
 def test_blocks_outside_the_volume_read_as_zero_and_flips_reverse_axes(tmp_path):
     arr = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
     nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "p.nii.gz"))
