@@ -5,9 +5,10 @@ one image of 16 channels, so every depth slice draws its own blur, brightness, c
 gamma. `per_slice=True` reproduces that (the published weights were trained so);
 `per_slice=False` draws once per view.
 
-Every function takes a batch of views of one kind, (B, D, H, W) float32, and a
-`torch.Generator` on the same device. The same code runs per sample in a data-loader worker
-(B = 1, CPU) or batched on the training device, which moves the bulk of the loader's work to
+`draw_intensity_params` makes every random choice for a batch of views (B, D, H, W) from a
+`torch.Generator` on their device; `apply_intensity` applies them; `augment_intensity` does
+both. The same code runs per sample in a data-loader worker (the two global views of one
+patch, CPU) or batched on the training device, which moves the bulk of the loader's work to
 the GPU. Order: noise, blur, brightness x, brightness +, contrast, gamma.
 """
 
@@ -184,8 +185,8 @@ def _mean_std(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
     """SPEC section 3's intensity chain on x (B, D, H, W) with the draws of
-    `draw_intensity_params` and standard normal `noise` of x's shape, which it overwrites.
-    Returns a new tensor.
+    `draw_intensity_params` and standard normal `noise` of x's shape. x is left as it was;
+    the result may reuse noise's memory.
 
     Each step is affine in a unit or monotone, so the chain needs few passes over the voxels:
     brightness x f, brightness + o and contrast c collapse into one affine map whose
