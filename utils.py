@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -254,10 +256,21 @@ def write_atomic(path: str, write, keep_previous: bool = False) -> None:
     being replaced is kept as `<stem>.prev<ext>`, a fallback should `path` be damaged later."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as err:
+            # torch.save reports a full disk only as "unexpected pos"; say what happened
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+            raise OSError(
+                errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
+                f"could not write {path!r}{': the disk is full' if full else ''} ({err}); "
+                f"{free / 2**20:.0f} MiB free there. "
+                f"{'The file already there is unchanged.' if os.path.exists(path) else 'Nothing was written.'}",
+            ) from err
         if keep_previous and os.path.exists(path):
             os.replace(path, previous_name(path))
         os.replace(tmp, path)

@@ -4,6 +4,7 @@ worker killed, truncated checkpoints, a corrupt patch, a killed preprocessing ru
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -102,6 +103,26 @@ def test_truncated_checkpoints_are_reported_and_the_newest_intact_one_is_used(pa
     assert "checkpoint.pth' is unreadable or truncated" in printed and "checkpoint.prev.pth' is unreadable" in printed
     assert "checkpoint0001.pth" in printed  # resumed from the newest intact one: after epoch 1
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_full_disk_at_a_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(patch_root, tmp_path):
+    out = tmp_path / "out"
+    subprocess.run(desd_command(patch_root, out, "--epochs", "1"), cwd=ROOT, check=True, capture_output=True)
+    before = (out / "checkpoint.pth").read_bytes()
+
+    def fill_the_disk_at_50_mb():  # in the child: writes past 50 MB fail, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50 * 2**20, resource.RLIM_INFINITY))
+
+    run = subprocess.run(
+        desd_command(patch_root, out, "--epochs", "2"), cwd=ROOT, capture_output=True, text=True, preexec_fn=fill_the_disk_at_50_mb
+    )
+    assert run.returncode != 0
+    assert f"could not write {str(out / 'checkpoint.pth')!r}" in run.stderr and "The file already there is unchanged" in run.stderr
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+    subprocess.run(desd_command(patch_root, out, "--epochs", "2"), cwd=ROOT, check=True, capture_output=True)  # space freed: it goes on
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1]
 
 
 def test_corrupt_patch_stops_training_with_its_path_or_is_replaced_when_asked(tmp_path):

@@ -1,3 +1,7 @@
+import contextlib
+import resource
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -78,8 +82,33 @@ def test_save_atomic_leaves_the_old_file_when_the_write_fails(tmp_path):
         def __reduce__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(OSError, match="ck.pth"):
         utils.save_atomic({"a": Unpicklable()}, path)
+    assert torch.equal(utils.load_checkpoint(path)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` fail (EFBIG) as they would on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_that_runs_out_of_space_names_the_file_and_keeps_the_old_one(tmp_path):
+    path = str(tmp_path / "ck.pth")
+    utils.save_atomic({"a": torch.ones(2)}, path)
+    with (
+        file_size_limit(2**20),
+        pytest.raises(OSError, match=r"could not write .*ck\.pth.*MiB free there\. The file already there is unchanged"),
+    ):
+        utils.save_atomic({"a": torch.ones(2**20)}, path)
     assert torch.equal(utils.load_checkpoint(path)["a"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
 
