@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
@@ -70,58 +69,55 @@ def host_reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _blur_axis(src: torch.Tensor, kernel: torch.Tensor, r: int, axis: int) -> torch.Tensor:
-    """Depthwise 1-D convolution of the images src (H, W, n), any strides, along axis
-    (0: H, 1: W) with each channel's kernel (n, 2r + 1), edges mirrored with the edge sample
-    repeated (scipy's 'reflect' mode). Returns (1, n, H, W), channels-last."""
-    h, w, n = src.shape
-    size = src.shape[axis]
-    shape = [h, w, n]
-    shape[axis] += 2 * r
-    batch = src.new_empty([1, *shape])  # the image with r mirrored samples at each end, channels-last
-    padded = batch[0]
-    padded.narrow(axis, r, size).copy_(src)
-    padded.narrow(axis, 0, r).copy_(src.narrow(axis, 0, r).flip(axis))
-    padded.narrow(axis, r + size, r).copy_(src.narrow(axis, size - r, r).flip(axis))
-    weight = kernel.view(n, 1, -1, 1) if axis == 0 else kernel.view(n, 1, 1, -1)
-    return F.conv2d(batch.permute(0, 3, 1, 2), weight, groups=n)
+def _blur_matrices(kernel: torch.Tensor, size: int, r: int) -> torch.Tensor:
+    """(n, size, size) matrices M with M[i] @ v = v convolved with kernel[i] (n, 2r + 1),
+    edges mirrored with the edge sample repeated, as often as the kernel needs (scipy's
+    'reflect' mode, any size)."""
+    n = kernel.shape[0]
+    taps = torch.arange(size, device=kernel.device).view(-1, 1) + torch.arange(-r, r + 1, device=kernel.device)
+    taps = taps.remainder(2 * size)  # the mirrored signal repeats every 2 * size samples
+    taps = torch.where(taps >= size, 2 * size - 1 - taps, taps)  # (size, 2r + 1): the sample each tap reads
+    m = kernel.new_zeros(n, size, size)
+    return m.scatter_add_(2, taps.expand(n, size, 2 * r + 1), kernel.view(n, 1, -1).expand(n, size, 2 * r + 1))
 
 
 def gaussian_blur_slices_(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """In-plane Gaussian blur, in place, of each slice of x (B, D, H, W) with its own sigma
     (B, D), where `apply` (B, D) is set; kernels truncated at 4 sigma and edges mirrored as
-    scipy.ndimage.gaussian_filter does. On the CPU only the slices to blur are convolved; on
+    scipy.ndimage.gaussian_filter does. On the CPU only the slices to blur are filtered; on
     other devices every slice is, with an identity kernel where no blur is asked for (no
-    host synchronisation). The slices are the channels of depthwise convolutions, laid out
-    channels-last (about twice as fast on the CPU)."""
+    host synchronisation).
+
+    Each slice X becomes M_H X M_W^T, M being the banded matrix of the 1-D filter with its
+    mirrored edges: two batched matrix products, which run several times faster than
+    depthwise convolutions with padded copies, on the CPU too."""
     b, d, h, w = x.shape
     flat = x.view(b * d, h, w)
     s = sigma.reshape(-1).to(x.dtype)
     on = apply.reshape(-1)
     r = int(BLUR_TRUNCATE * BLUR_SIGMA[1] + 0.5)
-    if r > min(h, w):
-        raise ValueError(f"blur radius {r} exceeds image side {min(h, w)}")
     offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)  # (2r + 1,)
     if host_reads_are_free(x.device):
         index = on.nonzero().flatten()
         if index.numel() == 0:
             return x
         s = s.index_select(0, index)
-        src = flat.index_select(0, index).permute(1, 2, 0)  # (H, W, n) view
+        src = flat.index_select(0, index)
     else:
         index = None
-        src = flat.permute(1, 2, 0)
+        src = flat
     sd = s.view(-1, 1)
     kernel = torch.exp(-0.5 * (offsets / sd) ** 2) * (offsets.abs() <= (BLUR_TRUNCATE * sd + 0.5).floor())
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     if index is None:  # an identity kernel where no blur is asked for
         kernel = torch.where(on.view(-1, 1), kernel, (offsets == 0).to(x.dtype).expand_as(kernel))
-    y = _blur_axis(src, kernel, r, 1)  # along W
-    y = _blur_axis(y[0].permute(1, 2, 0), kernel, r, 0)[0]  # along H: (n, H, W), channels-last
+    m_h = _blur_matrices(kernel, h, r)
+    m_w = m_h if w == h else _blur_matrices(kernel, w, r)
+    y = torch.bmm(torch.bmm(m_h, src), m_w.transpose(1, 2))
     if index is None:
         flat.copy_(y)
     else:
-        flat.index_copy_(0, index, y.contiguous())  # a strided source is several times slower
+        flat.index_copy_(0, index, y)
     return x
 
 

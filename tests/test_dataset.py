@@ -101,7 +101,7 @@ def blur_probs(**kw):
     return IntensityProbs(**base)
 
 
-@pytest.mark.parametrize("side", [(20, 24), (11, 9)])  # wider than two kernel radii, and narrower
+@pytest.mark.parametrize("side", [(20, 24), (11, 9), (5, 3)])  # wider than two kernel radii, narrower, narrower than one
 def test_slice_blur_equals_scipy_gaussian_filter_per_slice(side):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, *side)).astype(np.float32)
