@@ -14,6 +14,7 @@ the GPU. Order: noise, blur, brightness x, brightness +, contrast, gamma.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -218,29 +219,38 @@ def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: tor
     scale, shift = f * c, (o - m1) * c + m1  # (x * f + o - m1) * c + m1
     y.mul_(col(scale)).add_(col(shift))
     torch.minimum(torch.maximum(y, col(lo1), out=y), col(hi1), out=y)
-    gamma_on = params["gamma_on"]
-    if cpu and not bool(gamma_on.any()):  # a host read is free on the CPU
-        return x
-
-    # gamma, then the unit's mean and std restored
+    gamma_on = params["gamma_on"]  # one flag per view, the same for all its units
     y_lo = (lo * scale + shift).clamp_(min=lo1).clamp_(max=hi1)  # the map is increasing: no pass needed
     y_hi = (hi * scale + shift).clamp_(min=lo1).clamp_(max=hi1)
+    if not cpu:
+        z = _gamma_restoring_mean_std(y, y_lo, y_hi, params["gamma"], in_place=False)
+        return torch.where(col(gamma_on), z, y).view(b, d, h, w)
+    # on the CPU, in place on each run of consecutive views that get gamma (a host read is free)
+    start = 0
+    for on, run in itertools.groupby(gamma_on[:, 0].tolist()):
+        stop = start + len(list(run))
+        if on:
+            rows = slice(start, stop)
+            _gamma_restoring_mean_std(y[rows], y_lo[rows], y_hi[rows], params["gamma"][rows], in_place=True)
+        start = stop
+    return x
+
+
+def _gamma_restoring_mean_std(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """SPEC's gamma step on y (B, units, N) whose units span [lo, hi] (B, units):
+    ((y - lo) / range) ** gamma * range + lo, then each unit's mean and std restored. The
+    range and lo cancel in the restore, so it is one affine map of ((y - lo) / range) ** gamma."""
     y_mean, y_std = _mean_std(y)
-    span = y_hi - y_lo
-    inv = 1.0 / (span + 1e-7)
-    u = torch.mul(y, col(inv)).sub_(col(y_lo * inv)).clamp_(0, 1)  # (y - lo) / range
-    u.log_().mul_(col(params["gamma"])).exp_()  # ** gamma
+    span = hi - lo
+    inv = (1.0 / (span + 1e-7)).unsqueeze(-1)
+    u = y.mul_(inv) if in_place else torch.mul(y, inv)
+    u.sub_(lo.unsqueeze(-1) * inv).clamp_(0, 1)  # (y - lo) / range
+    u.log_().mul_(gamma.unsqueeze(-1)).exp_()  # ** gamma
     u_mean, u_std = _mean_std(u)
     # z = u * span + lo has mean u_mean * span + lo and std u_std * span; its mean and std
     # are mapped to y's: (z - z_mean) * y_std / (z_std + 1e-8) + y_mean
     a = y_std * span / (u_std * span + 1e-8)
-    z = u.mul_(col(a)).add_(col(y_mean - u_mean * a))
-    if not cpu:
-        return torch.where(col(gamma_on), z, y).view(b, d, h, w)
-    off = (~gamma_on).reshape(-1).nonzero().flatten()
-    if off.numel():  # units without gamma keep y
-        z.view(b * units, -1).index_copy_(0, off, y.view(b * units, -1).index_select(0, off))
-    return z.view(b, d, h, w)
+    return u.mul_(a.unsqueeze(-1)).add_((y_mean - u_mean * a).unsqueeze(-1))
 
 
 def augment_intensity(
