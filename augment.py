@@ -48,21 +48,6 @@ def probs_for_view(view_index: int) -> IntensityProbs:
     return (GLOBAL_1, GLOBAL_2)[view_index] if view_index < 2 else LOCAL
 
 
-def _uniform(shape, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(shape, generator=g, device=device) * (high - low) + low
-
-
-def _chance(shape, p: float, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(shape, generator=g, device=device) < p
-
-
-def _two_sided_factor(shape, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
-    """Half the time U(low, 1), otherwise U(1, high): equally likely to darken or brighten."""
-    below = _uniform(shape, low, 1.0, g, device)
-    above = _uniform(shape, 1.0, high, g, device)
-    return torch.where(_chance(shape, 0.5, g, device), below, above)
-
-
 def host_reads_are_free(device: torch.device) -> bool:
     """On the CPU the chain may read values back to decide what to skip (which slices to
     blur, whether any gamma applies); on an accelerator it never does, so that a training
@@ -128,24 +113,19 @@ def gaussian_blur_slices(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tens
 
 
 _PROB_TABLES: dict[tuple, torch.Tensor] = {}
+_PROB_NAMES = tuple(IntensityProbs.__dataclass_fields__)
 
 
-def _prob_rows(probs: IntensityProbs | list[IntensityProbs], b: int, device) -> dict[str, torch.Tensor]:
-    """Each probability as a (B, 1) tensor: one IntensityProbs for all rows, or one per row.
-    Tables are cached per device, so a training step copies nothing to the GPU for them."""
+def _prob_table(probs: IntensityProbs | list[IntensityProbs], b: int, device) -> torch.Tensor:
+    """(B, fields) probabilities: one IntensityProbs for all rows, or one per row. Cached per
+    device, so a training step copies nothing to the GPU for them."""
     rows = tuple(probs) if isinstance(probs, list) else (probs,) * b
     if len(rows) != b:
         raise ValueError(f"{len(rows)} probability sets for a batch of {b} views")
-    names = IntensityProbs.__dataclass_fields__
     key = (rows, str(device))
     if key not in _PROB_TABLES:
-        _PROB_TABLES[key] = torch.tensor([[getattr(p, n) for n in names] for p in rows], dtype=torch.float32, device=device)
-    table = _PROB_TABLES[key]
-    return {n: table[:, i : i + 1] for i, n in enumerate(names)}
-
-
-def _chance_rows(p: torch.Tensor, shape, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape, generator=g, device=p.device) < p
+        _PROB_TABLES[key] = torch.tensor([[getattr(p, n) for n in _PROB_NAMES] for p in rows], dtype=torch.float32, device=device)
+    return _PROB_TABLES[key]
 
 
 def draw_intensity_params(
@@ -153,22 +133,39 @@ def draw_intensity_params(
 ) -> dict[str, torch.Tensor]:
     """Every random choice of the intensity chain for B views of D slices: per view (B, 1) or
     per unit (B, units), units being the slices (per_slice) or the whole view. A factor of 1,
-    an offset of 0 or a false flag stands for a transform that was not drawn."""
+    an offset of 0 or a false flag stands for a transform that was not drawn.
+
+    All uniforms come from one call per shape (a handful of small operations in all, which
+    is what this costs on the CPU). Two-sided factors: half the time U(low, 1), otherwise
+    U(1, high), equally likely to darken or brighten."""
     units = d if per_slice else 1
-    ushape = (b, units)
-    p = _prob_rows(probs, b, device)
-    out = {"noise_std": _uniform((b, 1), 0.0, 0.1, g, device) * _chance_rows(p["noise"], (b, 1), g)}
-    out["blur_on"] = _chance_rows(p["blur"], (b, 1), g) & _chance_rows(p["blur_slice"], ushape, g)
-    out["blur_sigma"] = _uniform(ushape, *BLUR_SIGMA, g, device)
-    f = _uniform(ushape, 0.75, 1.25, g, device)
-    out["brightness_mul"] = torch.where(_chance_rows(p["brightness_mul"], (b, 1), g), f, 1.0)
-    o = torch.randn(ushape, generator=g, device=device) * 0.4
-    out["brightness_add"] = o * (_chance_rows(p["brightness_add"], (b, 1), g) & _chance_rows(p["brightness_add_slice"], ushape, g))
-    c = _two_sided_factor(ushape, 0.75, 1.25, g, device)
-    out["contrast"] = torch.where(_chance_rows(p["contrast"], (b, 1), g), c, 1.0)
-    out["gamma"] = _two_sided_factor(ushape, 0.7, 1.5, g, device)
-    out["gamma_on"] = _chance_rows(p["gamma"], (b, 1), g).expand(ushape)
-    return out
+    table = _prob_table(probs, b, device)
+    per_view = torch.rand((b, len(_PROB_NAMES) + 1), generator=g, device=device)
+    drawn = per_view[:, :-1] < table  # (B, fields): does the view get each transform (or its slice p, unused here)
+
+    def view_on(name: str) -> torch.Tensor:  # (B, 1)
+        i = _PROB_NAMES.index(name)
+        return drawn[:, i : i + 1]
+
+    u = torch.rand((8, b, units), generator=g, device=device)
+    blur_slice, sigma, mul, add_slice, contrast_side, contrast, gamma_side, gamma = u
+    i_blur, i_add = _PROB_NAMES.index("blur_slice"), _PROB_NAMES.index("brightness_add_slice")
+    ones = torch.ones((), device=device)
+
+    def two_sided(side: torch.Tensor, v: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return torch.where(side < 0.5, v * (1.0 - low) + low, v * (high - 1.0) + 1.0)
+
+    offset = torch.randn((b, units), generator=g, device=device).mul_(0.4)
+    return {
+        "noise_std": (per_view[:, -1:] * 0.1).mul_(view_on("noise")),
+        "blur_on": view_on("blur") & (blur_slice < table[:, i_blur : i_blur + 1]),
+        "blur_sigma": sigma.mul_(BLUR_SIGMA[1] - BLUR_SIGMA[0]).add_(BLUR_SIGMA[0]),
+        "brightness_mul": torch.where(view_on("brightness_mul"), mul.mul_(0.5).add_(0.75), ones),
+        "brightness_add": offset.mul_(view_on("brightness_add") & (add_slice < table[:, i_add : i_add + 1])),
+        "contrast": torch.where(view_on("contrast"), two_sided(contrast_side, contrast, 0.75, 1.25), ones),
+        "gamma": two_sided(gamma_side, gamma, 0.7, 1.5),
+        "gamma_on": view_on("gamma").expand(b, units),
+    }
 
 
 def _mean_std(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

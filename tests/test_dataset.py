@@ -186,6 +186,51 @@ def test_noise_std_is_uniform_up_to_point_one():
     assert stds.max().item() < 0.11 and abs(stds.mean().item() - 0.05) < 0.005
 
 
+@pytest.mark.parametrize("probs", [GLOBAL_1, GLOBAL_2, LOCAL], ids=["global 1", "global 2", "local"])
+def test_drawn_parameters_follow_the_published_distributions(probs):
+    """SPEC section 3's table, parameter by parameter, on 4,000 views of 16 slices (a
+    proportion's standard error is below 0.008 even per view; the tolerance is 0.03)."""
+    n, d = 4000, 16
+    p = {k: v.double() for k, v in draw_intensity_params(n, d, probs, torch.Generator().manual_seed(5)).items()}
+
+    def close(values, expected):  # the mean of values (a fraction, for flags)
+        mean = values.double().mean().item()
+        assert abs(mean - expected) < 0.03, (mean, expected)
+
+    assert ((p["noise_std"] >= 0) & (p["noise_std"] < 0.1)).all()
+    close(p["noise_std"] / 0.1, 0.5)
+    # blur: p per view, then slice p per slice; sigma U(0.1, 2)
+    close(p["blur_on"], probs.blur * probs.blur_slice)
+    close((~p["blur_on"].bool()).all(1), 1 - probs.blur + probs.blur * (1 - probs.blur_slice) ** d)
+    assert ((p["blur_sigma"] >= 0.1) & (p["blur_sigma"] < 2.0)).all()
+    close((p["blur_sigma"] - 0.1) / 1.9, 0.5)
+    # brightness x: per view p, a factor U(0.75, 1.25) per slice
+    scaled = p["brightness_mul"] != 1
+    close(scaled.all(1), probs.brightness_mul)
+    assert (scaled.all(1) | ~scaled.any(1)).all()
+    assert ((p["brightness_mul"] >= 0.75) & (p["brightness_mul"] < 1.25)).all()
+    close(p["brightness_mul"][scaled], 1.0)
+    # brightness +: per view p, slice p, N(0, 0.4)
+    shifted = p["brightness_add"] != 0
+    close(shifted, probs.brightness_add * probs.brightness_add_slice)
+    close(p["brightness_add"][shifted].std() / 0.4, 1.0)
+    close(p["brightness_add"][shifted], 0.0)
+    # contrast: every view; per slice half the time U(0.75, 1), else U(1, 1.25)
+    c = p["contrast"]
+    assert ((c >= 0.75) & (c <= 1.25)).all()
+    close(c < 1, 0.5)
+    close(c[c < 1], 0.875)
+    close(c[c >= 1], 1.125)
+    # gamma: per view p; per slice half the time U(0.7, 1), else U(1, 1.5)
+    gm = p["gamma"]
+    close(p["gamma_on"].bool().all(1), probs.gamma)
+    assert (p["gamma_on"].bool().all(1) | ~p["gamma_on"].bool().any(1)).all()
+    assert ((gm >= 0.7) & (gm <= 1.5)).all()
+    close(gm < 1, 0.5)
+    close(gm[gm < 1], 0.85)
+    close(gm[gm >= 1] - 1.0, 0.25)
+
+
 def test_full_chain_is_finite_and_changes_the_view():
     x = torch.rand(3, 16, 32, 32) * 2 - 1
     y = augment_intensity(x, GLOBAL_1, torch.Generator().manual_seed(0))
