@@ -3,7 +3,7 @@ crops) from generated patches of the real size (nibabel 286 x 286 x 24 int16).
 
 Modes: the worker reads, crops and augments; or it only reads and crops, the intensity
 augmentation running batched on the training device (timed on its own on --aug_device).
-One process (single-threaded), then --workers loader processes.
+One process (single-threaded; the median of --rounds timings), then --workers loader processes.
 
     python benchmarks/bench_loader.py                 # CPU defaults, a minute or two
     python benchmarks/bench_loader.py --workers 8 --aug_device cuda
@@ -12,6 +12,7 @@ One process (single-threaded), then --workers loader processes.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -21,12 +22,16 @@ from augment import augment_views
 from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory
 
 
-def samples_per_second_single(ds: SSLDataset, n: int) -> float:
+def samples_per_second_single(ds: SSLDataset, n: int, rounds: int) -> float:
+    """The median of `rounds` timings of n samples each (a shared machine's speed varies)."""
     ds[(0, 0)]  # warm-up
-    start = time.perf_counter()
-    for i in range(n):
-        ds[(i % len(ds), 1)]
-    return n / (time.perf_counter() - start)
+    rates = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        for i in range(n):
+            ds[(i % len(ds), 1 + r)]
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def samples_per_second_workers(ds: SSLDataset, n: int, workers: int, batch: int = 32) -> float:
@@ -64,6 +69,7 @@ def main() -> None:
     parser.add_argument("--root", default="bench_data")
     parser.add_argument("--patches", default=64, type=int)
     parser.add_argument("--samples", default=200, type=int, help="Samples timed per configuration.")
+    parser.add_argument("--rounds", default=3, type=int, help="One-process figures: the median of this many timings.")
     parser.add_argument("--workers", default=2, type=int)
     parser.add_argument("--aug_device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -75,7 +81,7 @@ def main() -> None:
         list_path = make_patch_set(args.root, args.patches, ext)
         for mode, intensity in (("read+crop+augment", True), ("read+crop (augment on device)", False)):
             ds = SSLDataset(args.root, list_path, ViewConfig(intensity=intensity))
-            single = samples_per_second_single(ds, args.samples)
+            single = samples_per_second_single(ds, args.samples, args.rounds)
             multi = samples_per_second_workers(ds, args.samples * args.workers, args.workers) if args.workers > 0 else float("nan")
             rows.append({"format": ext, "worker does": mode, "1 process": round(single, 1), f"{args.workers} workers": round(multi, 1)})
     torch.set_num_threads(torch.get_num_threads() if args.aug_device == "cuda" else 1)
