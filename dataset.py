@@ -14,6 +14,7 @@ sees exactly the views an uninterrupted run would have.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ class ViewConfig:
     depth: int = 16
     local_crops_number: int = 0
     per_slice: bool = True
-    intensity: bool = True  # False: leave the intensity chain to the training device
+    intensity: bool = True  # False: views without the intensity chain
+    crops_only: bool = False  # True: raw crops and their geometry; the training device makes the views (views_from_crops)
 
     @property
     def ncrops(self) -> int:
@@ -81,24 +83,50 @@ def open_volume(path: str) -> np.ndarray:
     return np.asanyarray(img.dataobj)
 
 
+def _inside(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int]):
+    """The part of volume[rows, cols, depths] (an (x, y, z) array) inside the volume, as a
+    (z, y, x) view, and the (z, y, x) slices of the requested block where it belongs; None
+    when the block lies wholly outside."""
+    sx, sy, sz = volume.shape
+    r0, r1 = max(rows[0], 0), min(rows[1], sx)
+    c0, c1 = max(cols[0], 0), min(cols[1], sy)
+    d0, d1 = max(depths[0], 0), min(depths[1], sz)
+    if r0 >= r1 or c0 >= c1 or d0 >= d1:
+        return None, None
+    where = (slice(d0 - depths[0], d1 - depths[0]), slice(c0 - cols[0], c1 - cols[0]), slice(r0 - rows[0], r1 - rows[0]))
+    return np.asarray(volume[r0:r1, c0:c1, d0:d1]).T, where
+
+
 def read_slices(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int]) -> np.ndarray:
     """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 / 1024 in
     (z, y, x) order, C-contiguous: each depth slice with its in-plane axes transposed, which
     is the file's own order (x varies fastest), so one sequential pass converts it. Indices
     outside the volume read as 0 HU."""
     shape = (depths[1] - depths[0], cols[1] - cols[0], rows[1] - rows[0])  # (z, y, x)
-    sx, sy, sz = volume.shape
-    r0, r1 = max(rows[0], 0), min(rows[1], sx)
-    c0, c1 = max(cols[0], 0), min(cols[1], sy)
-    d0, d1 = max(depths[0], 0), min(depths[1], sz)
     scale = np.float32(1.0 / HU_SCALE)
-    if (d1 - d0, c1 - c0, r1 - r0) == shape:  # inside the volume: no padding
-        return np.multiply(np.asarray(volume[r0:r1, c0:c1, d0:d1]).T, scale, dtype=np.float32, order="C")
+    block, where = _inside(volume, rows, cols, depths)
+    if block is not None and block.shape == shape:  # inside the volume: no padding
+        return np.multiply(block, scale, dtype=np.float32, order="C")
     out = np.zeros(shape, np.float32)
-    if r0 < r1 and c0 < c1 and d0 < d1:
-        block = np.asarray(volume[r0:r1, c0:c1, d0:d1]).T  # (z, y, x)
-        np.multiply(block, scale, out=out[d0 - depths[0] : d1 - depths[0], c0 - cols[0] : c1 - cols[0], r0 - rows[0] : r1 - rows[0]])
+    if block is not None:
+        np.multiply(block, scale, out=out[where])
     return out
+
+
+def read_crop(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], out: np.ndarray) -> None:
+    """volume[rows, cols, depths] as stored (int16 HU, no scaling), in (z, y, x) order, into the
+    corner of out (D, S, S) with S > both in-plane sides; 0 HU outside the volume. The row and
+    column just past the block repeat its last ones, the edge that `views_from_crops`'s
+    bilinear sampling reads when it enlarges a crop."""
+    ny, nx = cols[1] - cols[0], rows[1] - rows[0]
+    target = out[:, :ny, :nx]
+    block, where = _inside(volume, rows, cols, depths)
+    if block is None or block.shape != target.shape:
+        target.fill(0)
+    if block is not None:
+        target[where] = block
+    out[:, ny, :nx] = out[:, ny - 1, :nx]
+    out[:, : ny + 1, nx] = out[:, : ny + 1, nx - 1]
 
 
 def read_block(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
@@ -116,12 +144,23 @@ def _side(size: int, scale: tuple[float, float], limit: int, rng: np.random.Gene
     return size if side >= limit else side
 
 
-def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Generator) -> list[torch.Tensor]:
+def crop_buffer_side(size: int, scale: tuple[float, float]) -> int:
+    """In-plane side of the buffers that hold a view kind's raw crops (crops_only): the
+    largest crop side, plus one for the repeated edge."""
+    return max(size, math.ceil(size * scale[1])) + 1
+
+
+def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Generator):
     """SPEC section 3, steps 1-6, for one patch: a list of (1, D, H, W) float32 views.
 
     The base crop (in-plane side 96 x U(1.4, 1.8) per axis, full depth, of the patch padded to
     at least 96 in-plane at the end and 16 slices symmetrically) is never materialised: each
     view's block is read straight from the file at the base crop's offset.
+
+    With cfg.crops_only the worker stops after reading: it returns the raw crops, one int16
+    (n, D, S, S) tensor for the global views and one for the local ones (see `read_crop`),
+    and an int64 (views, 5) geometry: side along H, side along W, and flips of D, H and W.
+    `views_from_crops` makes the same views from them on the training device.
     """
     volume = open_volume(path)  # (x, y, z)
     sx, sy, sz = volume.shape
@@ -133,25 +172,36 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
     h0 = int(rng.integers(0, ph - base_h + 1))
     w0 = int(rng.integers(0, pw - base_w + 1))
     kinds = [(cfg.global_size, GLOBAL_SCALE)] * 2 + [(cfg.local_size, LOCAL_SCALE)] * cfg.local_crops_number
-    n_global = 2
-    out = [torch.empty(n_global, cfg.depth, cfg.global_size, cfg.global_size)]
-    if cfg.local_crops_number:
-        out.append(torch.empty(cfg.local_crops_number, cfg.depth, cfg.local_size, cfg.local_size))
+    groups = [(2, cfg.global_size, GLOBAL_SCALE)] + [(cfg.local_crops_number, cfg.local_size, LOCAL_SCALE)] * bool(cfg.local_crops_number)
+    if cfg.crops_only:
+        out = [
+            np.empty((n, cfg.depth, crop_buffer_side(size, scale), crop_buffer_side(size, scale)), np.int16) for n, size, scale in groups
+        ]
+        geometry = np.zeros((len(kinds), 5), np.int64)
+    else:
+        out = [torch.empty(n, cfg.depth, size, size) for n, size, _ in groups]
     for k, (size, scale) in enumerate(kinds):
         side_h, side_w = _side(size, scale, base_h, rng), _side(size, scale, base_w, rng)
         z0 = int(rng.integers(0, pd - cfg.depth + 1)) - z_shift
         y0 = h0 + int(rng.integers(0, base_h - side_h + 1))
         x0 = w0 + int(rng.integers(0, base_w - side_w + 1))
         flips = [axis for axis in range(3) if rng.random() < 0.8]
+        block = ((y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth))
+        target = out[0][k] if k < 2 else out[1][k - 2]
+        if cfg.crops_only:
+            read_crop(volume, *block, out=target)
+            geometry[k] = (side_h, side_w, 0 in flips, 1 in flips, 2 in flips)
+            continue
         # (1, D, W, H): in-plane axes in the file's order; the resize is separable, so it runs
         # on the transposed slices, and the transpose back is folded into the last copy
-        view = torch.from_numpy(read_slices(volume, (y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth)))[None]
+        view = torch.from_numpy(read_slices(volume, *block))[None]
         if (side_h, side_w) != (size, size):
             view = F.interpolate(view, size=(size, size), mode="bilinear", align_corners=False)
         view = view[0].transpose(1, 2)  # (D, H, W)
         # flipped after the resize, which is symmetric under flips, where it costs least
-        target = out[0][k] if k < n_global else out[1][k - n_global]
         target.copy_(view.flip(flips) if flips else view)
+    if cfg.crops_only:
+        return [torch.from_numpy(part) for part in out], torch.from_numpy(geometry)
     if cfg.intensity:
         out[0] = augment_intensity(out[0], [probs_for_view(0), probs_for_view(1)], g, cfg.per_slice)
         if cfg.local_crops_number:
@@ -159,9 +209,47 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
     return [v[None] for part in out for v in part]
 
 
+def _sample_grid(geometry: torch.Tensor, size: int, side: int) -> torch.Tensor:
+    """grid_sample's grid (N, size, size, 2) that resizes each crop of a (N, D, side, side)
+    (z, W, H) batch to (size, size) along (H, W), as F.interpolate(mode='bilinear',
+    align_corners=False) does, flipped where geometry says so."""
+    i = torch.arange(size, device=geometry.device, dtype=torch.float64)
+
+    def coordinates(n: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:  # (N, size), normalised
+        k = torch.where(flip.view(-1, 1).bool(), size - 1 - i, i)
+        source = (k + 0.5) * (n.view(-1, 1).double() / size) - 0.5  # interpolate's source position
+        return ((2 * source + 1) / side - 1).float()
+
+    along_h = coordinates(geometry[:, 0], geometry[:, 3])  # reads the crop's last axis
+    along_w = coordinates(geometry[:, 1], geometry[:, 4])
+    return torch.stack((along_h[:, :, None].expand(-1, size, size), along_w[:, None, :].expand(-1, size, size)), dim=-1)
+
+
+def views_from_crops(crops: list[torch.Tensor], geometry: torch.Tensor, cfg: ViewConfig) -> list[torch.Tensor]:
+    """The views of a batch from the workers' raw crops (cfg.crops_only): crops (B, n, D, S, S)
+    per view group and geometry (B, views, 5), on any device -> a list of (B, 1, D, size,
+    size) float32 views, global first, without the intensity chain.
+
+    Scaling, resize, the transpose to (D, H, W) and the flips of H and W are one bilinear
+    grid_sample per crop, equal to the worker's F.interpolate and flips up to float rounding
+    (tests/test_dataset.py); the row and column past each crop repeat its edge, so the
+    'border' padding reproduces interpolate's clamping at the far edge."""
+    views, first = [], 0
+    for part, size in zip(crops, (cfg.global_size, cfg.local_size)):
+        b, n, d, side, _ = part.shape
+        geo = geometry[:, first : first + n].reshape(b * n, 5)
+        first += n
+        x = part.reshape(b * n, d, side, side).float().div_(HU_SCALE)
+        x = torch.where(geo[:, 2].view(-1, 1, 1, 1).bool(), x.flip(1), x)
+        y = F.grid_sample(x, _sample_grid(geo, size, side), mode="bilinear", padding_mode="border", align_corners=False)
+        views += list(y.view(b, n, 1, d, size, size).unbind(1))
+    return views
+
+
 class SSLDataset(Dataset):
     """Patches named by a list file. Indexed by (index, epoch) pairs (see EpochSampler);
-    returns (views, number of unreadable patches replaced to make this sample)."""
+    returns (views, number of unreadable patches replaced to make this sample), views being
+    what `make_views` returns: the list of views, or (crops, geometry) with cfg.crops_only."""
 
     def __init__(self, data_path: str, list_path: str, cfg: ViewConfig, seed: int = 0, skip_bad_patches: bool = False):
         self.paths = read_list(data_path, list_path)
@@ -173,7 +261,7 @@ class SSLDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         for attempt in range(len(self.paths)):
             i = (index + attempt) % len(self.paths)
@@ -240,7 +328,13 @@ class EpochSampler(Sampler):
         return iter([(i, self.epoch) for i in share[self.start :]])
 
 
-def collate(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], int]:
-    """Stack each view position: a list of (B, 1, D, H, W) tensors, and the replaced count."""
-    views = [torch.stack(parts) for parts in zip(*(sample for sample, _ in batch))]
-    return views, sum(bad for _, bad in batch)
+def collate(batch: list[tuple]) -> tuple:
+    """Stack each view position: a list of (B, 1, D, H, W) tensors, and the replaced count.
+    Raw crops (crops_only) stack per view group, with their geometry: ((crops, geometry),
+    count), crops (B, n, D, S, S) and geometry (B, views, 5)."""
+    samples = [sample for sample, _ in batch]
+    bad = sum(b for _, b in batch)
+    if isinstance(samples[0], tuple):
+        crops = [torch.stack(parts) for parts in zip(*(c for c, _ in samples))]
+        return (crops, torch.stack([geo for _, geo in samples])), bad
+    return [torch.stack(parts) for parts in zip(*samples)], bad

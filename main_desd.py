@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import utils
 from augment import augment_views
-from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker
+from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
 from loss import STAGE_NAMES, DeSDLoss
 from models import DeSDStudent, DeSDTeacher, create_model, list_models
 from models.res3d import last_stage_shape
@@ -172,7 +172,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--augment_on_device",
         default=False,
         type=utils.bool_flag,
-        help="Run the intensity augmentation batched on the training device; the loader workers only read and crop. Same distributions.",
+        help="The loader workers only read the raw crops; scaling, resizing, flips and the intensity augmentation run batched on the "
+        "training device. Same distributions.",
     )
     group.add_argument(
         "--skip_bad_patches",
@@ -271,6 +272,7 @@ def train_desd(args: argparse.Namespace) -> None:
         local_crops_number=args.local_crops_number,
         per_slice=not args.augment_per_volume,
         intensity=not args.augment_on_device,
+        crops_only=args.augment_on_device,
     )
     dataset = SSLDataset(args.data_path, args.list_path, cfg, seed=args.seed, skip_bad_patches=args.skip_bad_patches)
     if len(dataset) < args.batch_size_per_gpu * args.world_size:
@@ -459,12 +461,16 @@ def train_one_epoch(
                 param_group["lr"] = float(lr_schedule[step])
                 if i == 0:  # only the first group is regularised
                     param_group["weight_decay"] = float(wd_schedule[step])
-        views = [v.to(device, non_blocking=True) for v in views]
-        if args.channels_last and device.type == "cuda":
-            views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
         if args.augment_on_device:
+            crops, geometry = views
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            views = views_from_crops(crops, geometry.to(device, non_blocking=True), loader.dataset.cfg)
             g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + args.rank * 7919 + epoch * iters_per_epoch + it)
             views = augment_views(views, g, per_slice=not args.augment_per_volume)
+        else:
+            views = [v.to(device, non_blocking=True) for v in views]
+        if args.channels_last and device.type == "cuda":
+            views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
         bad_patches += bad
 
         # teacher and student forward passes + compute the loss

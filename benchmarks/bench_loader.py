@@ -1,8 +1,9 @@
 """Loader throughput: training samples per second (2 global views of 16 x 96 x 96, no local
 crops) from generated patches of the real size (nibabel 286 x 286 x 24 int16).
 
-Modes: the worker reads, crops and augments; or it only reads and crops, the intensity
-augmentation running batched on the training device (timed on its own on --aug_device).
+Modes: the worker reads, crops, resizes, flips and augments; or it only reads the raw crops,
+the resize, flips and intensity augmentation running batched on the training device (timed
+on their own on --aug_device).
 One process (single-threaded; the median of --rounds timings), then --workers loader processes.
 
     python benchmarks/bench_loader.py                 # CPU defaults, a minute or two
@@ -19,7 +20,7 @@ import torch
 from common import make_patch_set, report  # noqa: I001
 
 from augment import augment_views
-from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory
+from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory, views_from_crops
 
 
 def samples_per_second_single(ds: SSLDataset, n: int, rounds: int) -> float:
@@ -44,21 +45,28 @@ def samples_per_second_workers(ds: SSLDataset, n: int, workers: int, batch: int 
         next(it)
     start, count = time.perf_counter(), 0
     for views, _ in it:
-        count += views[0].shape[0]
+        count += len(views[1] if isinstance(views, tuple) else views[0])  # crops_only: (crops, geometry)
         if count >= n:
             break
     return count / (time.perf_counter() - start)
 
 
-def device_aug_seconds_per_sample(device: str, batch: int = 64, repeats: int = 5) -> float:
-    views = [torch.randn(batch, 1, 16, 96, 96, device=device) for _ in range(2)]
+def device_aug_seconds_per_sample(ds: SSLDataset, device: str, batch: int = 64, repeats: int = 5) -> float:
+    """Seconds per sample for the training device's share in the crops-only mode: views from
+    the raw crops (resize, flips) and the intensity augmentation, batched."""
+    (crops, geometry), _ = collate([ds[(i % len(ds), 0)] for i in range(batch)])
+    crops, geometry = [c.to(device) for c in crops], geometry.to(device)
     g = torch.Generator(device=device).manual_seed(0)
-    augment_views(views, g)
+
+    def step():
+        return augment_views(views_from_crops(crops, geometry, ds.cfg), g)
+
+    step()
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
-        augment_views(views, g)
+        step()
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / (repeats * batch)
@@ -79,14 +87,17 @@ def main() -> None:
     rows = []
     for ext in (".nii", ".nii.gz"):
         list_path = make_patch_set(args.root, args.patches, ext)
-        for mode, intensity in (("read+crop+augment", True), ("read+crop (augment on device)", False)):
-            ds = SSLDataset(args.root, list_path, ViewConfig(intensity=intensity))
+        modes = (("read+crop+augment", ViewConfig()), ("read+crop (augment on device)", ViewConfig(intensity=False, crops_only=True)))
+        for mode, cfg in modes:
+            ds = SSLDataset(args.root, list_path, cfg)
             single = samples_per_second_single(ds, args.samples, args.rounds)
             multi = samples_per_second_workers(ds, args.samples * args.workers, args.workers) if args.workers > 0 else float("nan")
             rows.append({"format": ext, "worker does": mode, "1 process": round(single, 1), f"{args.workers} workers": round(multi, 1)})
     torch.set_num_threads(torch.get_num_threads() if args.aug_device == "cuda" else 1)
-    aug = device_aug_seconds_per_sample(args.aug_device)
-    rows.append({"format": "-", "worker does": f"(augmentation batched on {args.aug_device}, 1 thread)", "1 process": round(1 / aug, 1)})
+    aug = device_aug_seconds_per_sample(SSLDataset(args.root, list_path, ViewConfig(intensity=False, crops_only=True)), args.aug_device)
+    rows.append(
+        {"format": "-", "worker does": f"(views + augmentation batched on {args.aug_device}, 1 thread)", "1 process": round(1 / aug, 1)}
+    )
     report("loader samples/s", rows, ["format", "worker does", "1 process", f"{args.workers} workers"])
 
 

@@ -17,7 +17,7 @@ from augment import (
     draw_intensity_params,
     gaussian_blur_slices,
 )
-from dataset import EpochSampler, SSLDataset, ViewConfig, open_volume, read_block, read_list
+from dataset import EpochSampler, SSLDataset, ViewConfig, collate, open_volume, read_block, read_list, views_from_crops
 from tests.conftest import write_patches
 
 
@@ -42,6 +42,23 @@ def test_views_are_reproducible_for_a_seed_epoch_and_index_and_change_with_the_e
     c, _ = ds[(1, 1)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("shape", [(80, 70, 20), (200, 180, 30)])  # padded reads and enlarged crops; shrunk crops
+def test_views_made_on_the_device_from_raw_crops_equal_the_worker_views(tmp_path, shape):
+    root = write_patches(str(tmp_path), n=2, shape=shape, ext=".nii")
+    cfg = ViewConfig(local_crops_number=2, intensity=False)
+    worker = SSLDataset(root, "SSL_data_deeplesion.txt", cfg)
+    raw = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig(local_crops_number=2, intensity=False, crops_only=True))
+    keys = [(i, e) for i in range(2) for e in range(8)]
+    (crops, geometry), _ = collate([raw[key] for key in keys])
+    assert crops[0].dtype == torch.int16 and tuple(geometry.shape) == (len(keys), 4, 5)
+    assert set(geometry[:, :, 2:].flatten().tolist()) == {0, 1}  # both ways of every flip occur
+    made = views_from_crops(crops, geometry, cfg)
+    expected, _ = collate([worker[key] for key in keys])
+    assert [tuple(v.shape) for v in made] == [tuple(v.shape) for v in expected]
+    for a, b in zip(made, expected):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()  # float rounding of the sample positions; a misplaced sample is ~0.1
 
 
 def test_network_input_is_z_x_y_as_nibabel_reads_it(tmp_path):

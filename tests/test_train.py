@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,13 @@ def test_checkpoint_layout_loads_in_safe_mode_and_log_has_one_line_per_epoch(pat
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1]
     assert {"train_loss", "train_stage1", "train_stage4", "train_teacher_entropy", "train_lr"} <= set(lines[0])
+
+
+def test_views_made_on_the_training_device_train_on_the_cpu_too(patch_root, tmp_path):
+    out = tmp_path / "out"
+    tiny_run(patch_root, out, "--epochs", "1", "--augment_on_device", "True", "--local_crops_number", "2", "--num_workers", "1")
+    (line,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert math.isfinite(line["train_loss"]) and line["train_loss"] > 0
 
 
 def test_fine_tuning_recipe_shares_all_159_encoder_tensors_of_a_res3d50_checkpoint(patch_root, tmp_path):
