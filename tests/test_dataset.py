@@ -297,10 +297,11 @@ def test_batched_device_augmentation_matches_the_per_sample_path_in_distribution
     root = write_patches(str(tmp_path), n=1, shape=(130, 130, 24))
     n = 150
     worker = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig(global_size=48, depth=8))
-    plain = SSLDataset(root, "SSL_data_deeplesion.txt", ViewConfig(global_size=48, depth=8, intensity=False))
+    cfg = ViewConfig(global_size=48, depth=8, intensity=False, crops_only=True)
+    raw = SSLDataset(root, "SSL_data_deeplesion.txt", cfg)
     per_sample = [worker[(0, e)][0] for e in range(n)]
-    crops = [plain[(0, e)][0] for e in range(n)]
-    batched = augment_views([torch.stack([c[k] for c in crops]) for k in range(2)], torch.Generator().manual_seed(0))
+    (crops, geometry), _ = collate([raw[(0, e)] for e in range(n)])  # what the training device gets
+    batched = augment_views(views_from_crops(crops, geometry, cfg), torch.Generator().manual_seed(0))
     for k in range(2):  # each view position keeps its own probabilities
         a = torch.stack([s[k] for s in per_sample]).flatten(1)
         b = batched[k].flatten(1)
