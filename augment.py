@@ -79,8 +79,8 @@ def gaussian_blur_slices_(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Ten
     host synchronisation).
 
     Each slice X becomes M_H X M_W^T, M being the banded matrix of the 1-D filter with its
-    mirrored edges: two batched matrix products, which run several times faster than
-    depthwise convolutions with padded copies, on the CPU too."""
+    mirrored edges: two batched matrix products, faster than depthwise convolutions of padded
+    copies (on one CPU thread, 1.17 ms instead of 1.51 for 20 slices of 96 x 96)."""
     b, d, h, w = x.shape
     flat = x.view(b * d, h, w)
     s = sigma.reshape(-1).to(x.dtype)
