@@ -87,7 +87,7 @@ def main() -> None:
     rows = []
     for ext in (".nii", ".nii.gz"):
         list_path = make_patch_set(args.root, args.patches, ext)
-        modes = (("read+crop+augment", ViewConfig()), ("read+crop (augment on device)", ViewConfig(intensity=False, crops_only=True)))
+        modes = (("read+crop+augment", ViewConfig()), ("raw crops (views+augment on device)", ViewConfig(intensity=False, crops_only=True)))
         for mode, cfg in modes:
             ds = SSLDataset(args.root, list_path, cfg)
             single = samples_per_second_single(ds, args.samples, args.rounds)
