@@ -44,7 +44,7 @@ def test_views_are_reproducible_for_a_seed_epoch_and_index_and_change_with_the_e
     assert not torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("shape", [(80, 70, 20), (200, 180, 30)])  # padded reads and enlarged crops; shrunk crops
+@pytest.mark.parametrize("shape", [(80, 70, 20), (200, 180, 30), (60, 50, 9)])  # padded in-plane, enlarged; shrunk; padded in depth too
 def test_views_made_on_the_device_from_raw_crops_equal_the_worker_views(tmp_path, shape):
     root = write_patches(str(tmp_path), n=2, shape=shape, ext=".nii")
     cfg = ViewConfig(local_crops_number=2, intensity=False)
