@@ -171,8 +171,8 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
     base_w = _side(cfg.global_size, BASE_SCALE, pw, rng)
     h0 = int(rng.integers(0, ph - base_h + 1))
     w0 = int(rng.integers(0, pw - base_w + 1))
-    kinds = [(cfg.global_size, GLOBAL_SCALE)] * 2 + [(cfg.local_size, LOCAL_SCALE)] * cfg.local_crops_number
     groups = [(2, cfg.global_size, GLOBAL_SCALE)] + [(cfg.local_crops_number, cfg.local_size, LOCAL_SCALE)] * bool(cfg.local_crops_number)
+    kinds = [(size, scale) for n, size, scale in groups for _ in range(n)]  # one a view, global first
     if cfg.crops_only:
         out = [
             np.empty((n, cfg.depth, crop_buffer_side(size, scale), crop_buffer_side(size, scale)), np.int16) for n, size, scale in groups
