@@ -14,6 +14,7 @@ sees exactly the views an uninterrupted run would have.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ BASE_SCALE = (1.4, 1.8)  # base crop side / global crop side
 GLOBAL_SCALE = (0.8, 1.2)  # global view side / global crop side
 LOCAL_SCALE = (1.5, 2.0)  # local view side / local crop side
 HU_SCALE = 1024.0
+TO_FILE_ORDER = (0, 2, 1)  # a view's axis (z, x, y) -> the same axis in the file's slice order (z, y, x)
 
 
 @dataclass(frozen=True)
@@ -65,18 +67,31 @@ def read_list(data_path: str, list_path: str) -> list[str]:
     return [os.path.join(data_path, e) for e in entries]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _nii_layout(path: str, mtime_ns: int, size: int) -> tuple | None:
+    """(dtype, data offset, shape) of an uncompressed `.nii` whose voxels are stored as they
+    are (no intensity scaling), else None. Cached per file version (path, modification time,
+    size): parsing the header costs more than reading a view's voxels through the memory map."""
+    with open(path, "rb") as f:
+        header = nib.Nifti1Header.from_fileobj(f)
+    shape = header.get_data_shape()
+    if len(shape) != 3:
+        raise ValueError(f"{path}: expected a 3-D volume, got shape {shape}")
+    slope, inter = header.get_slope_inter()
+    if slope in (None, 1.0) and inter in (None, 0.0):
+        return header.get_data_dtype(), int(header.get_data_offset()), shape
+    return None
+
+
 def open_volume(path: str) -> np.ndarray:
     """The patch as nibabel orders it, (x, y, z). An uncompressed `.nii` without intensity
     scaling comes back as a memory map, so only the voxels a crop touches are read."""
     if path.endswith(".nii"):
-        with open(path, "rb") as f:
-            header = nib.Nifti1Header.from_fileobj(f)
-        slope, inter = header.get_slope_inter()
-        shape = header.get_data_shape()
-        if len(shape) != 3:
-            raise ValueError(f"{path}: expected a 3-D volume, got shape {shape}")
-        if slope in (None, 1.0) and inter in (None, 0.0):
-            return np.memmap(path, dtype=header.get_data_dtype(), mode="r", offset=int(header.get_data_offset()), shape=shape, order="F")
+        st = os.stat(path)
+        layout = _nii_layout(path, st.st_mtime_ns, st.st_size)
+        if layout is not None:
+            dtype, offset, shape = layout
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
     img = nib.load(path)
     if len(img.shape) != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {img.shape}")
@@ -97,20 +112,22 @@ def _inside(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], de
     return np.asarray(volume[r0:r1, c0:c1, d0:d1]).T, where
 
 
-def read_slices(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int]) -> np.ndarray:
+def read_slices(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
     """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 / 1024 in
     (z, y, x) order, C-contiguous: each depth slice with its in-plane axes transposed, which
-    is the file's own order (x varies fastest), so one sequential pass converts it. Indices
-    outside the volume read as 0 HU."""
+    is the file's own order (x varies fastest), so one sequential pass converts it. `flips`
+    names axes of the result to reverse, read backwards at no extra cost. Indices outside
+    the volume read as 0 HU."""
     shape = (depths[1] - depths[0], cols[1] - cols[0], rows[1] - rows[0])  # (z, y, x)
     scale = np.float32(1.0 / HU_SCALE)
+    reverse = tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))
     block, where = _inside(volume, rows, cols, depths)
     if block is not None and block.shape == shape:  # inside the volume: no padding
-        return np.multiply(block, scale, dtype=np.float32, order="C")
+        return np.multiply(block[reverse], scale, dtype=np.float32, order="C")
     out = np.zeros(shape, np.float32)
     if block is not None:
         np.multiply(block, scale, out=out[where])
-    return out
+    return np.ascontiguousarray(out[reverse])
 
 
 def read_crop(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], out: np.ndarray) -> None:
@@ -132,10 +149,8 @@ def read_crop(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], 
 def read_block(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
     """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 (z, x, y) /
     1024, C-contiguous, flipped along the given output axes (see `read_slices`)."""
-    out = read_slices(volume, rows, cols, depths).transpose(0, 2, 1)
-    if flips:
-        out = np.flip(out, axis=tuple(flips))
-    return np.ascontiguousarray(out)
+    read_flips = [TO_FILE_ORDER[a] for a in flips]
+    return np.ascontiguousarray(read_slices(volume, rows, cols, depths, read_flips).transpose(0, 2, 1))
 
 
 def _side(size: int, scale: tuple[float, float], limit: int, rng: np.random.Generator) -> int:
@@ -192,21 +207,25 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
             read_crop(volume, *block, out=target)
             geometry[k] = (side_h, side_w, 0 in flips, 1 in flips, 2 in flips)
             continue
-        # (1, D, W, H): in-plane axes in the file's order; the resize is separable, so it runs
-        # on the transposed slices, and the transpose back is folded into the last copy
-        view = torch.from_numpy(read_slices(volume, *block))[None]
+        # read in the file's in-plane order (D, W, H), flipped as it is read; resized straight
+        # into the batch, which stays in that order (see below)
+        view = torch.from_numpy(read_slices(volume, *block, [TO_FILE_ORDER[a] for a in flips]))
         if (side_h, side_w) != (size, size):
-            view = F.interpolate(view, size=(size, size), mode="bilinear", align_corners=False)
-        view = view[0].transpose(1, 2)  # (D, H, W)
-        # flipped after the resize, which is symmetric under flips, where it costs least
-        target.copy_(view.flip(flips) if flips else view)
+            torch.ops.aten.upsample_bilinear2d.out(view[None], [size, size], False, None, None, out=target[None])
+        else:
+            target.copy_(view)
     if cfg.crops_only:
         return [torch.from_numpy(part) for part in out], torch.from_numpy(geometry)
-    if cfg.intensity:
+    if cfg.intensity:  # every step is symmetric under swapping the in-plane axes (square views)
         out[0] = augment_intensity(out[0], [probs_for_view(0), probs_for_view(1)], g, cfg.per_slice)
         if cfg.local_crops_number:
             out[1] = augment_intensity(out[1], probs_for_view(2), g, cfg.per_slice)
-    return [v[None] for part in out for v in part]
+    views = []
+    for part in out:  # back to (D, H, W), while the views are in the cache (numpy's transposing copy is the faster here)
+        swapped = torch.empty(part.shape)
+        np.copyto(swapped.numpy(), part.numpy().swapaxes(2, 3))
+        views += [v[None] for v in swapped]
+    return views
 
 
 def _sample_grid(geometry: torch.Tensor, size: int, side: int) -> torch.Tensor:

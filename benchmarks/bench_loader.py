@@ -4,7 +4,8 @@ crops) from generated patches of the real size (nibabel 286 x 286 x 24 int16).
 Modes: the worker reads, crops, resizes, flips and augments; or it only reads the raw crops,
 the resize, flips and intensity augmentation running batched on the training device (timed
 on their own on --aug_device).
-One process (single-threaded; the median of --rounds timings), then --workers loader processes.
+One process (single-threaded; samples collated into batches of 32 as a worker does; the median
+of --rounds timings), then --workers loader processes.
 
     python benchmarks/bench_loader.py                 # CPU defaults, a minute or two
     python benchmarks/bench_loader.py --workers 8 --aug_device cuda
@@ -23,14 +24,15 @@ from augment import augment_views
 from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory, views_from_crops
 
 
-def samples_per_second_single(ds: SSLDataset, n: int, rounds: int) -> float:
-    """The median of `rounds` timings of n samples each (a shared machine's speed varies)."""
-    ds[(0, 0)]  # warm-up
+def samples_per_second_single(ds: SSLDataset, n: int, rounds: int, batch: int = 32) -> float:
+    """The median of `rounds` timings of n samples each (a shared machine's speed varies),
+    collated into batches as a loader worker does."""
+    collate([ds[(0, 0)]])  # warm-up
     rates = []
     for r in range(rounds):
         start = time.perf_counter()
-        for i in range(n):
-            ds[(i % len(ds), 1 + r)]
+        for first in range(0, n, batch):
+            collate([ds[(i % len(ds), 1 + r)] for i in range(first, min(first + batch, n))])
         rates.append(n / (time.perf_counter() - start))
     return statistics.median(rates)
 
