@@ -118,8 +118,12 @@ def blur_probs(**kw):
     return IntensityProbs(**base)
 
 
-@pytest.mark.parametrize("side", [(20, 24), (11, 9), (5, 3)])  # wider than two kernel radii, narrower, narrower than one
-def test_slice_blur_equals_scipy_gaussian_filter_per_slice(side):
+# wider than two kernel radii (several row blocks of the band), narrower, narrower than one
+@pytest.mark.parametrize("side", [(96, 96), (40, 48), (20, 24), (11, 9), (5, 3)])
+@pytest.mark.parametrize("accelerator_path", [False, True])
+def test_slice_blur_equals_scipy_gaussian_filter_per_slice(side, accelerator_path, monkeypatch):
+    if accelerator_path:  # every slice filtered, identity kernels where no blur applies
+        monkeypatch.setattr(augment, "host_reads_are_free", lambda device: False)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, *side)).astype(np.float32)
     sigma = rng.uniform(0.1, 2.0, size=(2, 3))
