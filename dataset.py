@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from augment import augment_intensity, probs_for_view
 
@@ -350,10 +350,12 @@ class EpochSampler(Sampler):
 def collate(batch: list[tuple]) -> tuple:
     """Stack each view position: a list of (B, 1, D, H, W) tensors, and the replaced count.
     Raw crops (crops_only) stack per view group, with their geometry: ((crops, geometry),
-    count), crops (B, n, D, S, S) and geometry (B, views, 5)."""
+    count), crops (B, n, D, S, S) and geometry (B, views, 5). In a loader worker the stacks
+    are made in shared memory (default_collate), so handing them to the training process
+    copies nothing."""
     samples = [sample for sample, _ in batch]
     bad = sum(b for _, b in batch)
     if isinstance(samples[0], tuple):
-        crops = [torch.stack(parts) for parts in zip(*(c for c, _ in samples))]
-        return (crops, torch.stack([geo for _, geo in samples])), bad
-    return [torch.stack(parts) for parts in zip(*samples)], bad
+        crops = [default_collate(list(parts)) for parts in zip(*(c for c, _ in samples))]
+        return (crops, default_collate([geo for _, geo in samples])), bad
+    return [default_collate(list(parts)) for parts in zip(*samples)], bad

@@ -44,6 +44,34 @@ def test_views_are_reproducible_for_a_seed_epoch_and_index_and_change_with_the_e
     assert not torch.equal(a[0], c[0])
 
 
+def _collate_and_report_sharing(batch):
+    """collate, and whether its tensors are in shared memory where it ran (a loader worker)."""
+    out, bad = collate(batch)
+    tensors = [*out[0], out[1]] if isinstance(out, tuple) else out
+    return out, [t.is_shared() for t in tensors]
+
+
+@pytest.mark.parametrize("crops_only", [False, True])
+def test_a_loader_worker_collates_into_shared_memory(patch_root, crops_only):
+    ds = SSLDataset(patch_root, "SSL_data_deeplesion.txt", ViewConfig(intensity=not crops_only, crops_only=crops_only))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=[(0, 0), (1, 0)], num_workers=1, collate_fn=_collate_and_report_sharing)
+    (batch, shared_in_worker), *_ = list(loader)
+    assert all(shared_in_worker)  # made in shared memory: handed to this process without another copy
+    expected, _ = collate([ds[(0, 0)], ds[(1, 0)]])  # in this process: the same views
+    if crops_only:  # the crop buffers' unused corners are left uninitialised: compare the views made from them
+        batch, expected = views_from_crops(*batch, ds.cfg), views_from_crops(*expected, ds.cfg)
+    assert all(torch.equal(a, b) for a, b in zip(batch, expected))
+
+
+def test_a_rewritten_patch_is_read_anew(tmp_path):
+    path = str(tmp_path / "p.nii")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), path)
+    assert open_volume(path).shape == (4, 5, 6)
+    nib.save(nib.Nifti1Image(np.ones((7, 5, 3), np.int16), np.eye(4)), path)  # the header is cached per file version
+    vol = open_volume(path)
+    assert vol.shape == (7, 5, 3) and np.all(vol == 1)
+
+
 @pytest.mark.parametrize("shape", [(80, 70, 20), (200, 180, 30), (60, 50, 9)])  # padded in-plane, enlarged; shrunk; padded in depth too
 def test_views_made_on_the_device_from_raw_crops_equal_the_worker_views(tmp_path, shape):
     root = write_patches(str(tmp_path), n=2, shape=shape, ext=".nii")
