@@ -17,7 +17,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+import native_chain
 
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
@@ -207,10 +210,36 @@ def _mean_std(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (squares - mean.square()).clamp_min_(0).sqrt_()
 
 
-def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+def apply_intensity(
+    x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor, swap_hw: bool = False, native: bool | None = None
+) -> torch.Tensor:
     """SPEC section 3's intensity chain on x (B, D, H, W) with the draws of
     `draw_intensity_params` and standard normal `noise` of x's shape. x is left as it was;
-    the result may reuse noise's memory.
+    the result may reuse noise's memory. With swap_hw the result has its in-plane axes
+    swapped, (B, D, W, H), contiguous (every step treats the two alike).
+
+    On the CPU the compiled chain (native_chain.py, the same arithmetic fused per slice) runs
+    where it is available: `native` None uses it then, True requires it, False runs the torch
+    code (`apply_intensity_torch`), which is also the code of every other device."""
+    if native is not False and host_reads_are_free(x.device) and x.dtype == torch.float32:
+        if native or native_chain.library() is not None:
+            return native_chain.apply_intensity(x, params, noise, swap_hw)
+    out = apply_intensity_torch(x, params, noise)
+    return swap_in_plane(out) if swap_hw else out
+
+
+def swap_in_plane(t: torch.Tensor) -> torch.Tensor:
+    """t (..., H, W) as a new contiguous (..., W, H) tensor; numpy's transposing copy is the
+    faster on the CPU."""
+    if t.device.type != "cpu":
+        return t.transpose(-1, -2).contiguous()
+    out = torch.empty((*t.shape[:-2], t.shape[-1], t.shape[-2]), dtype=t.dtype)
+    np.copyto(out.numpy(), t.numpy().swapaxes(-1, -2))
+    return out
+
+
+def apply_intensity_torch(x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    """`apply_intensity` in torch operations, for every device.
 
     Each step is affine in a unit or monotone, so the chain needs few passes over the voxels:
     brightness x f, brightness + o and contrast c collapse into one affine map whose
@@ -281,13 +310,13 @@ def _gamma_restoring_mean_std(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
 
 
 def augment_intensity(
-    x: torch.Tensor, probs: IntensityProbs | list[IntensityProbs], g: torch.Generator, per_slice: bool = True
+    x: torch.Tensor, probs: IntensityProbs | list[IntensityProbs], g: torch.Generator, per_slice: bool = True, swap_hw: bool = False
 ) -> torch.Tensor:
     """Apply SPEC section 3's intensity chain to a batch of views x (B, D, H, W); `probs` is
-    one set for every view or one per view. Returns a new tensor."""
+    one set for every view or one per view. Returns a new tensor, (B, D, W, H) with swap_hw."""
     b, d = x.shape[:2]
     params = draw_intensity_params(b, d, probs, g, per_slice, x.device)
-    return apply_intensity(x, params, torch.randn(x.shape, generator=g, device=x.device))
+    return apply_intensity(x, params, torch.randn(x.shape, generator=g, device=x.device), swap_hw)
 
 
 def augment_views(views: list[torch.Tensor], g: torch.Generator, per_slice: bool = True) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from augment import augment_intensity, probs_for_view
+from augment import augment_intensity, probs_for_view, swap_in_plane
 
 BASE_SCALE = (1.4, 1.8)  # base crop side / global crop side
 GLOBAL_SCALE = (0.8, 1.2)  # global view side / global crop side
@@ -216,16 +216,12 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
             target.copy_(view)
     if cfg.crops_only:
         return [torch.from_numpy(part) for part in out], torch.from_numpy(geometry)
-    if cfg.intensity:  # every step is symmetric under swapping the in-plane axes (square views)
-        out[0] = augment_intensity(out[0], [probs_for_view(0), probs_for_view(1)], g, cfg.per_slice)
-        if cfg.local_crops_number:
-            out[1] = augment_intensity(out[1], probs_for_view(2), g, cfg.per_slice)
-    views = []
-    for part in out:  # back to (D, H, W), while the views are in the cache (numpy's transposing copy is the faster here)
-        swapped = torch.empty(part.shape)
-        np.copyto(swapped.numpy(), part.numpy().swapaxes(2, 3))
-        views += [v[None] for v in swapped]
-    return views
+    # back to (D, H, W) on the way out of the chain, while the views are in the cache (every
+    # step of the chain treats the two in-plane axes alike)
+    probs = [[probs_for_view(0), probs_for_view(1)], probs_for_view(2)]
+    for k, part in enumerate(out):
+        out[k] = augment_intensity(part, probs[k], g, cfg.per_slice, swap_hw=True) if cfg.intensity else swap_in_plane(part)
+    return [v[None] for part in out for v in part]
 
 
 def _sample_grid(geometry: torch.Tensor, size: int, side: int) -> torch.Tensor:

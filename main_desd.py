@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import native_chain
 import utils
 from augment import augment_views
 from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
@@ -300,6 +301,9 @@ def train_desd(args: argparse.Namespace) -> None:
     if iters_per_epoch == 0:
         raise ValueError(f"an epoch has fewer than --accum_iter {args.accum_iter} batches")
     steps_per_epoch = iters_per_epoch // args.accum_iter
+    if cfg.intensity:  # built here once, before the workers start (they load it)
+        chain = "compiled (native/intensity.c)" if native_chain.library() is not None else "torch (no C compiler)"
+        print(f"Intensity augmentation in the loader workers: {chain}.")
     print(f"Data loaded: there are {len(dataset)} patches, {iters_per_epoch} iterations per epoch.")
 
     # ============ building student and teacher networks ... ============

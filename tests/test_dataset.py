@@ -7,6 +7,7 @@ import scipy.ndimage as ndi
 import torch
 
 import augment
+import native_chain
 from augment import (
     GLOBAL_1,
     GLOBAL_2,
@@ -164,16 +165,18 @@ def test_slice_blur_equals_scipy_gaussian_filter_per_slice(side, accelerator_pat
 
 
 @pytest.mark.parametrize("per_slice", [True, False])
-@pytest.mark.parametrize("accelerator_path", [False, True])
-def test_fused_intensity_chain_equals_the_steps_one_after_the_other(per_slice, accelerator_path, monkeypatch):
-    if accelerator_path:  # the code path of CUDA (no host reads), run on the CPU
+@pytest.mark.parametrize("path", ["compiled", "torch", "torch, accelerator"])
+def test_fused_intensity_chain_equals_the_steps_one_after_the_other(per_slice, path, monkeypatch):
+    if path == "compiled" and native_chain.library() is None:
+        pytest.skip("no C compiler: the compiled chain cannot be built here")
+    if path == "torch, accelerator":  # the code path of CUDA (no host reads), run on the CPU
         monkeypatch.setattr(augment, "host_reads_are_free", lambda device: False)
     b, d = 3, 16
     x = torch.rand(b, d, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
     g = torch.Generator().manual_seed(3)
     params = draw_intensity_params(b, d, [GLOBAL_1, GLOBAL_2, LOCAL], g, per_slice)
     noise = torch.randn(x.shape, generator=g)
-    fused = apply_intensity(x.clone(), params, noise.clone()).double().numpy()
+    fused = apply_intensity(x.clone(), params, noise.clone(), native=path == "compiled").double().numpy()
     # SPEC section 3, step by step in float64, per unit (a slice, or the whole view)
     p = {k: v.double().numpy() if v.dtype != torch.bool else v.numpy() for k, v in params.items()}
     ref = x.double().numpy() + noise.double().numpy() * p["noise_std"].reshape(b, 1, 1, 1)

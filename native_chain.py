@@ -1,0 +1,122 @@
+"""The CPU intensity chain compiled from native/intensity.c: augment.apply_intensity's
+arithmetic, fused so that each slice goes through every step while it sits in the cache.
+A loader worker spends most of its time in this chain; see README, Performance.
+
+The library is built on first use with the system C compiler ($CC, else `cc`) into
+native/build/ (or ~/.cache/desd/ where the checkout is read-only): one file per source,
+compiler, flags and CPU, written under a temporary name and renamed, so processes that start
+together do not trip over each other. Where no compiler works, `library()` returns None after
+one warning and the torch chain runs instead. DESD_NATIVE=0 turns the library off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "intensity.c")
+# -ffast-math lets the compiler use the C library's vector log and exp; -march=native the
+# CPU's widest vectors (the library is built per CPU), dropped where the compiler refuses it
+FLAG_SETS = (["-O3", "-ffast-math", "-march=native"], ["-O3", "-ffast-math"])
+
+_library: ctypes.CDLL | bool | None = None  # None: not tried yet; False: unavailable
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> str:
+    """Path of the compiled library, built if not there yet. Raises OSError or
+    subprocess.SubprocessError with the compiler's message."""
+    compiler = os.environ.get("CC", "cc")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    folders = [os.path.join(os.path.dirname(SOURCE), "build"), os.path.join(os.path.expanduser("~"), ".cache", "desd")]
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + repr((compiler, flags, _cpu_features())).encode()).hexdigest()[:16]
+        name = f"intensity-{key}.so"
+        for folder in folders:
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        for folder in folders:
+            path = os.path.join(folder, name)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".intensity-", suffix=".so", dir=folder)
+            except OSError as err:
+                errors.append(f"{folder}: {err}")
+                continue
+            os.close(fd)
+            try:
+                cmd = [compiler, *flags, "-fPIC", "-shared", SOURCE, "-o", tmp, "-lm"]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+                    break  # the next flag set
+                os.replace(tmp, path)
+                return path
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    raise OSError("could not build " + SOURCE + ": " + "; ".join(errors))
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled chain, or None where it cannot be built (or DESD_NATIVE=0)."""
+    global _library
+    if _library is None:
+        _library = False
+        if os.environ.get("DESD_NATIVE", "1") != "0":
+            try:
+                lib = ctypes.CDLL(_build())
+            except (OSError, subprocess.SubprocessError) as err:
+                warnings.warn(f"the compiled intensity chain is unavailable, the slower torch chain runs instead: {err}", stacklevel=2)
+            else:
+                lib.desd_intensity.restype = ctypes.c_int
+                lib.desd_intensity.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+                _library = lib
+    return _library or None
+
+
+def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor, swap_hw: bool = False) -> torch.Tensor:
+    """augment.apply_intensity on the CPU with the compiled chain: x and noise (B, D, H, W)
+    float32, params as `augment.draw_intensity_params` returns them. The result takes noise's
+    memory: (B, D, H, W), or (B, D, W, H) with swap_hw."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
+    b, d, h, w = x.shape
+    units = params["blur_sigma"].shape[1]
+    if x.dtype != torch.float32 or noise.dtype != torch.float32 or noise.shape != x.shape or d % units:
+        raise ValueError(f"expected float32 x and noise of one shape (B, D, H, W) and D a multiple of {units} units")
+    x, noise = x.contiguous(), noise.contiguous()
+
+    def per_unit(name: str, dtype=torch.float32) -> torch.Tensor:
+        return params[name].to(dtype).contiguous()
+
+    args = [
+        per_unit("noise_std").view(b),
+        per_unit("blur_on", torch.uint8),
+        per_unit("blur_sigma"),
+        per_unit("brightness_mul"),
+        per_unit("brightness_add"),
+        per_unit("contrast"),
+        per_unit("gamma"),
+        params["gamma_on"][:, 0].to(torch.uint8).contiguous(),  # one flag a view
+    ]
+    if lib.desd_intensity(x.data_ptr(), noise.data_ptr(), noise.data_ptr(), b, d, h, w, units, *(a.data_ptr() for a in args), swap_hw):
+        raise MemoryError("the compiled intensity chain could not allocate its buffers")
+    return noise.view(b, d, w, h) if swap_hw else noise
