@@ -316,6 +316,10 @@ def augment_intensity(
     one set for every view or one per view. Returns a new tensor, (B, D, W, H) with swap_hw."""
     b, d = x.shape[:2]
     params = draw_intensity_params(b, d, probs, g, per_slice, x.device)
+    if host_reads_are_free(x.device) and x.dtype == torch.float32 and native_chain.library() is not None:
+        # the compiled chain draws the noise itself, under a key drawn from g (native/intensity.c)
+        key = int(torch.randint(0, 2**62, (), generator=g))
+        return native_chain.apply_intensity(x, params, None, swap_hw, key)
     return apply_intensity(x, params, torch.randn(x.shape, generator=g, device=x.device), swap_hw)
 
 

@@ -86,23 +86,35 @@ def library() -> ctypes.CDLL | None:
                 warnings.warn(f"the compiled intensity chain is unavailable, the slower torch chain runs instead: {err}", stacklevel=2)
             else:
                 lib.desd_intensity.restype = ctypes.c_int
-                lib.desd_intensity.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+                lib.desd_intensity.argtypes = (
+                    [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_int, ctypes.c_uint64]
+                )
+                lib.desd_normal_room.restype = ctypes.c_size_t
+                lib.desd_normal_room.argtypes = [ctypes.c_size_t]
+                for name in ("desd_normal", "desd_random_words"):
+                    getattr(lib, name).restype = None
+                    getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint64]
                 _library = lib
     return _library or None
 
 
-def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor, swap_hw: bool = False) -> torch.Tensor:
-    """augment.apply_intensity on the CPU with the compiled chain: x and noise (B, D, H, W)
-    float32, params as `augment.draw_intensity_params` returns them. The result takes noise's
-    memory: (B, D, H, W), or (B, D, W, H) with swap_hw."""
+def apply_intensity(
+    x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor | None, swap_hw: bool = False, key: int = 0
+) -> torch.Tensor:
+    """augment.apply_intensity on the CPU with the compiled chain: x (B, D, H, W) float32,
+    params as `augment.draw_intensity_params` returns them, and standard normal noise of x's
+    shape, or None to draw it here under `key` (a 64-bit integer; see native/intensity.c).
+    A given noise tensor's memory takes the result: (B, D, H, W), or (B, D, W, H) with
+    swap_hw."""
     lib = library()
     if lib is None:
         raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
     b, d, h, w = x.shape
     units = params["blur_sigma"].shape[1]
-    if x.dtype != torch.float32 or noise.dtype != torch.float32 or noise.shape != x.shape or d % units:
+    if x.dtype != torch.float32 or d % units or (noise is not None and (noise.dtype != torch.float32 or noise.shape != x.shape)):
         raise ValueError(f"expected float32 x and noise of one shape (B, D, H, W) and D a multiple of {units} units")
-    x, noise = x.contiguous(), noise.contiguous()
+    x = x.contiguous()
+    out = torch.empty(x.shape) if noise is None else noise.contiguous()
 
     def per_unit(name: str, dtype=torch.float32) -> torch.Tensor:
         return params[name].to(dtype).contiguous()
@@ -117,6 +129,28 @@ def apply_intensity(x: torch.Tensor, params: dict[str, torch.Tensor], noise: tor
         per_unit("gamma"),
         params["gamma_on"][:, 0].to(torch.uint8).contiguous(),  # one flag a view
     ]
-    if lib.desd_intensity(x.data_ptr(), noise.data_ptr(), noise.data_ptr(), b, d, h, w, units, *(a.data_ptr() for a in args), swap_hw):
+    noise_ptr = None if noise is None else out.data_ptr()
+    if lib.desd_intensity(x.data_ptr(), noise_ptr, out.data_ptr(), b, d, h, w, units, *(a.data_ptr() for a in args), swap_hw, key):
         raise MemoryError("the compiled intensity chain could not allocate its buffers")
-    return noise.view(b, d, w, h) if swap_hw else noise
+    return out.view(b, d, w, h) if swap_hw else out
+
+
+def standard_normal(count: int, stream: int, key: int) -> torch.Tensor:
+    """The compiled chain's noise for one slice of `count` voxels: its `stream` (the slice's
+    index in the batch) under `key`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
+    z = torch.empty(lib.desd_normal_room(count))
+    lib.desd_normal(z.data_ptr(), count, stream, key)
+    return z[:count]
+
+
+def random_words(n: int, stream: int, key: int) -> torch.Tensor:
+    """The raw 32-bit words under the noise (n a multiple of 8), as int64."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
+    words = torch.empty(n, dtype=torch.int32)
+    lib.desd_random_words(words.data_ptr(), n, stream, key)
+    return words.to(torch.int64) & 0xFFFFFFFF

@@ -232,10 +232,10 @@ def test_view_probabilities_show_in_the_fraction_of_blurred_views():
 
 
 def test_noise_std_is_uniform_up_to_point_one():
-    x = torch.zeros(2000, 1, 16, 16)
+    x = torch.zeros(2000, 8, 32, 32)  # 8192 voxels a view: a view's sample std is within 0.8% of its std
     noise_only = blur_probs(blur=0.0, noise=1.0)
     stds = augment_intensity(x, noise_only, torch.Generator().manual_seed(0)).flatten(1).std(1)
-    assert stds.max().item() < 0.11 and abs(stds.mean().item() - 0.05) < 0.005
+    assert stds.max().item() < 0.104 and abs(stds.mean().item() - 0.05) < 0.003
 
 
 @pytest.mark.parametrize("probs", [GLOBAL_1, GLOBAL_2, LOCAL], ids=["global 1", "global 2", "local"])

@@ -3,8 +3,10 @@ chain it reproduces, and the fallback where it cannot be built."""
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 import augment
 import native_chain
@@ -73,3 +75,69 @@ def test_the_build_leaves_one_library_and_is_reused(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "native" / "build") == [os.path.basename(path)]  # no temporary file left
     built = os.stat(path).st_mtime_ns
     assert native_chain._build() == path and os.stat(path).st_mtime_ns == built  # found, not built again
+
+
+def _splitmix64(state: int) -> tuple[int, int]:
+    state = (state + 0x9E3779B97F4A7C15) % 2**64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return state, z ^ (z >> 31)
+
+
+def _xoshiro128plus_lanes(n: int, stream: int, key: int, lanes: int = 8) -> list[int]:
+    """The published algorithms, one generator at a time, interleaved as native/intensity.c
+    documents: word j from generator j % lanes."""
+    seed, states = key ^ (stream * 0xD1B54A32D192ED03) % 2**64, []
+    for _ in range(lanes):
+        seed, a = _splitmix64(seed)
+        seed, b = _splitmix64(seed)
+        states.append([a & 0xFFFFFFFF, a >> 32, b & 0xFFFFFFFF, b >> 32])
+    words = []
+    for _ in range(n // lanes):
+        for s in states:
+            words.append((s[0] + s[3]) & 0xFFFFFFFF)
+            t = (s[1] << 9) & 0xFFFFFFFF
+            s[2] ^= s[0]
+            s[3] ^= s[1]
+            s[1] ^= s[2]
+            s[0] ^= s[3]
+            s[2] ^= t
+            s[3] = ((s[3] << 11) | (s[3] >> 21)) & 0xFFFFFFFF
+    return words
+
+
+@needs_library
+@pytest.mark.parametrize("stream, key", [(0, 0), (5, 2**62 - 1), (123, 987654321)])
+def test_noise_words_are_xoshiro128plus_seeded_by_splitmix64(stream, key):
+    assert native_chain.random_words(64, stream, key).tolist() == _xoshiro128plus_lanes(64, stream, key)
+
+
+@needs_library
+def test_noise_is_the_box_muller_transform_of_those_words():
+    count, stream, key = 100, 3, 42  # count not a multiple of the 16 numbers a step makes
+    z = native_chain.standard_normal(count, stream, key).double()
+    half = (count + 15) // 16 * 8
+    w = native_chain.random_words(2 * half, stream, key).double()
+    radius = torch.sqrt(-2 * torch.log((torch.div(w[:half], 256, rounding_mode="floor") + 1) / 2**24))
+    angle = 2 * torch.pi * torch.div(w[half:], 256, rounding_mode="floor") / 2**24
+    expected = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+    assert torch.allclose(z, expected, atol=2e-5)
+
+
+@needs_library
+def test_compiled_noise_is_standard_normal_and_independent():
+    z = torch.stack([native_chain.standard_normal(9216, s, 7) for s in range(64)]).double()  # 64 slices of 96 x 96
+    flat = z.flatten().numpy()
+    assert stats.kstest(flat, "norm").pvalue > 1e-3
+    assert abs(flat.mean()) < 0.005 and abs(flat.std() - 1) < 0.005 and abs((abs(flat) > 3).mean() - 0.0027) < 0.0005
+
+    def corr(a, b):
+        return float(np.corrcoef(a.flatten(), b.flatten())[0, 1])
+
+    # neighbours in a slice (both halves of a Box-Muller pair among them), slice to slice, key to key: |r| < 0.01, ~7 sd
+    assert abs(corr(z[:, :-1], z[:, 1:])) < 0.01 and abs(corr(z[:, :4608], z[:, 4608:])) < 0.01
+    assert abs(corr(z[:-1], z[1:])) < 0.01
+    other = torch.stack([native_chain.standard_normal(9216, s, 8) for s in range(64)]).double()
+    assert abs(corr(z, other)) < 0.01
+    assert torch.equal(native_chain.standard_normal(9216, 5, 7).double(), z[5])  # the same stream and key: the same noise
