@@ -10,6 +10,12 @@ gamma. `per_slice=True` reproduces that (the published weights were trained so);
 both. The same code runs per sample in a data-loader worker (the two global views of one
 patch, CPU) or batched on the training device, which moves the bulk of the loader's work to
 the GPU. Order: noise, blur, brightness x, brightness +, contrast, gamma.
+
+On the CPU, `apply_intensity` runs the same arithmetic compiled (native_chain.py,
+native/intensity.c) where a C compiler could build it, and `augment_intensity` then lets the
+compiled chain draw the Gaussian noise itself (xoshiro128+ and Box-Muller, keyed from the
+generator), which is most of what a loader worker spends; the torch code below remains the
+code of every other device and the fallback.
 """
 
 from __future__ import annotations

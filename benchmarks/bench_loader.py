@@ -1,9 +1,10 @@
 """Loader throughput: training samples per second (2 global views of 16 x 96 x 96, no local
 crops) from generated patches of the real size (nibabel 286 x 286 x 24 int16).
 
-Modes: the worker reads, crops, resizes, flips and augments; or it only reads the raw crops,
-the resize, flips and intensity augmentation running batched on the training device (timed
-on their own on --aug_device).
+Modes: the worker reads, crops, resizes, flips and augments (with the compiled intensity chain
+where a C compiler built it, and with the torch chain); or it only reads the raw crops, the
+resize, flips and intensity augmentation running batched on the training device (timed on
+their own on --aug_device).
 One process (single-threaded; samples collated into batches of 32 as a worker does; the median
 of --rounds timings), then --workers loader processes.
 
@@ -20,6 +21,7 @@ import time
 import torch
 from common import make_patch_set, report  # noqa: I001
 
+import native_chain
 from augment import augment_views
 from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory, views_from_crops
 
@@ -86,15 +88,22 @@ def main() -> None:
     torch.set_num_threads(1)
     keep_freed_memory()  # as in a training loader's workers
 
+    library = native_chain.library()  # the compiled intensity chain, or None (no C compiler)
+    compiled = library is not None
     rows = []
     for ext in (".nii", ".nii.gz"):
         list_path = make_patch_set(args.root, args.patches, ext)
-        modes = (("read+crop+augment", ViewConfig()), ("raw crops (views+augment on device)", ViewConfig(intensity=False, crops_only=True)))
-        for mode, cfg in modes:
+        modes = [("read+crop+augment (compiled chain)", ViewConfig(), True)] * compiled + [
+            ("read+crop+augment (torch chain)", ViewConfig(), False),
+            ("raw crops (views+augment on device)", ViewConfig(intensity=False, crops_only=True), compiled),
+        ]
+        for mode, cfg, use_compiled in modes:
+            native_chain._library = library if use_compiled else False  # forked workers inherit the choice
             ds = SSLDataset(args.root, list_path, cfg)
             single = samples_per_second_single(ds, args.samples, args.rounds)
             multi = samples_per_second_workers(ds, args.samples * args.workers, args.workers) if args.workers > 0 else float("nan")
             rows.append({"format": ext, "worker does": mode, "1 process": round(single, 1), f"{args.workers} workers": round(multi, 1)})
+    native_chain._library = library
     torch.set_num_threads(torch.get_num_threads() if args.aug_device == "cuda" else 1)
     aug = device_aug_seconds_per_sample(SSLDataset(args.root, list_path, ViewConfig(intensity=False, crops_only=True)), args.aug_device)
     rows.append(

@@ -2,7 +2,9 @@
 # One prepared run on a lent GPU machine (see README, Performance): the training-step figures,
 # the loader with 8 workers and the augmentation on the GPU, and two short end-to-end runs that
 # show whether the training loop waits for data. Results go to $OUT (or ./gpu_results).
-# Needs nibabel: carried as a wheel in .whl/ when the machine has none.
+# Needs nibabel and MONAI: carried as wheels in .whl/ when the machine has none.
+#   STEP=0      skips the training-step figures (about 3 minutes)
+#   PATCHES=N   generated patches for the loader figures (default 96)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_results}
@@ -13,12 +15,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, nibabel; print('torch', torch.__version__, 'nibabel', nibabel.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 
+echo "== smoke: CUDA pretraining with the views and augmentation on the GPU, then fine-tuning"
+timeout 150 python3 benchmarks/gpu_smoke.py 2>&1 | grep -vE "^\s*$" | tail -n 5 | tee "$OUT/smoke.txt"
+
+if [ "${STEP:-1}" != 0 ]; then
 echo "== training step, res3d50, batch 32, 2 x 16x96x96, out_dim 60000"
 (cd benchmarks && timeout 200 python3 bench_train_step.py --device cuda --arch res3d50 --batch 32 \
   --precision fp32 tf32 bf16 --channels_last False True --steps 10 --warmup 3) 2>&1 | tee "$OUT/train_step.txt" | grep -v "^{'arch"
+fi
 
 echo "== loader, 8 workers, augmentation on the GPU"
-(cd benchmarks && timeout 120 python3 bench_loader.py --root /tmp/bench --patches 96 --samples 400 --workers 8 --aug_device cuda) 2>&1 | tee "$OUT/loader.txt"
+(cd benchmarks && timeout 120 python3 bench_loader.py --root /tmp/bench --patches ${PATCHES:-96} --samples 400 --workers 8 --aug_device cuda) 2>&1 | tee "$OUT/loader.txt"
 
 echo "== end to end: main_desd, res3d50, batch 32, bf16, 8 workers"
 for i in $(seq 20); do cat /tmp/bench/list_nii.txt; done > /tmp/bench/list_e2e.txt

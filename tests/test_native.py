@@ -2,6 +2,8 @@
 chain it reproduces, and the fallback where it cannot be built."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -141,3 +143,20 @@ def test_compiled_noise_is_standard_normal_and_independent():
     other = torch.stack([native_chain.standard_normal(9216, s, 8) for s in range(64)]).double()
     assert abs(corr(z, other)) < 0.01
     assert torch.equal(native_chain.standard_normal(9216, 5, 7).double(), z[5])  # the same stream and key: the same noise
+
+
+def test_processes_building_at_once_each_get_a_whole_library(tmp_path):
+    if native_chain.library() is None:
+        pytest.skip("no C compiler: the compiled chain cannot be built here")
+    source = tmp_path / "native" / "intensity.c"
+    source.parent.mkdir()
+    source.write_bytes(open(native_chain.SOURCE, "rb").read())
+    code = (
+        "import ctypes, sys, native_chain; native_chain.SOURCE = sys.argv[1]; "
+        "path = native_chain._build(); ctypes.CDLL(path).desd_normal_room; print(path)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(source)], cwd=root, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    paths = {run.communicate(timeout=300)[0].strip() for run in runs}
+    assert all(run.returncode == 0 for run in runs) and len(paths) == 1
+    assert os.listdir(tmp_path / "native" / "build") == [os.path.basename(paths.pop())]

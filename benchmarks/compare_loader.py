@@ -1,0 +1,66 @@
+"""Compare the loader worker path of two checkouts in one process, alternating batch by batch,
+so that both see the same machine (a shared machine's speed drifts between runs).
+
+    git worktree add /tmp/old <commit>
+    python benchmarks/compare_loader.py /tmp/old .     # A = the old code, B = this checkout
+
+Each checkout's dataset.py and augment.py are loaded under their own names (the rest, such as
+native_chain.py, comes from this checkout). Prints CPU milliseconds a sample (collated into
+batches of 32, as a worker does) for the full path and without the intensity chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from common import make_patch_set  # noqa: I001
+
+
+def load(folder: str, name: str):
+    """folder's dataset module, importing folder's augment module."""
+
+    def module(file: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_{file}", os.path.join(folder, f"{file}.py"))
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[f"{name}_{file}"] = loaded
+        spec.loader.exec_module(loaded)
+        return loaded
+
+    sys.modules["augment"] = module("augment")  # what folder's dataset.py imports
+    return module("dataset")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser("compare the loader worker path of two checkouts")
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("--root", default="bench_data")
+    parser.add_argument("--patches", default=32, type=int)
+    parser.add_argument("--rounds", default=30, type=int, help="Batches of 32 samples timed per checkout and mode.")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    modules = [load(args.a, "a"), load(args.b, "b")]
+    modules[0].keep_freed_memory()
+    list_path = make_patch_set(args.root, args.patches, ".nii")
+    for mode in ("full", "no intensity chain"):
+        datasets = [m.SSLDataset(args.root, list_path, m.ViewConfig(intensity=mode == "full")) for m in modules]
+        for m, ds in zip(modules, datasets):
+            m.collate([ds[(0, 0)]])  # warm-up
+        seconds = [0.0, 0.0]
+        for r in range(args.rounds):
+            for j in (0, 1) if r % 2 == 0 else (1, 0):
+                start = time.process_time()
+                modules[j].collate([datasets[j][(i % len(datasets[j]), r)] for i in range(32)])
+                seconds[j] += time.process_time() - start
+        a, b = (1e3 * s / (32 * args.rounds) for s in seconds)
+        print(f"{mode}: A {a:.3f} ms  B {b:.3f} ms a sample  B/A {b / a:.3f}  ({1e3 / a:.0f} and {1e3 / b:.0f} samples/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
