@@ -227,11 +227,15 @@ def apply_intensity(
     On the CPU the compiled chain (native_chain.py, the same arithmetic fused per slice) runs
     where it is available: `native` None uses it then, True requires it, False runs the torch
     code (`apply_intensity_torch`), which is also the code of every other device."""
-    if native is not False and host_reads_are_free(x.device) and x.dtype == torch.float32:
-        if native or native_chain.library() is not None:
-            return native_chain.apply_intensity(x, params, noise, swap_hw)
+    if native or (native is None and compiled_chain_runs(x)):
+        return native_chain.apply_intensity(x, params, noise, swap_hw)
     out = apply_intensity_torch(x, params, noise)
     return swap_in_plane(out) if swap_hw else out
+
+
+def compiled_chain_runs(x: torch.Tensor) -> bool:
+    """Whether views x go through the compiled chain: float32 on the CPU, where it was built."""
+    return host_reads_are_free(x.device) and x.dtype == torch.float32 and native_chain.library() is not None
 
 
 def swap_in_plane(t: torch.Tensor) -> torch.Tensor:
@@ -322,8 +326,7 @@ def augment_intensity(
     one set for every view or one per view. Returns a new tensor, (B, D, W, H) with swap_hw."""
     b, d = x.shape[:2]
     params = draw_intensity_params(b, d, probs, g, per_slice, x.device)
-    if host_reads_are_free(x.device) and x.dtype == torch.float32 and native_chain.library() is not None:
-        # the compiled chain draws the noise itself, under a key drawn from g (native/intensity.c)
+    if compiled_chain_runs(x):  # it draws the noise itself, under a key drawn from g (native/intensity.c)
         key = int(torch.randint(0, 2**62, (), generator=g))
         return native_chain.apply_intensity(x, params, None, swap_hw, key)
     return apply_intensity(x, params, torch.randn(x.shape, generator=g, device=x.device), swap_hw)

@@ -111,6 +111,8 @@ def apply_intensity(
         raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
     b, d, h, w = x.shape
     units = params["blur_sigma"].shape[1]
+    if x.device.type != "cpu" or (noise is not None and noise.device.type != "cpu"):
+        raise ValueError(f"the compiled intensity chain runs on the CPU, not on {x.device}")
     if x.dtype != torch.float32 or d % units or (noise is not None and (noise.dtype != torch.float32 or noise.shape != x.shape)):
         raise ValueError(f"expected float32 x and noise of one shape (B, D, H, W) and D a multiple of {units} units")
     x = x.contiguous()

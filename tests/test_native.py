@@ -160,3 +160,14 @@ def test_processes_building_at_once_each_get_a_whole_library(tmp_path):
     paths = {run.communicate(timeout=300)[0].strip() for run in runs}
     assert all(run.returncode == 0 for run in runs) and len(paths) == 1
     assert os.listdir(tmp_path / "native" / "build") == [os.path.basename(paths.pop())]
+
+
+@needs_library
+def test_compiled_chain_refuses_what_it_cannot_take():
+    x, params, noise = draws((2, 4, 16, 16), True)
+    with pytest.raises(ValueError, match="on the CPU"):
+        native_chain.apply_intensity(x.to("meta"), params, None)
+    with pytest.raises(ValueError, match="float32"):
+        native_chain.apply_intensity(x.double(), params, noise.double())
+    with pytest.raises(ValueError, match="one shape"):
+        native_chain.apply_intensity(x, params, noise[:, :2])
