@@ -6,7 +6,8 @@ so that both see the same machine (a shared machine's speed drifts between runs)
 
 Each checkout's dataset.py and augment.py are loaded under their own names (the rest, such as
 native_chain.py, comes from this checkout). Prints CPU milliseconds a sample (collated into
-batches of 32, as a worker does) for the full path and without the intensity chain.
+batches of 32, as a worker does) for the full path and without the intensity chain, as a JSON
+line and a table.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-from common import make_patch_set  # noqa: I001
+from common import make_patch_set, report  # noqa: I001
 
 
 def load(folder: str, name: str):
@@ -48,6 +49,7 @@ def main() -> None:
     modules = [load(args.a, "a"), load(args.b, "b")]
     modules[0].keep_freed_memory()
     list_path = make_patch_set(args.root, args.patches, ".nii")
+    rows = []
     for mode in ("full", "no intensity chain"):
         datasets = [m.SSLDataset(args.root, list_path, m.ViewConfig(intensity=mode == "full")) for m in modules]
         for m, ds in zip(modules, datasets):
@@ -59,7 +61,8 @@ def main() -> None:
                 modules[j].collate([datasets[j][(i % len(datasets[j]), r)] for i in range(32)])
                 seconds[j] += time.process_time() - start
         a, b = (1e3 * s / (32 * args.rounds) for s in seconds)
-        print(f"{mode}: A {a:.3f} ms  B {b:.3f} ms a sample  B/A {b / a:.3f}  ({1e3 / a:.0f} and {1e3 / b:.0f} samples/s)", flush=True)
+        rows.append({"worker path": mode, "A ms/sample": round(a, 3), "B ms/sample": round(b, 3), "B/A": round(b / a, 3)})
+    report(f"loader worker CPU time, A = {args.a}, B = {args.b}", rows, ["worker path", "A ms/sample", "B ms/sample", "B/A"])
 
 
 if __name__ == "__main__":
