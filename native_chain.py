@@ -98,6 +98,14 @@ def library() -> ctypes.CDLL | None:
     return _library or None
 
 
+def _required() -> ctypes.CDLL:
+    """The compiled chain; RuntimeError where it is unavailable."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
+    return lib
+
+
 def apply_intensity(
     x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor | None, swap_hw: bool = False, key: int = 0
 ) -> torch.Tensor:
@@ -106,9 +114,7 @@ def apply_intensity(
     shape, or None to draw it here under `key` (a 64-bit integer; see native/intensity.c).
     A given noise tensor's memory takes the result: (B, D, H, W), or (B, D, W, H) with
     swap_hw."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
+    lib = _required()
     b, d, h, w = x.shape
     units = params["blur_sigma"].shape[1]
     if x.device.type != "cpu" or (noise is not None and noise.device.type != "cpu"):
@@ -140,9 +146,7 @@ def apply_intensity(
 def standard_normal(count: int, stream: int, key: int) -> torch.Tensor:
     """The compiled chain's noise for one slice of `count` voxels: its `stream` (the slice's
     index in the batch) under `key`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
+    lib = _required()
     z = torch.empty(lib.desd_normal_room(count))
     lib.desd_normal(z.data_ptr(), count, stream, key)
     return z[:count]
@@ -150,9 +154,7 @@ def standard_normal(count: int, stream: int, key: int) -> torch.Tensor:
 
 def random_words(n: int, stream: int, key: int) -> torch.Tensor:
     """The raw 32-bit words under the noise (n a multiple of 8), as int64."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled intensity chain is unavailable (see the warning above)")
+    lib = _required()
     words = torch.empty(n, dtype=torch.int32)
     lib.desd_random_words(words.data_ptr(), n, stream, key)
     return words.to(torch.int64) & 0xFFFFFFFF

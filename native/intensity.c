@@ -117,6 +117,16 @@ static void blur_slice(float *s, int h, int w, const float *k, int rr, float *tm
     }
 }
 
+/* v through the unit's brightness and contrast map, clipped to [lo, hi]. */
+static inline float map_clip(float v, float scale, float shift, float lo, float hi) {
+    return fminf(fmaxf(v * scale + shift, lo), hi);
+}
+
+/* ((y - y_lo) / range) ** g, the base floored at POWER_FLOOR: base = y_lo * inv, inv = 1 / range. */
+static inline float gamma_power(float y, float inv, float base, float g) {
+    return expf(g * logf(fminf(fmaxf(y * inv - base, POWER_FLOOR), 1.0f)));
+}
+
 /* Write one (h, w) slice to out, transposed when swap. */
 static void store_slice(const float *s, float *out, int h, int w, int swap, float a, float c) {
     if (!swap) {
@@ -175,27 +185,24 @@ int desd_intensity(const float *x, const float *noise, float *out, int b, int d,
             const float scale = f * c, shift = (o - m1) * c + m1;
             float *dst = out + first;
             if (!gamma_on[v]) {
-                for (size_t i = 0; i < n; i++) y[i] = fminf(fmaxf(y[i] * scale + shift, lo1), hi1);
+                for (size_t i = 0; i < n; i++) y[i] = map_clip(y[i], scale, shift, lo1, hi1);
                 for (int s = 0; s < reps; s++) store_slice(y + s * plane, dst + s * plane, h, w, swap_hw, 1.0f, 0.0f);
                 continue;
             }
             /* gamma on the clipped unit, whose range follows from the map, then its mean and
              * std restored: one affine map of ((y - lo) / range) ** g */
-            const float y_lo = fminf(fmaxf(lo * scale + shift, lo1), hi1);
-            const float y_hi = fminf(fmaxf(hi * scale + shift, lo1), hi1);
+            const float y_lo = map_clip(lo, scale, shift, lo1, hi1), y_hi = map_clip(hi, scale, shift, lo1, hi1);
             const float span = y_hi - y_lo, inv = 1.0f / (span + 1e-7f), base = y_lo * inv, g = gamma[p];
             /* the statistics of y and u from sums of their differences to a value near their
              * mean (y's mean before the clip, the first u), which keeps float32 sums of squares
              * exact enough for slices of little contrast */
-            const float u0 = expf(g * logf(fminf(fmaxf(fminf(fmaxf(y[0] * scale + shift, lo1), hi1) * inv - base, POWER_FLOOR), 1.0f)));
+            const float u0 = gamma_power(map_clip(y[0], scale, shift, lo1, hi1), inv, base, g);
             double sy = 0.0, syy = 0.0, su = 0.0, suu = 0.0;
             for (int s = 0; s < reps; s++) {
                 float *ys = y + s * plane;
                 float py = 0.0f, pyy = 0.0f, pu = 0.0f, puu = 0.0f;
                 for (size_t i = 0; i < plane; i++) {
-                    const float yy = fminf(fmaxf(ys[i] * scale + shift, lo1), hi1);
-                    const float t = fminf(fmaxf(yy * inv - base, POWER_FLOOR), 1.0f);
-                    const float uu = expf(g * logf(t));
+                    const float yy = map_clip(ys[i], scale, shift, lo1, hi1), uu = gamma_power(yy, inv, base, g);
                     py += yy - m1;
                     pyy += (yy - m1) * (yy - m1);
                     pu += uu - u0;

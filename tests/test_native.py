@@ -66,9 +66,8 @@ def test_without_a_compiler_the_torch_chain_runs(monkeypatch):
         apply_intensity(x, params, noise.clone(), native=True)
 
 
+@needs_library
 def test_the_build_leaves_one_library_and_is_reused(tmp_path, monkeypatch):
-    if native_chain.library() is None:
-        pytest.skip("no C compiler: the compiled chain cannot be built here")
     source = tmp_path / "native" / "intensity.c"
     source.parent.mkdir()
     source.write_bytes(open(native_chain.SOURCE, "rb").read())
@@ -145,9 +144,8 @@ def test_compiled_noise_is_standard_normal_and_independent():
     assert torch.equal(native_chain.standard_normal(9216, 5, 7).double(), z[5])  # the same stream and key: the same noise
 
 
+@needs_library
 def test_processes_building_at_once_each_get_a_whole_library(tmp_path):
-    if native_chain.library() is None:
-        pytest.skip("no C compiler: the compiled chain cannot be built here")
     source = tmp_path / "native" / "intensity.c"
     source.parent.mkdir()
     source.write_bytes(open(native_chain.SOURCE, "rb").read())
