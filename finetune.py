@@ -84,6 +84,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--pretrained", default="", help="DeSD checkpoint whose teacher backbone initialises the encoder; empty: from scratch."
     )
+    group.add_argument(
+        "--partial_load",
+        default=False,
+        type=utils.bool_flag,
+        help="Load the tensors that the checkpoint shares with the encoder even if the archs differ (counts are printed).",
+    )
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", default=100, type=int)
@@ -254,7 +260,7 @@ def main(args: argparse.Namespace) -> dict:
     # ============ building the network ... ============
     model = Res3DSegmentation(create_model(args.arch), num_classes)
     if args.pretrained:
-        shared, total = load_pretrained_encoder(model.encoder, args.pretrained)
+        shared, total = load_pretrained_encoder(model.encoder, args.pretrained, partial=args.partial_load)
         print(f"Loaded {shared} of {total} encoder tensors from the teacher in {args.pretrained}")
     else:
         print("Encoder initialised from scratch.")

@@ -1,8 +1,12 @@
-"""Load a DeSD teacher's backbone into an encoder (SPEC section 7).
+"""Load a DeSD teacher's backbone into an encoder (docs/method.md, section 7).
 
 Works on this project's checkpoints and on the released DeSD format (key `teacher`, backbone
 keys `module.backbone.<name>`, `args` stored as an `argparse.Namespace`). The file is read in
 torch.load's safe mode with only `argparse.Namespace` allowed, never with the safety off.
+
+A load is all or nothing unless a partial one is asked for: the checkpoint's arch (from its
+`args`) must be the encoder's, and every encoder tensor must be in the checkpoint with its
+shape.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import torch
 from torch import nn
 
 PREFIX = "module.backbone."
+LAYER1_SHORTCUT = ("layer1.0.downsample.0.weight", "layer1.0.downsample.1.weight", "layer1.0.downsample.1.bias")
 
 
-def read_teacher_backbone(path: str) -> dict[str, torch.Tensor]:
-    """The teacher's backbone tensors from a DeSD checkpoint, with the prefix stripped."""
+def read_checkpoint(path: str) -> dict:
+    """A DeSD checkpoint in safe mode (argparse.Namespace allowed for the released format)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -25,26 +30,72 @@ def read_teacher_backbone(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(ckpt, dict) or "teacher" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise KeyError(f"{path!r} holds no 'teacher' entry (found {keys}); expected a DeSD pretraining checkpoint")
+    return ckpt
+
+
+def checkpoint_arch(ckpt: dict) -> str | None:
+    """The arch named by a checkpoint's `args` (a dict here, a Namespace in the released file)."""
+    args = ckpt.get("args")
+    arch = args.get("arch") if isinstance(args, dict) else getattr(args, "arch", None)
+    return arch if isinstance(arch, str) else None
+
+
+def teacher_backbone(ckpt: dict, path: str) -> dict[str, torch.Tensor]:
+    """The teacher's backbone tensors with the prefix stripped."""
     state = {k[len(PREFIX) :]: v for k, v in ckpt["teacher"].items() if k.startswith(PREFIX)}
     if not state:
         raise KeyError(f"{path!r}: the teacher has no '{PREFIX}*' keys; is this a DeSD checkpoint?")
     return state
 
 
-def load_pretrained_encoder(encoder: nn.Module, path: str) -> tuple[int, int]:
-    """Copy the teacher backbone's tensors into `encoder`; returns (shared, encoder total).
+def read_teacher_backbone(path: str) -> dict[str, torch.Tensor]:
+    """The teacher's backbone tensors from a DeSD checkpoint, with the prefix stripped."""
+    return teacher_backbone(read_checkpoint(path), path)
 
-    Refuses a file that shares no tensor with the encoder, and any shared name whose shape
-    differs (a different depth, say), rather than loading part of it silently.
+
+def check_layer1_shortcut(state: dict, expected: dict, path: str) -> None:
+    """Refuse a BasicBlock state that lacks the first stage's projection shortcut, which
+    every reference network has: it was written by this project before its res3d10/18/34 got
+    that shortcut, and computes another function than the reference's."""
+    missing = [k for k in LAYER1_SHORTCUT if k in expected and k not in state]
+    if missing and "layer1.0.conv1.weight" in state and "layer1.0.conv3.weight" not in state:
+        raise ValueError(
+            f"{path!r} lacks {', '.join(missing)}: it holds a BasicBlock net (res3d10/18/34) written by an earlier version of this "
+            "project, whose first stage had no projection shortcut. The reference's networks, and this project's now, have one at "
+            "every depth, so these weights compute another function; pretrain again with the current code."
+        )
+
+
+def load_pretrained_encoder(encoder: nn.Module, path: str, arch: str | None = None, partial: bool = False) -> tuple[int, int]:
+    """Copy the teacher backbone's tensors into `encoder`; returns (loaded, encoder total).
+
+    `arch` (default: the encoder's `arch` attribute, which `create_model` sets) must equal the
+    arch that the checkpoint's args name. Any shared name whose shape differs is refused. With
+    `partial=False` (the default) every encoder tensor must be in the checkpoint; with
+    `partial=True` the shared ones load, the arch check is skipped, and the counts are printed.
     """
-    state = read_teacher_backbone(path)
+    ckpt = read_checkpoint(path)
+    state = teacher_backbone(ckpt, path)
     own = encoder.state_dict()
+    arch = arch or getattr(encoder, "arch", None)
+    stored = checkpoint_arch(ckpt)
+    if not partial and arch and stored and stored != arch:
+        raise ValueError(f"{path!r} holds a {stored} teacher, but the encoder is {arch}: use --arch {stored} (or ask for a partial load)")
+    check_layer1_shortcut(state, own, path)
     shared = {k: v for k, v in state.items() if k in own}
     if not shared:
         raise ValueError(f"{path!r} shares no tensor with the encoder (checkpoint has e.g. {sorted(state)[:3]}, encoder {sorted(own)[:3]})")
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs encoder {tuple(own[k].shape)}" for k, v in shared.items() if v.shape != own[k].shape]
     if wrong:
         raise ValueError(f"{path!r} does not fit this encoder (another arch?): " + "; ".join(wrong[:3]))
+    missing = [k for k in own if k not in shared]
+    if missing and not partial:
+        raise ValueError(
+            f"{path!r} lacks {len(missing)} of the encoder's {len(own)} tensors (e.g. {missing[:3]}); "
+            f"refusing a partial load (ask for one explicitly to load the {len(shared)} shared tensors)"
+        )
     own.update(shared)
     encoder.load_state_dict(own)
+    if partial:
+        print(f"partial load from {path!r}: {len(shared)} of the encoder's {len(own)} tensors loaded, {len(missing)} left as initialised")
     return len(shared), len(own)

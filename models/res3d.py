@@ -5,6 +5,9 @@ map is (N, C_k, D/s_d, H/s, W/s) with in-plane strides 4, 8, 16, 32 and depth st
 2, 4, 8, 16. Parameter names equal those of the released DeSD weights (`conv1`, `norm1`,
 `layer{1-4}.{i}.conv{1,2,3}`, `.norm{1,2,3}`, `.downsample.{0,1}`).
 
+The first block of every stage has a projection shortcut (1x1x1 conv + norm), layer1
+included, at every depth, as in the reference: res3d10/18/34 have `layer1.0.downsample` too.
+
 Pooling and projection heads are not part of the backbone: `forward` returns the four stage
 feature maps so that the same network feeds the self-supervised heads and a segmentation
 decoder.
@@ -112,10 +115,11 @@ class Res3D(nn.Module):
             )
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
+        # The first block of every stage gets a projection shortcut, layer1 included, at every
+        # depth: the reference's test `stride != 1` compares a (1, 1, 1) tuple with 1, which is
+        # always true, so its BasicBlock nets carry `layer1.0.downsample` too (docs/method.md, 4).
         out_planes = planes * block.expansion
-        if stride != 1 or self.in_planes != out_planes:
-            downsample = nn.Sequential(nn.Conv3d(self.in_planes, out_planes, 1, stride=stride, bias=False), _norm(out_planes))
+        downsample = nn.Sequential(nn.Conv3d(self.in_planes, out_planes, 1, stride=stride, bias=False), _norm(out_planes))
         layers = [block(self.in_planes, planes, stride, downsample)]
         self.in_planes = out_planes
         layers += [block(self.in_planes, planes) for _ in range(1, blocks)]
@@ -156,7 +160,9 @@ def _constructor(depth: int) -> Callable[..., Res3D]:
     block, layers = DEPTHS[depth]
 
     def build(**kwargs) -> Res3D:
-        return Res3D(block, layers, **kwargs)
+        model = Res3D(block, layers, **kwargs)
+        model.arch = f"res3d{depth}"  # compared with a checkpoint's arch when weights are loaded
+        return model
 
     build.__name__ = f"res3d{depth}"
     build.__doc__ = f"3D ResNet-{depth} ({block.__name__}, blocks {layers})."

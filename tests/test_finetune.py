@@ -63,13 +63,39 @@ def test_a_file_in_the_released_format_with_namespace_args_loads(tmp_path):
 def test_refusals_name_the_problem(tmp_path):
     released_format(tmp_path / "other.pth", {"fc.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="shares no tensor"):
-        load_pretrained_encoder(create_model("res3d10"), str(tmp_path / "other.pth"))
+        load_pretrained_encoder(create_model("res3d50"), str(tmp_path / "other.pth"))
     released_format(tmp_path / "r50.pth", create_model("res3d50").state_dict())
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="res3d50 teacher, but the encoder is res3d18"):
         load_pretrained_encoder(create_model("res3d18"), str(tmp_path / "r50.pth"))
+    with pytest.raises(ValueError, match="does not fit"):  # even a partial load refuses tensors of other shapes
+        load_pretrained_encoder(create_model("res3d18"), str(tmp_path / "r50.pth"), partial=True)
     torch.save({"student": {}}, tmp_path / "no_teacher.pth")
     with pytest.raises(KeyError, match="no 'teacher'"):
         load_pretrained_encoder(create_model("res3d10"), str(tmp_path / "no_teacher.pth"))
+
+
+def test_a_teacher_of_another_arch_is_refused_naming_both_unless_a_partial_load_is_asked_for(tmp_path, capsys):
+    ckpt = {"teacher": {f"module.backbone.{k}": v for k, v in create_model("res3d10").state_dict().items()}, "args": {"arch": "res3d10"}}
+    torch.save(ckpt, tmp_path / "r10.pth")
+    encoder = create_model("res3d18")
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with pytest.raises(ValueError, match="res3d10 teacher, but the encoder is res3d18"):
+        load_pretrained_encoder(encoder, str(tmp_path / "r10.pth"))
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # nothing loaded
+    assert load_pretrained_encoder(encoder, str(tmp_path / "r10.pth"), partial=True) == (39, 63)
+    assert "39 of the encoder's 63 tensors loaded" in capsys.readouterr().out
+    del ckpt["args"]  # no arch stored: the missing tensors still refuse a silent partial load
+    torch.save(ckpt, tmp_path / "r10_no_args.pth")
+    with pytest.raises(ValueError, match="lacks 24 of the encoder's 63 tensors"):
+        load_pretrained_encoder(create_model("res3d18"), str(tmp_path / "r10_no_args.pth"))
+
+
+def test_a_basicblock_checkpoint_without_the_layer1_shortcut_is_refused_saying_why(tmp_path):
+    state = create_model("res3d18").state_dict()
+    old = {f"module.backbone.{k}": v for k, v in state.items() if not k.startswith("layer1.0.downsample.")}
+    torch.save({"teacher": old, "args": {"arch": "res3d18"}}, tmp_path / "old.pth")
+    with pytest.raises(ValueError, match="earlier version of this project.*no projection shortcut"):
+        load_pretrained_encoder(create_model("res3d18"), str(tmp_path / "old.pth"))
 
 
 def test_dice_of_hand_made_masks():

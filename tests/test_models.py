@@ -1,3 +1,4 @@
+import json
 import math
 import os
 
@@ -6,9 +7,8 @@ import torch
 
 from models import DeSDStudent, DeSDTeacher, DINOHead, create_model, list_models
 
-REFERENCE = os.path.join(
-    os.path.dirname(__file__), "data", "res3d50_state_dict_shapes.tsv"
-)  # copied from the project SPEC's reference folder
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "res3d50_state_dict_shapes.tsv")  # the released weights' names
+ALL_DEPTHS = os.path.join(os.path.dirname(__file__), "data", "res3d_state_dict_shapes.json")  # the reference networks, every depth
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -37,6 +37,16 @@ def test_res3d50_names_and_shapes_equal_the_released_weights():
     actual = {k: tuple(v.shape) for k, v in create_model("res3d50").state_dict().items()}
     assert actual == expected
     assert len(actual) == 159
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_depth_has_the_reference_names_and_shapes_including_the_layer1_shortcut(name):
+    with open(ALL_DEPTHS) as f:
+        expected = {k: tuple(v) for k, v in json.load(f)[name].items()}
+    model = create_model(name)
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert actual == expected
+    assert "layer1.0.downsample.0.weight" in actual and model.arch == name
 
 
 @pytest.mark.parametrize("name,widths", [("res3d18", [64, 128, 256, 512]), ("res3d50", [256, 512, 1024, 2048])])
