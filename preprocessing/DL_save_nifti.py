@@ -1,4 +1,4 @@
-"""DeepLesion PNG slices -> NIfTI sub-volumes (SPEC section 2.1, NIH's conversion).
+"""DeepLesion PNG slices -> NIfTI sub-volumes (docs/method.md, section 2.1; NIH's conversion).
 
 For each series folder `Images_png/{patient:06d}_{study:02d}_{series:02d}/` (sorted):
 1. spacing (sx, sy, sz) = `Spacing_mm_px_` of the first `DL_info.csv` row of that series;
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import os
 import sys
 
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import JobResult, remove_stale_partials, run_jobs, summarise, write_atomic  # noqa: E402
+from runner import JobResult, remove_stale_partials, run_jobs, spacing_warnings, summarise, write_atomic  # noqa: E402
 
 HU_OFFSET = 32768
 CSV_COLUMNS = (
@@ -47,18 +48,47 @@ def parse_spacing(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def read_series_spacing(csv_path: str) -> dict[str, str]:
-    """Series folder name -> raw `Spacing_mm_px_` text of its first row in DL_info.csv."""
+def read_series_spacing(csv_path: str) -> tuple[dict[str, str], list[str]]:
+    """Series folder name -> raw `Spacing_mm_px_` text of its first row in DL_info.csv, and
+    the warnings met: rows that cannot be used (named by line number, then skipped), a file
+    that is not UTF-8 (read as Latin-1), exact duplicate rows, and series whose rows give
+    different spacings (the first row's is used)."""
+    with open(csv_path, "rb") as f:
+        raw = f.read()
+    warnings: list[str] = []
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        text = raw.decode("latin-1")
+        warnings.append(f"{csv_path}: not UTF-8 (first at line {line}); read as Latin-1")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in ("Patient_index", "Study_index", "Series_ID", "Spacing_mm_px_") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{csv_path}: missing columns {missing}; expected DeepLesion's DL_info.csv")
     spacing: dict[str, str] = {}
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("Patient_index", "Study_index", "Series_ID", "Spacing_mm_px_") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing columns {missing}; expected DeepLesion's DL_info.csv")
-        for row in reader:
+    conflicts: dict[str, set[str]] = {}
+    seen: set[tuple] = set()
+    for row in reader:
+        line = reader.line_num
+        fields = tuple(row.get(c) for c in reader.fieldnames or [])
+        if fields in seen:
+            warnings.append(f"{csv_path}, line {line}: duplicate of an earlier row")
+            continue
+        seen.add(fields)
+        try:
             key = f"{int(row['Patient_index']):06d}_{int(row['Study_index']):02d}_{int(row['Series_ID']):02d}"
-            spacing.setdefault(key, row["Spacing_mm_px_"])
-    return spacing
+        except (TypeError, ValueError):
+            ids = (row.get("Patient_index"), row.get("Study_index"), row.get("Series_ID"))
+            warnings.append(f"{csv_path}, line {line}: Patient_index, Study_index, Series_ID {ids} are not integers; row skipped")
+            continue
+        text_spacing = (row["Spacing_mm_px_"] or "").strip()
+        if key in spacing and text_spacing != spacing[key]:
+            conflicts.setdefault(key, {spacing[key]}).add(text_spacing)
+        spacing.setdefault(key, text_spacing)
+    for key, values in sorted(conflicts.items()):
+        warnings.append(f"{csv_path}: series {key} has rows with different spacings {sorted(values)}; using the first, {spacing[key]!r}")
+    return spacing, warnings
 
 
 def split_runs(indices: list[int]) -> list[list[int]]:
@@ -73,11 +103,15 @@ def split_runs(indices: list[int]) -> list[list[int]]:
 
 
 def read_png_hu(path: str) -> np.ndarray:
-    """A 16-bit DeepLesion PNG as int16 Hounsfield units."""
-    with Image.open(path) as img:
-        if img.mode not in ("I;16", "I;16B", "I"):
-            raise ValueError(f"{path}: not a 16-bit grey PNG (mode {img.mode})")
-        arr = np.asarray(img).astype(np.int32)
+    """A 16-bit DeepLesion PNG as int16 Hounsfield units; a truncated or corrupt file raises
+    naming it."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("I;16", "I;16B", "I"):
+                raise ValueError(f"{path}: not a 16-bit grey PNG (mode {img.mode})")
+            arr = np.asarray(img).astype(np.int32)
+    except (OSError, SyntaxError) as err:  # PIL's errors for truncated and corrupt files
+        raise ValueError(f"{path}: unreadable PNG ({err})") from None
     if arr.min() < 0 or arr.max() > 65535:
         raise ValueError(f"{path}: values outside the 16-bit range")
     return (arr - HU_OFFSET).astype(np.int16)
@@ -92,12 +126,24 @@ def output_name(folder: str, run: list[int]) -> str:
     return f"{folder}_{run[0]:03d}-{run[-1]:03d}.nii.gz"
 
 
+def stack_slices(paths: list[str]) -> np.ndarray:
+    """The slices as one (rows, cols, slices) int16 volume; slices of another size than the
+    first are named with both sizes."""
+    slices = [read_png_hu(p) for p in paths]
+    odd = [(p, a.shape) for p, a in zip(paths, slices) if a.shape != slices[0].shape]
+    if odd:
+        raise ValueError(f"{odd[0][0]} is {odd[0][1][0]} x {odd[0][1][1]}, but {paths[0]} is {slices[0].shape[0]} x {slices[0].shape[1]}")
+    return np.stack(slices, axis=2)
+
+
 def convert_series(folder: str, png_dir: str, out_dir: str, spacing_text: dict[str, str]) -> JobResult:
-    """Write every sub-volume of one series folder; skip those already written."""
+    """Write every sub-volume of one series folder; skip those already written. A sub-volume
+    that fails is reported; the others are still written, and all are counted."""
     result = JobResult(name=folder)
     if folder not in spacing_text:
-        raise ValueError(f"series {folder} has no row in DL_info.csv")
+        raise ValueError(f"series {folder} has no usable row in DL_info.csv")
     spacing = parse_spacing(spacing_text[folder])
+    result.warnings += spacing_warnings(f"series {folder}", spacing)
     files = [f for f in os.listdir(os.path.join(png_dir, folder)) if f.endswith(".png")]
     indices = []
     for f in files:
@@ -113,7 +159,11 @@ def convert_series(folder: str, png_dir: str, out_dir: str, spacing_text: dict[s
         if os.path.exists(path):
             result.skipped.append(name)
             continue
-        volume = np.stack([read_png_hu(os.path.join(png_dir, folder, f"{i:03d}.png")) for i in run], axis=2)  # (rows, cols, slices)
+        try:
+            volume = stack_slices([os.path.join(png_dir, folder, f"{i:03d}.png") for i in run])  # (rows, cols, slices)
+        except ValueError as err:
+            result.error = "; ".join(filter(None, [result.error, str(err)]))
+            continue
         image = nib.Nifti1Image(volume, nih_affine(spacing))
         write_atomic(path, lambda tmp, image=image: nib.save(image, tmp))
         result.written.append(name)
@@ -141,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"CSV file {csv_path!r} does not exist")
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_partials(out_dir)
-    spacing = read_series_spacing(csv_path)
+    spacing, warnings = read_series_spacing(csv_path)
+    for w in warnings:
+        print(f"WARNING {w}", file=sys.stderr)
     folders = sorted(d for d in os.listdir(png_dir) if os.path.isdir(os.path.join(png_dir, d)))
+    if not folders:
+        print(f"no series folder found in {png_dir}: nothing to convert (expected Images_png/<patient>_<study>_<series>/)", file=sys.stderr)
+        return 1
     job = functools.partial(convert_series, png_dir=png_dir, out_dir=out_dir, spacing_text=spacing)
     results = run_jobs(job, folders, args.workers, "PNG -> NIfTI")
     return summarise(results, f"sub-volumes in {out_dir}")

@@ -1,9 +1,18 @@
-"""Resample NIfTI sub-volumes to 1 x 1 x 1 mm (SPEC section 2.2).
+"""Resample NIfTI sub-volumes to 1 x 1 x 1 mm (docs/method.md, section 2.2).
 
-Order of operations: read with SimpleITK; clip to [-1024, 1024] HU; resample with cubic
-B-spline interpolation onto a grid with the same origin and direction and 1 mm spacing, of
-size input size x spacing per axis (depth, the third SimpleITK axis, rounded; the in-plane
-axes truncated, as in the reference); round to int16; write under the same file name.
+Order of operations: check that the file is whole; read with SimpleITK; clip to
+[-1024, 1024] HU; resample with cubic B-splines at the reference's sampling positions; clip
+to the clipped input's range; round to int16; write under the same file name.
+
+Sampling positions. Output size per axis is input size x spacing (depth, the third
+SimpleITK axis, rounded; the in-plane axes truncated, as in the reference). The reference
+resizes the array edge-aligned (skimage's resize): output voxel i of n_out samples input
+index (i + 0.5) * n_in / n_out - 0.5, so the output covers exactly the input's extent and no
+output voxel lies beyond it. We sample the same positions, and the saved geometry says where
+they are: spacing = input extent / n_out per axis (1 mm up to the rounding of the size) and
+origin = the physical position of the first sample; direction unchanged. The half voxel
+beyond the outermost input samples reads the nearest sample, and the result is clipped to
+the input's range, as skimage's resize clips, which also holds axes of 1 to 4 samples in range.
 
     python preprocessing/re_spacing_ITK.py --data_root data/DeepLesion --workers 8
 """
@@ -15,13 +24,19 @@ import functools
 import os
 import sys
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import JobResult, remove_stale_partials, run_jobs, summarise, write_atomic  # noqa: E402
+from runner import JobResult, nifti_problem, remove_stale_partials, run_jobs, spacing_warnings, summarise, write_atomic  # noqa: E402
 
 HU_RANGE = (-1024, 1024)
+MAX_SIDE = 1024
+MIN_SPLINE_SAMPLES = (
+    4  # ITK's cubic B-spline needs this many samples on every axis  # a resampled axis longer than this is seldom a CT sub-volume
+)
 
 
 def target_size(size: tuple[int, int, int], spacing: tuple[float, float, float], new_spacing: float = 1.0) -> list[int]:
@@ -30,20 +45,52 @@ def target_size(size: tuple[int, int, int], spacing: tuple[float, float, float],
     return [max(int(x), 1), max(int(y), 1), max(int(round(z)), 1)]
 
 
+def output_grid(image: sitk.Image, new_spacing: float = 1.0) -> tuple[list[int], list[float], tuple[float, ...]]:
+    """(size, spacing, origin) of the edge-aligned output grid (see the module docstring)."""
+    n_in, spacing = image.GetSize(), image.GetSpacing()
+    n_out = target_size(n_in, spacing, new_spacing)
+    out_spacing = [n * s / m for n, s, m in zip(n_in, spacing, n_out)]
+    shift = [(0.5 * n / m - 0.5) * s for n, s, m in zip(n_in, spacing, n_out)]  # first sample, in input index units x spacing
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = tuple(float(v) for v in np.array(image.GetOrigin()) + direction @ np.array(shift))
+    return n_out, out_spacing, origin
+
+
 def resample_volume(image: sitk.Image, new_spacing: float = 1.0, hu_range=HU_RANGE) -> sitk.Image:
-    """Clip, then resample to isotropic `new_spacing` mm with cubic B-splines; int16 out."""
+    """Clip, then resample to `new_spacing` mm with cubic B-splines on the edge-aligned grid;
+    int16 out, within the clipped input's range."""
     clipped = sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32, float(hu_range[0]), float(hu_range[1]))
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(clipped)
+    size, spacing, origin = output_grid(image, new_spacing)
+    if min(image.GetSize()) < MIN_SPLINE_SAMPLES:
+        return _resample_small(clipped, size, spacing, origin, (stats.GetMinimum(), stats.GetMaximum()))
     resampler = sitk.ResampleImageFilter()
-    resampler.SetOutputSpacing([new_spacing] * 3)
-    resampler.SetSize(target_size(image.GetSize(), image.GetSpacing(), new_spacing))
-    resampler.SetOutputOrigin(image.GetOrigin())
+    resampler.SetSize(size)
+    resampler.SetOutputSpacing(spacing)
+    resampler.SetOutputOrigin(origin)
     resampler.SetOutputDirection(image.GetDirection())
     resampler.SetInterpolator(sitk.sitkBSpline)
-    resampler.SetDefaultPixelValue(float(hu_range[0]))
+    resampler.SetUseNearestNeighborExtrapolator(True)
     out = resampler.Execute(clipped)
-    arr = np.rint(sitk.GetArrayFromImage(out)).clip(-32768, 32767).astype(np.int16)
+    arr = np.rint(sitk.GetArrayFromImage(out).clip(stats.GetMinimum(), stats.GetMaximum())).astype(np.int16)
     result = sitk.GetImageFromArray(arr)
     result.CopyInformation(out)
+    return result
+
+
+def _resample_small(clipped: sitk.Image, size, spacing, origin, value_range) -> sitk.Image:
+    """The same resampling for a volume with an axis of fewer than 4 samples, where ITK's
+    B-spline reads uninitialised memory (values up to +-3e38 that change from run to run):
+    scipy's cubic spline at the same positions, mirrored at the edges as the reference's resize."""
+    arr = sitk.GetArrayFromImage(clipped).astype(np.float64)  # (z, y, x)
+    n_out = size[::-1]
+    coords = np.meshgrid(*[(np.arange(o) + 0.5) * n / o - 0.5 for n, o in zip(arr.shape, n_out)], indexing="ij", sparse=False)
+    out = ndimage.map_coordinates(arr, coords, order=3, mode="mirror")
+    result = sitk.GetImageFromArray(np.rint(out.clip(*value_range)).astype(np.int16))
+    result.SetSpacing(spacing)
+    result.SetOrigin(origin)
+    result.SetDirection(clipped.GetDirection())
     return result
 
 
@@ -54,16 +101,33 @@ def resample_file(name: str, in_dir: str, out_dir: str) -> JobResult:
         result.skipped.append(name)
         return result
     in_path = os.path.join(in_dir, name)
+    problem = nifti_problem(in_path)
+    if problem:
+        raise ValueError(f"{in_path}: {problem}")
     try:
         image = sitk.ReadImage(in_path)
     except RuntimeError as err:
         raise ValueError(f"{in_path}: unreadable NIfTI ({str(err).strip().splitlines()[-1]})") from None
     if image.GetDimension() != 3:
         raise ValueError(f"{in_path}: expected a 3-D volume, got {image.GetDimension()}-D")
+    result.warnings += geometry_warnings(in_path, image)
     resampled = resample_volume(image)
     write_atomic(out_path, lambda tmp: sitk.WriteImage(resampled, tmp, useCompression=tmp.endswith(".gz")))
     result.written.append(name)
     return result
+
+
+def geometry_warnings(path: str, image: sitk.Image) -> list[str]:
+    """Implausible spacing, a zero pixdim that the reader took for 1 mm, an oversized output."""
+    warnings = spacing_warnings(path, image.GetSpacing())
+    with nib.openers.ImageOpener(path) as f:
+        pixdim = nib.Nifti1Header.from_fileobj(f, check=False)["pixdim"][1:4]  # as stored: a checked header has zeros set to 1
+    if np.any(pixdim == 0):
+        warnings.append(f"{path}: pixdim {tuple(float(p) for p in pixdim)} has a zero, read as 1 mm")
+    size = target_size(image.GetSize(), image.GetSpacing())
+    if max(size) > MAX_SIDE:
+        warnings.append(f"{path}: resampled size {tuple(size)} exceeds {MAX_SIDE} on an axis (spacing {image.GetSpacing()})")
+    return warnings
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     remove_stale_partials(out_dir)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1 if args.workers > 1 else os.cpu_count() or 1)
     names = sorted(f for f in os.listdir(in_dir) if f.endswith((".nii.gz", ".nii")) and not f.startswith("."))
+    if not names:
+        print(f"no .nii or .nii.gz volume found in {in_dir}", file=sys.stderr)
+        return 1
     results = run_jobs(functools.partial(resample_file, in_dir=in_dir, out_dir=out_dir), names, args.workers, "resample 1 mm")
     return summarise(results, f"volumes in {out_dir}")
 

@@ -1,30 +1,46 @@
-"""What the three preprocessing scripts share: atomic writes, a parallel job runner with a
-tqdm bar, and the closing summary (written / skipped / failed, with reasons)."""
+"""What the three preprocessing scripts share: atomic writes, a check that a NIfTI file is
+complete, a parallel job runner with a tqdm bar whose workers die with it, and the closing
+summary (written / skipped / failed, with reasons, and warnings)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
+import signal
+import struct
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+import nibabel as nib
+import numpy as np
 from tqdm import tqdm
 
 
 @dataclass
 class JobResult:
-    """Outcome of one input: `written` and `skipped` list output names; `error` says why it failed."""
+    """Outcome of one input: `written` and `skipped` list output names; `error` says why it
+    failed (outputs written before the failure stay listed); `warnings` are implausible but
+    usable findings."""
 
     name: str
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+# ============ atomic writes and stale temporaries ============
+
+PARTIAL = re.compile(r"^\..*\.partial(\d+)(\.nii\.gz|\.[^.]*)?$")
 
 
 def partial_name(path: str) -> str:
-    """Temporary name beside `path`, hidden, keeping the extension so writers pick the format."""
+    """Temporary name beside `path`, hidden, naming the writing process and keeping the
+    extension so writers pick the format."""
     folder, name = os.path.split(path)
     ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
     return os.path.join(folder, f".{name[: len(name) - len(ext)]}.partial{os.getpid()}{ext}")
@@ -42,14 +58,81 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def remove_stale_partials(folder: str) -> int:
-    """Delete temporary files left by a killed run."""
+    """Delete the temporary files of processes that are gone (a killed run's); those of a
+    live process, another run working in the same folder, are left alone."""
     if not os.path.isdir(folder):
         return 0
-    stale = [f for f in os.listdir(folder) if f.startswith(".") and ".partial" in f]
-    for f in stale:
-        os.remove(os.path.join(folder, f))
-    return len(stale)
+    removed = 0
+    for f in os.listdir(folder):
+        m = PARTIAL.match(f)
+        if m and not pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, f))
+                removed += 1
+            except FileNotFoundError:  # its owner renamed it meanwhile
+                pass
+    return removed
+
+
+# ============ input checks ============
+
+
+def nifti_problem(path: str) -> str | None:
+    """Why a NIfTI file is not whole, or None: a header that does not parse, a `.nii` shorter
+    than its header promises, or a `.nii.gz` whose gzip trailer (the uncompressed size) does
+    not match the header's voxel count, as a cut-short download or copy leaves it. SimpleITK
+    would read the missing voxels as zeros. Reads the header and the last 4 bytes only."""
+    try:
+        image = nib.load(path)
+        offset = int(image.dataobj.offset)  # the file's; image.header's offset is reset for writing
+    except Exception as err:
+        return f"unreadable NIfTI header ({err})"
+    expected = offset + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+    size = os.path.getsize(path)
+    if path.endswith(".gz"):
+        with open(path, "rb") as f:
+            if size < 18 or f.read(2) != b"\x1f\x8b":
+                return "not a gzip file"
+            f.seek(-4, os.SEEK_END)
+            (isize,) = struct.unpack("<I", f.read(4))
+        if isize != expected % 2**32:
+            return f"truncated or corrupt: the gzip stream holds {isize} bytes, the header needs {expected}"
+        return None
+    if size < expected:
+        return f"truncated: {size} bytes, the header needs {expected}"
+    return None
+
+
+def spacing_warnings(path: str, spacing) -> list[str]:
+    """Spacings outside 0.2-10 mm are seldom CT; say so."""
+    odd = [s for s in spacing if not 0.2 <= s <= 10]
+    return [f"{path}: implausible spacing {tuple(round(s, 4) for s in spacing)} mm (CT is 0.2-10 mm)"] if odd else []
+
+
+# ============ running jobs ============
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initialiser: be killed when the parent dies, even by `kill -9` (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _safe_call(job: Callable[..., JobResult], item) -> JobResult:
@@ -61,11 +144,11 @@ def _safe_call(job: Callable[..., JobResult], item) -> JobResult:
 
 def run_jobs(job: Callable[..., JobResult], items: Iterable, workers: int, desc: str) -> list[JobResult]:
     """Run job(item) for every item on `workers` processes, with a progress bar. A failing item
-    does not stop the others."""
+    does not stop the others; the workers die with this process."""
     items = list(items)
     if workers <= 1:
         return [_safe_call(job, it) for it in tqdm(items, desc=desc, unit="file")]
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(_safe_call, [job] * len(items), items, chunksize=1), total=len(items), desc=desc, unit="file"))
 
 
@@ -76,7 +159,10 @@ def summarise(results: list[JobResult], what: str) -> int:
         counts["written"] += len(r.written)
         counts["skipped"] += len(r.skipped)
     failed = [r for r in results if r.error]
+    warnings = [w for r in results for w in r.warnings]
     print(f"{what}: {counts['written']} written, {counts['skipped']} skipped as already done, {len(failed)} failed")
+    for w in warnings:
+        print(f"  WARNING {w}", file=sys.stderr)
     for r in failed:
         print(f"  FAILED {r.name}: {r.error}", file=sys.stderr)
     return 1 if failed else 0

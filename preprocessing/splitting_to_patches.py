@@ -5,9 +5,11 @@ ceil((d - 24) / 12) + 1 of them, the last one flush with the end of the volume; 
 at most 24 slices gives one tile of its own depth. If rows > 320, only the central 80% of
 rows and columns is kept. Patches are int16 with the volume's spacing, origin and direction,
 named `DL_patches_v2/{stem}_dep{k}{ext}`. The list file names, sorted and relative to the data
-root, every patch of every volume that is done (written now or by an earlier run). Unlike the
-reference, whose list filter misses the `.nii` files it writes, the list is never empty when
-patches exist.
+root, every complete patch of that extension in the patch folder, whichever run wrote it:
+processing the data in batches, or deleting resampled volumes to free disk, never shrinks it.
+The run says how many entries it added to the earlier list, kept, and dropped (patches gone
+from disk or found incomplete). Unlike the reference, whose list filter misses the `.nii`
+files it writes, the list is never empty when patches exist.
 
     python preprocessing/splitting_to_patches.py --data_root data/DeepLesion --workers 8
     (add --ext .nii for uncompressed patches: larger on disk, faster to read in training)
@@ -19,13 +21,14 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 
 import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import JobResult, remove_stale_partials, run_jobs, summarise, write_atomic  # noqa: E402
+from runner import JobResult, nifti_problem, remove_stale_partials, run_jobs, summarise, write_atomic  # noqa: E402
 
 TILE, STRIDE, MAX_ROWS = 24, 12, 320
 KEEP_FROM, KEEP_TO = 0.1, 0.9  # the central 80% of rows and columns
@@ -64,6 +67,9 @@ def patch_names(name: str, depth: int, ext: str) -> list[str]:
 def split_file(name: str, in_dir: str, out_dir: str, ext: str) -> JobResult:
     result = JobResult(name=name)
     in_path = os.path.join(in_dir, name)
+    problem = nifti_problem(in_path)
+    if problem:
+        raise ValueError(f"{in_path}: {problem}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(in_path)
     try:
@@ -92,16 +98,40 @@ def split_file(name: str, in_dir: str, out_dir: str, ext: str) -> JobResult:
     return result
 
 
-def write_list(results: list[JobResult], list_path: str, patch_folder: str) -> int:
-    """Write the list of every patch of every volume that succeeded; returns its length."""
-    entries = sorted(f"{patch_folder}/{n}" for r in results if not r.error for n in r.written + r.skipped)
+PATCH_NAME = re.compile(r"_dep\d+$")
+
+
+def complete_patches(out_dir: str, ext: str) -> tuple[list[str], list[str]]:
+    """(complete, incomplete) patch file names of extension `ext` in `out_dir`."""
+    names = sorted(f for f in os.listdir(out_dir) if f.endswith(ext) and not f.startswith(".") and PATCH_NAME.search(stem_of(f)))
+    if ext == ".nii":  # `.nii.gz` names end in `.gz`, never in `.nii`
+        names = [f for f in names if not f.endswith(".nii.gz")]
+    bad = [f for f in names if nifti_problem(os.path.join(out_dir, f))]
+    return [f for f in names if f not in set(bad)], bad
+
+
+def write_list(list_path: str, patch_folder: str, out_dir: str, ext: str) -> dict[str, int]:
+    """Write the list of every complete patch in the patch folder; returns what changed
+    against the list already there (added, kept, dropped) and its length."""
+    names, bad = complete_patches(out_dir, ext)
+    entries = [f"{patch_folder}/{n}" for n in names]
+    before: set[str] = set()
+    if os.path.isfile(list_path):
+        with open(list_path) as f:
+            before = {line.strip() for line in f if line.strip()}
+    for n in bad:
+        print(
+            f"  WARNING {os.path.join(out_dir, n)}: incomplete ({nifti_problem(os.path.join(out_dir, n))}); left out of the list",
+            file=sys.stderr,
+        )
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.writelines(e + "\n" for e in entries)
 
     write_atomic(list_path, write)
-    return len(entries)
+    now = set(entries)
+    return {"total": len(entries), "added": len(now - before), "kept": len(now & before), "dropped": len(before - now)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -126,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_partials(out_dir)
     names = sorted(f for f in os.listdir(in_dir) if f.endswith((".nii.gz", ".nii")) and not f.startswith("."))
+    if not names:
+        print(f"note: no .nii or .nii.gz volume in {in_dir}; the list is rebuilt from the patches already on disk", file=sys.stderr)
     job = functools.partial(split_file, in_dir=in_dir, out_dir=out_dir, ext=args.ext)
     results = run_jobs(job, names, args.workers, "split 24 slices")
     status = summarise(results, f"patches in {out_dir}")
-    n = write_list(results, os.path.join(args.data_root, args.list_name), args.patch_folder)
-    print(f"list: {n} patches in {os.path.join(args.data_root, args.list_name)}")
+    list_path = os.path.join(args.data_root, args.list_name)
+    change = write_list(list_path, args.patch_folder, out_dir, args.ext)
+    print(
+        f"list: {change['total']} patches in {list_path} "
+        f"({change['added']} added, {change['kept']} kept from the earlier list, {change['dropped']} dropped)"
+    )
     return status
 
 
