@@ -109,7 +109,10 @@ def _inside(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], de
     if r0 >= r1 or c0 >= c1 or d0 >= d1:
         return None, None
     where = (slice(d0 - depths[0], d1 - depths[0]), slice(c0 - cols[0], c1 - cols[0]), slice(r0 - rows[0], r1 - rows[0]))
-    return np.asarray(volume[r0:r1, c0:c1, d0:d1]).T, where
+    block = np.asarray(volume[r0:r1, c0:c1, d0:d1]).T
+    if block.dtype.kind == "f" and not np.isfinite(block).all():  # float patches only; int16 ones cannot hold NaN
+        raise ValueError("non-finite values (NaN or inf) in the patch")
+    return block, where
 
 
 def read_slices(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:

@@ -38,6 +38,7 @@ from augment import augment_views
 from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
 from loss import STAGE_NAMES, DeSDLoss
 from models import DeSDStudent, DeSDTeacher, create_model, list_models
+from models.pretrained import PREFIX, check_layer1_shortcut
 from models.res3d import last_stage_shape
 
 
@@ -240,6 +241,44 @@ def validate_args(args: argparse.Namespace) -> None:
             )
     if not args.data_path:
         raise ValueError("--data_path is required (the folder that holds DL_patches_v2/ and the list file)")
+    positive = ("lr", "warmup_teacher_temp", "teacher_temp")
+    non_negative = ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs", "warmup_teacher_temp_epochs")
+    for name in positive + non_negative:
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
+            raise ValueError(f"--{name} must be a finite {'positive' if name in positive else 'non-negative'} number, got {value}")
+    if not (math.isfinite(args.momentum_teacher) and 0 <= args.momentum_teacher <= 1):
+        raise ValueError(f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
+    weights = tuple(args.stage_weights)
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise ValueError(f"--stage_weights must be finite, non-negative and not all zero, got {weights} ('0 0 0 1' is DINO)")
+
+
+# the stored arguments that shape a run's state: a resumed run must have the same
+STATE_SETTINGS = ("arch", "out_dim", "stage_weights", "use_bn_in_head", "norm_last_layer", "optimizer", "local_crops_number")
+
+
+def check_resumable(ckpt: dict, path: str, args: argparse.Namespace) -> None:
+    """Refuse to resume a checkpoint whose run had other state-shaping settings, naming each,
+    or one of a BasicBlock net without the reference's layer1 shortcut."""
+    stored = ckpt.get("args") or {}
+    stored = stored if isinstance(stored, dict) else vars(stored)
+
+    def norm(v):
+        return [float(x) for x in v] if isinstance(v, list | tuple) else v
+
+    differ = [
+        f"{k} {norm(stored[k])} (this run: {norm(getattr(args, k))})"
+        for k in STATE_SETTINGS
+        if k in stored and norm(stored[k]) != norm(getattr(args, k))
+    ]
+    if differ:
+        raise ValueError(
+            f"{path!r} is a run with other settings: {'; '.join(differ)}. Resume with the same settings, "
+            "or give this run another --output_dir"
+        )
+    teacher = {k[len(PREFIX) :]: v for k, v in ckpt.get("teacher", {}).items() if k.startswith(PREFIX)}
+    check_layer1_shortcut(teacher, create_model(args.arch).state_dict(), path)
 
 
 def autocast_context(args: argparse.Namespace, device: torch.device):
@@ -251,6 +290,18 @@ def autocast_context(args: argparse.Namespace, device: torch.device):
 def train_desd(args: argparse.Namespace) -> None:
     validate_args(args)
     device = utils.init_distributed_mode(args)
+    lock = None
+    if utils.is_main_process():  # one live run per output folder
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock = utils.RunLock(args.output_dir).acquire()
+    try:
+        run_training(args, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(args: argparse.Namespace, device: torch.device) -> None:
     utils.settle_vector_math()  # before any arithmetic: see its docstring
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
@@ -354,6 +405,7 @@ def train_desd(args: argparse.Namespace) -> None:
         steps_per_epoch,
         warmup_epochs=args.warmup_epochs,
     )
+    warn_about_schedule(args, lr_schedule, global_batch, steps_per_epoch)
     wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, steps_per_epoch)
     print("Loss, optimizer and schedulers ready.")
@@ -366,6 +418,7 @@ def train_desd(args: argparse.Namespace) -> None:
         dist.barrier()
     ckpt_path, ckpt = utils.load_latest_checkpoint(args.output_dir)
     if ckpt is not None:
+        check_resumable(ckpt, ckpt_path, args)
         utils.restore(
             ckpt,
             ckpt_path,
@@ -417,9 +470,23 @@ def save_checkpoint(
     args, student, teacher, optimizer, fp16_scaler, desd_loss, epoch: int, iteration: int, name: str = "checkpoint.pth"
 ) -> None:
     """Write the run's state on rank 0, atomically. `epoch` and `iteration` say where to resume.
-    Model keys carry the `module.` prefix at every world size (SPEC section 6)."""
+    Model keys carry the `module.` prefix at every world size (docs/method.md, section 6).
+    Weights that are not finite are never written: the run stops instead."""
     if not utils.is_main_process():
         return
+    bad = [
+        name
+        for model in (student, teacher)
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        print(
+            f"Non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}) at epoch {epoch}, iteration {iteration}: stopping without "
+            f"writing {name}; the last checkpoint is left as it was.",
+            flush=True,
+        )
+        sys.exit(1)
     state = {
         "student": utils.with_prefix(student.state_dict()),
         "teacher": utils.with_prefix(teacher.state_dict()),
@@ -433,6 +500,20 @@ def save_checkpoint(
         state["fp16_scaler"] = fp16_scaler.state_dict()
     os.makedirs(args.output_dir, exist_ok=True)
     utils.save_atomic(state, os.path.join(args.output_dir, name), keep_previous=name == "checkpoint.pth")
+
+
+def warn_about_schedule(args: argparse.Namespace, lr_schedule: np.ndarray, global_batch: int, steps_per_epoch: int) -> None:
+    """Learning-rate settings that make a run learn nothing, said before it starts."""
+    peak = args.lr * global_batch / 256.0
+    if peak < 1e-5:
+        print(f"WARNING: the peak learning rate is {peak:.3g} (--lr {args.lr} x global batch {global_batch} / 256): too small to learn")
+    if peak < args.min_lr:
+        print(
+            f"WARNING: the peak learning rate {peak:.3g} (--lr {args.lr} x {global_batch} / 256) is below --min_lr {args.min_lr}, "
+            "which is not scaled: the cosine schedule rises instead of falling. Scale --min_lr with the batch too."
+        )
+    if args.warmup_epochs > args.epochs:
+        print(f"WARNING: --warmup_epochs {args.warmup_epochs} is longer than the run ({args.epochs} epochs): it never leaves the warm-up")
 
 
 def warn_if_collapsing(stats: dict, out_dim: int) -> None:
@@ -469,7 +550,7 @@ def train_one_epoch(
             crops, geometry = views
             crops = [c.to(device, non_blocking=True) for c in crops]
             views = views_from_crops(crops, geometry.to(device, non_blocking=True), loader.dataset.cfg)
-            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + args.rank * 7919 + epoch * iters_per_epoch + it)
+            g = torch.Generator(device=device).manual_seed(utils.hashed_seed(args.seed, args.rank, epoch, it))
             views = augment_views(views, g, per_slice=not args.augment_per_volume)
         else:
             views = [v.to(device, non_blocking=True) for v in views]

@@ -26,6 +26,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "int
 # CPU's widest vectors (the library is built per CPU), dropped where the compiler refuses it
 FLAG_SETS = (["-O3", "-ffast-math", "-march=native"], ["-O3", "-ffast-math"])
 
+LINK = "separate link without -ffast-math"  # part of the library's key: older builds set FTZ
 _library: ctypes.CDLL | bool | None = None  # None: not tried yet; False: unavailable
 
 
@@ -46,7 +47,7 @@ def _build() -> str:
     folders = [os.path.join(os.path.dirname(SOURCE), "build"), os.path.join(os.path.expanduser("~"), ".cache", "desd")]
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(source + repr((compiler, flags, _cpu_features())).encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + repr((compiler, flags, LINK, _cpu_features())).encode()).hexdigest()[:16]
         name = f"intensity-{key}.so"
         for folder in folders:
             if os.path.exists(os.path.join(folder, name)):
@@ -60,17 +61,25 @@ def _build() -> str:
                 errors.append(f"{folder}: {err}")
                 continue
             os.close(fd)
+            obj = tmp[: -len(".so")] + ".o"
             try:
-                cmd = [compiler, *flags, "-fPIC", "-shared", SOURCE, "-o", tmp, "-lm"]
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                if done.returncode != 0:
-                    errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
-                    break  # the next flag set
-                os.replace(tmp, path)
-                return path
+                # compiled with the flags, linked without them: linking with -ffast-math adds
+                # start-up code that turns on flush-to-zero for the whole host process
+                compile_cmd = [compiler, *flags, "-fPIC", "-c", SOURCE, "-o", obj]
+                link_cmd = [compiler, "-shared", obj, "-o", tmp, "-lm"]
+                for cmd in (compile_cmd, link_cmd):
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                    if done.returncode != 0:
+                        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+                        break
+                else:
+                    os.replace(tmp, path)
+                    return path
+                break  # the next flag set
             finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+                for leftover in (tmp, obj):
+                    if os.path.exists(leftover):
+                        os.remove(leftover)
     raise OSError("could not build " + SOURCE + ": " + "; ".join(errors))
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import errno
 import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -145,6 +147,32 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# ============ seeds ============
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function: a bijection of 64-bit words that mixes every bit."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def hashed_seed(*keys):
+    """A 64-bit seed from integer keys such as (seed, rank, epoch, iteration), by chained
+    mixing: for fixed leading keys the last one maps to seeds one to one, and different key
+    tuples collide only by chance (about 2^-64 a pair), unlike a linear formula, under which
+    rank r at step t gets rank 0's seed of step t + r * stride. Keys may be numpy arrays (one
+    seed per element); plain integers give a Python int for torch.Generator.manual_seed."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0)
+        for key in keys:
+            h = _mix64(h ^ np.asarray(key).astype(np.int64).astype(np.uint64))
+    return int(h) if np.ndim(h) == 0 else h
+
+
 # ============ schedules ============
 
 
@@ -271,8 +299,8 @@ def write_atomic(path: str, write, keep_previous: bool = False) -> None:
                 f"{free / 2**20:.0f} MiB free there. "
                 f"{'The file already there is unchanged.' if os.path.exists(path) else 'Nothing was written.'}",
             ) from err
-        if keep_previous and os.path.exists(path):
-            os.replace(path, previous_name(path))
+        if keep_previous and os.path.exists(path) and os.path.abspath(path) not in UNREADABLE:
+            os.replace(path, previous_name(path))  # a file that failed to load never replaces a good backup
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -302,21 +330,43 @@ def load_checkpoint(path: str) -> dict:
         raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated: {err}") from err
 
 
+# checkpoint files that failed to load in this process: never rotated into `.prev` (see write_atomic)
+UNREADABLE: set[str] = set()
+
+
+def checkpoint_position(ckpt: dict) -> tuple[int, int]:
+    """(epoch, iteration) at which a checkpoint resumes: how far its run had got."""
+    return int(ckpt.get("epoch", 0)), int(ckpt.get("iteration", 0))
+
+
 def load_latest_checkpoint(output_dir: str, name: str = "checkpoint.pth") -> tuple[str | None, dict | None]:
-    """The newest readable checkpoint of a run: `name`, its `.prev` copy or a numbered one,
-    newest first by modification time. Unreadable (truncated, corrupt) files are reported and
-    skipped; (None, None) when there is none at all."""
+    """The readable checkpoint of a run that got furthest, by its stored (epoch, iteration),
+    whatever the file times (a folder copied without them, or restored from a backup, has
+    meaningless ones): `name`, its `.prev` copy or a numbered one. Each file's position is read
+    through a memory map first, so only the chosen one is loaded whole. Unreadable (truncated,
+    corrupt) files are reported, remembered in UNREADABLE and skipped; (None, None) when there
+    is no checkpoint at all."""
     if not os.path.isdir(output_dir):
         return None, None
     stem = os.path.splitext(name)[0]
     candidates = [
         os.path.join(output_dir, f) for f in os.listdir(output_dir) if f.startswith(stem) and f.endswith(".pth") and ".tmp." not in f
     ]
-    candidates.sort(key=os.path.getmtime, reverse=True)
+    positions = []
     for path in candidates:
+        try:
+            positions.append((checkpoint_position(torch.load(path, map_location="cpu", weights_only=True, mmap=True)), path))
+        except Exception as err:
+            UNREADABLE.add(os.path.abspath(path))
+            print(f"WARNING: checkpoint {path!r} is unreadable or truncated: {err}; trying the others", flush=True)
+    # furthest first; at equal positions the main file, then `.prev`, then numbered ones
+    rank = {name: 0, f"{stem}.prev.pth": 1}
+    positions.sort(key=lambda p: (-p[0][0], -p[0][1], rank.get(os.path.basename(p[1]), 2), p[1]))
+    for _, path in positions:
         try:
             return path, load_checkpoint(path)
         except RuntimeError as err:
+            UNREADABLE.add(os.path.abspath(path))
             print(f"WARNING: {err}; trying an older checkpoint", flush=True)
     if candidates:
         raise RuntimeError(f"no readable checkpoint in {output_dir!r} (tried {[os.path.basename(c) for c in candidates]})")
@@ -350,12 +400,74 @@ def restart_from_checkpoint(path: str, run_variables: dict | None = None, **obje
     return True
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str) -> None:
-    """Delete the temporary files of writes that a killed run left behind."""
-    if os.path.isdir(folder):
-        for f in os.listdir(folder):
-            if ".tmp." in f:
+    """Delete the temporary files (`<name>.tmp.<pid>`) of writers that are gone, as a killed
+    run leaves them; a live process's are left alone."""
+    if not os.path.isdir(folder):
+        return
+    for f in os.listdir(folder):
+        owner = f.rsplit(".tmp.", 1)[-1] if ".tmp." in f else ""
+        if owner.isdigit() and not pid_alive(int(owner)):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, f))
+
+
+class RunLock:
+    """An output folder held by one live run: `<folder>/run.lock` names the PID and host of
+    its holder. Taken with O_EXCL; a lock whose holder is gone (same host, PID not alive) is
+    taken over; one held by a live process, or by another host, is refused with its owner."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, "run.lock")
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner.get("pid") == os.getpid() and owner.get("host") == me["host"]:
+                    self.held = True  # this process already holds it
+                    return self
+                if owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", -1))):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)  # its run was killed: take over
+                    continue
+                raise RuntimeError(
+                    f"{os.path.dirname(self.path)!r} is in use by another run (PID {owner.get('pid')} on {owner.get('host')}, "
+                    f"since {owner.get('started')}); use another --output_dir, or delete {self.path!r} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take the lock {self.path!r}")
+
+    def _owner(self) -> dict:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.held and self._owner().get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+        self.held = False
 
 
 # ============ logging ============

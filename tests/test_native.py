@@ -14,6 +14,7 @@ import augment
 import native_chain
 from augment import GLOBAL_1, GLOBAL_2, LOCAL, apply_intensity, draw_intensity_params
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_library = pytest.mark.skipif(native_chain.library() is None, reason="no C compiler: the compiled chain cannot be built here")
 
 
@@ -169,3 +170,14 @@ def test_compiled_chain_refuses_what_it_cannot_take():
         native_chain.apply_intensity(x.double(), params, noise.double())
     with pytest.raises(ValueError, match="one shape"):
         native_chain.apply_intensity(x, params, noise[:, :2])
+
+
+@needs_library
+def test_loading_the_library_leaves_the_floating_point_environment_alone():
+    code = (
+        "import numpy as np, torch, native_chain\n"
+        "assert native_chain.library() is not None\n"
+        "print(float(np.float32(1e-38) / np.float32(100)), (torch.tensor(1e-38) / 100).item())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert [float(v) for v in out] != [0.0, 0.0] and all(0 < float(v) < 1e-39 for v in out)  # float32 denormals survive

@@ -76,6 +76,14 @@ def test_run_resumed_after_an_epoch_ends_with_the_same_state(tmp_path):
         (("--global_crop_size", "0"), "global_crop_size"),
         (("--batch_size_per_gpu", "10"), "fewer than one batch"),
         (("--list_path", "missing.txt"), "missing.txt"),
+        (("--lr", "nan"), "--lr must be a finite positive"),
+        (("--lr", "0"), "--lr must be a finite positive"),
+        (("--min_lr", "-1e-6"), "--min_lr must be a finite non-negative"),
+        (("--teacher_temp", "inf"), "--teacher_temp"),
+        (("--warmup_teacher_temp", "0"), "--warmup_teacher_temp"),
+        (("--momentum_teacher", "1.5"), "--momentum_teacher"),
+        (("--weight_decay", "nan"), "--weight_decay"),
+        (("--stage_weights", "0", "0", "0", "0"), "not all zero"),
     ],
 )
 def test_bad_configuration_is_refused_before_any_work(patch_root, tmp_path, extra, message):

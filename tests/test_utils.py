@@ -119,3 +119,13 @@ def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match="ck.pth"):
         utils.load_checkpoint(str(path))
+
+
+def test_device_augmentation_seeds_of_a_64_rank_300_epoch_1000_iteration_run_are_all_distinct():
+    rank, epoch, it = np.meshgrid(np.arange(64), np.arange(300), np.arange(1000), indexing="ij")
+    seeds = utils.hashed_seed(0, rank.ravel(), epoch.ravel(), it.ravel())
+    assert seeds.dtype == np.uint64 and len(np.unique(seeds)) == 64 * 300 * 1000
+    # the scalar form is what training passes to torch, and equals the vectorised one
+    assert utils.hashed_seed(0, 5, 7, 11) == int(seeds[(5 * 300 + 7) * 1000 + 11])
+    assert utils.hashed_seed(1, 0, 0, 0) != utils.hashed_seed(0, 0, 0, 0)
+    torch.Generator().manual_seed(utils.hashed_seed(0, 63, 299, 999))  # any 64-bit value is a valid torch seed
