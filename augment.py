@@ -1,4 +1,4 @@
-"""Intensity augmentation of the DeSD views (SPEC section 3, step 5), vectorised in torch.
+"""Intensity augmentation of the DeSD views (docs/method.md, section 3, step 5), vectorised in torch.
 
 The reference hands each (1, 16, 96, 96) view to a 2D augmentation library that reads it as
 one image of 16 channels, so every depth slice draws its own blur, brightness, contrast and
@@ -219,7 +219,7 @@ def _mean_std(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def apply_intensity(
     x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor, swap_hw: bool = False, native: bool | None = None
 ) -> torch.Tensor:
-    """SPEC section 3's intensity chain on x (B, D, H, W) with the draws of
+    """docs/method.md section 3's intensity chain on x (B, D, H, W) with the draws of
     `draw_intensity_params` and standard normal `noise` of x's shape. x is left as it was;
     the result may reuse noise's memory. With swap_hw the result has its in-plane axes
     swapped, (B, D, W, H), contiguous (every step treats the two alike).
@@ -303,7 +303,7 @@ def apply_intensity_torch(x: torch.Tensor, params: dict[str, torch.Tensor], nois
 
 
 def _gamma_restoring_mean_std(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """SPEC's gamma step on y (B, units, N) whose units span [lo, hi] (B, units):
+    """docs/method.md's gamma step (section 3) on y (B, units, N) whose units span [lo, hi] (B, units):
     ((y - lo) / range) ** gamma * range + lo, then each unit's mean and std restored. The
     range and lo cancel in the restore, so it is one affine map of ((y - lo) / range) ** gamma."""
     y_mean, y_std = _mean_std(y)
@@ -322,7 +322,7 @@ def _gamma_restoring_mean_std(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
 def augment_intensity(
     x: torch.Tensor, probs: IntensityProbs | list[IntensityProbs], g: torch.Generator, per_slice: bool = True, swap_hw: bool = False
 ) -> torch.Tensor:
-    """Apply SPEC section 3's intensity chain to a batch of views x (B, D, H, W); `probs` is
+    """Apply docs/method.md section 3's intensity chain to a batch of views x (B, D, H, W); `probs` is
     one set for every view or one per view. Returns a new tensor, (B, D, W, H) with swap_hw."""
     b, d = x.shape[:2]
     params = draw_intensity_params(b, d, probs, g, per_slice, x.device)

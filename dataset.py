@@ -1,5 +1,5 @@
 """The DeSD pretraining dataset: a list file of sub-volumes -> global and local views
-(SPEC section 3).
+(docs/method.md, section 3).
 
 Orientation: patches are read with nibabel, whose array is (x, y, z), and depth is moved
 first, so every view is (1, z, x, y) = (1, D, H, W) with H along x and W along y. This is the
@@ -169,7 +169,7 @@ def crop_buffer_side(size: int, scale: tuple[float, float]) -> int:
 
 
 def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Generator):
-    """SPEC section 3, steps 1-6, for one patch: a list of (1, D, H, W) float32 views.
+    """docs/method.md, section 3, steps 1-6, for one patch: a list of (1, D, H, W) float32 views.
 
     The base crop (in-plane side 96 x U(1.4, 1.8) per axis, full depth, of the patch padded to
     at least 96 in-plane at the end and 16 slices symmetrically) is never materialised: each

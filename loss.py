@@ -1,4 +1,4 @@
-"""Deep self-distillation loss (SPEC section 5)."""
+"""Deep self-distillation loss (docs/method.md, section 5)."""
 
 from __future__ import annotations
 

@@ -151,7 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         default=(0.4, 1.0),
-        help="Kept for compatibility with the reference, whose 3D crops ignore it: the crop scales are fixed (SPEC section 3).",
+        help="Kept for compatibility with the reference, whose 3D crops ignore it: the crop scales are fixed (docs/method.md, section 3).",
     )
     group.add_argument("--local_crops_number", type=int, default=0, help="Number of small local views (0 in the paper).")
     group.add_argument(

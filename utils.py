@@ -1,4 +1,4 @@
-"""Training utilities: distributed set-up, schedules, checkpoints, logging (SPEC section 6)."""
+"""Training utilities: distributed set-up, schedules, checkpoints, logging (docs/method.md, section 6)."""
 
 from __future__ import annotations
 

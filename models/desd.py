@@ -1,4 +1,4 @@
-"""Student and teacher of deep self-distillation (SPEC section 4).
+"""Student and teacher of deep self-distillation (docs/method.md, section 4).
 
 The student has one DINO head per backbone stage, each fed by the global average pool of that
 stage; the teacher has the same backbone and only the last-stage head. Head names are

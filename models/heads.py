@@ -1,4 +1,4 @@
-"""DINO projection head (SPEC section 4)."""
+"""DINO projection head (docs/method.md, section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""3D ResNets with instance norm and leaky ReLU: the DeSD encoders (SPEC section 4).
+"""3D ResNets with instance norm and leaky ReLU: the DeSD encoders (docs/method.md, section 4).
 
 Input (N, 1, D, H, W). The stem strides (1, 2, 2) then max-pools by 2, so stage k's feature
 map is (N, C_k, D/s_d, H/s, W/s) with in-plane strides 4, 8, 16, 32 and depth strides

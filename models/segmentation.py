@@ -1,4 +1,4 @@
-"""3D segmentation network on a res3d encoder (SPEC section 7): the encoder without pooling,
+"""3D segmentation network on a res3d encoder (docs/method.md, section 7): the encoder without pooling,
 an ASPP module on its last stage, a decoder with skip connections from every earlier stage and
 the stem back to full resolution, and a 1x1x1 head.
 

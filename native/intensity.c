@@ -1,4 +1,4 @@
-/* SPEC section 3's intensity chain on the CPU, fused: every step of one unit (a slice, or a
+/* docs/method.md section 3's intensity chain on the CPU, fused: every step of one unit (a slice, or a
  * whole view) runs while the unit sits in the cache, in three passes instead of some twenty.
  *
  * This is augment.apply_intensity's arithmetic, step for step; tests/test_native.py checks

@@ -1,1 +1,1 @@
-"""DeepLesion preprocessing: PNG -> NIfTI -> 1 mm -> 24-slice patches (SPEC section 2)."""
+"""DeepLesion preprocessing: PNG -> NIfTI -> 1 mm -> 24-slice patches (docs/method.md, section 2)."""

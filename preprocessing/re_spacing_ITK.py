@@ -40,8 +40,10 @@ MIN_SPLINE_SAMPLES = (
 
 
 def target_size(size: tuple[int, int, int], spacing: tuple[float, float, float], new_spacing: float = 1.0) -> list[int]:
-    """(x, y, z) size on the new grid: x and y truncated, z rounded (the reference's choice)."""
-    x, y, z = (n * s / new_spacing for n, s in zip(size, spacing))
+    """(x, y, z) size on the new grid: x and y truncated, z rounded, of size x spacing ratio
+    with the ratio rounded to 4 decimals, as the reference computes it (so a float32 spacing
+    of 0.7 gives 40 -> 28, not 27)."""
+    x, y, z = (n * round(s / new_spacing, 4) for n, s in zip(size, spacing))
     return [max(int(x), 1), max(int(y), 1), max(int(round(z)), 1)]
 
 

@@ -1,4 +1,4 @@
-"""Split 1 mm volumes into 24-slice sub-volumes and write the pretraining list (SPEC 2.3).
+"""Split 1 mm volumes into 24-slice sub-volumes and write the pretraining list (docs/method.md, section 2.3).
 
 Along depth (SimpleITK array axis 0): tiles of 24 slices with stride 12,
 ceil((d - 24) / 12) + 1 of them, the last one flush with the end of the volume; a volume of

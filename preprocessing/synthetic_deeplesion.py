@@ -1,4 +1,4 @@
-"""Synthetic DeepLesion: CT-like series in DeepLesion's exact format (SPEC sections 1 and 8).
+"""Synthetic DeepLesion: CT-like series in DeepLesion's exact format (docs/method.md, sections 1 and 8).
 
 DeepLesion (220 GB) cannot be downloaded everywhere, so this writes look-alike data:
 `Images_png/{patient:06d}_{study:02d}_{series:02d}/{slice:03d}.png` (16-bit, HU + 32768) and a

@@ -177,7 +177,7 @@ def test_fused_intensity_chain_equals_the_steps_one_after_the_other(per_slice, p
     params = draw_intensity_params(b, d, [GLOBAL_1, GLOBAL_2, LOCAL], g, per_slice)
     noise = torch.randn(x.shape, generator=g)
     fused = apply_intensity(x.clone(), params, noise.clone(), native=path == "compiled").double().numpy()
-    # SPEC section 3, step by step in float64, per unit (a slice, or the whole view)
+    # docs/method.md, section 3, step by step in float64, per unit (a slice, or the whole view)
     p = {k: v.double().numpy() if v.dtype != torch.bool else v.numpy() for k, v in params.items()}
     ref = x.double().numpy() + noise.double().numpy() * p["noise_std"].reshape(b, 1, 1, 1)
     units = p["blur_sigma"].shape[1]
@@ -240,7 +240,7 @@ def test_noise_std_is_uniform_up_to_point_one():
 
 @pytest.mark.parametrize("probs", [GLOBAL_1, GLOBAL_2, LOCAL], ids=["global 1", "global 2", "local"])
 def test_drawn_parameters_follow_the_published_distributions(probs):
-    """SPEC section 3's table, parameter by parameter, on 4,000 views of 16 slices (a
+    """docs/method.md section 3's table, parameter by parameter, on 4,000 views of 16 slices (a
     proportion's standard error is below 0.008 even per view; the tolerance is 0.03)."""
     n, d = 4000, 16
     p = {k: v.double() for k, v in draw_intensity_params(n, d, probs, torch.Generator().manual_seed(5)).items()}

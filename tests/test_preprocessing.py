@@ -120,6 +120,11 @@ def test_resampling_gives_reference_sizes_an_edge_aligned_grid_and_clipping(tmp_
     assert a[3, 10, -3] == 1024 and a[3, 10, 1] == -1024
 
 
+def test_output_size_rounds_the_spacing_ratio_as_the_reference_does():
+    spacing = float(np.float32(0.7))  # 0.69999998...: 40 x that truncates to 27 without the rounding
+    assert s2.target_size((40, 40, 7), (spacing, spacing, 2.5)) == [28, 28, 18]
+
+
 def reference_resize(arr: np.ndarray, spacing_zyx) -> np.ndarray:
     """The reference's resampling, written independently: skimage-style edge-aligned cubic
     resize (output i samples (i + 0.5) * n_in / n_out - 0.5, mirrored boundary), clipped to the

@@ -40,7 +40,7 @@ def test_views_made_on_the_training_device_train_on_the_cpu_too(patch_root, tmp_
 def test_fine_tuning_recipe_shares_all_159_encoder_tensors_of_a_res3d50_checkpoint(patch_root, tmp_path):
     out = tmp_path / "out"
     tiny_run(patch_root, out, "--arch", "res3d50", "--epochs", "1", "--max_iters_per_epoch", "1")
-    # the recipe users are given (SPEC section 7)
+    # the recipe users are given (docs/method.md, section 7)
     state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["teacher"]
     state = {k.replace("module.backbone.", ""): v for k, v in state.items() if k.startswith("module.backbone.")}
     encoder = create_model("res3d50")
