@@ -4,21 +4,27 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test test-fast bench lint format clean
+.PHONY: install demo test test-fast bench evaluate lint format clean
 
-install: $(VENV)/.installed
+# one stamp per torch version: `make TORCH_VERSION=2.5.1 test` reinstalls into the same .venv
+STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
 
-$(VENV)/.installed: requirements.txt
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	rm -f $(VENV)/.installed-torch-*
 	touch $@
 
 demo: install
 	PYTHON=$(abspath $(PY)) sh demo.sh
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -m "not slow"
 	$(PY) -m pytest -q -m slow
 
@@ -30,6 +36,10 @@ bench: install
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_preprocessing.py
 
+# DeSD vs DINO vs no pretraining on generated CT, CPU-sized (about an hour on 2 cores)
+evaluate: install
+	$(PY) evaluate.py --config cpu --out evidence --figure docs/evidence.png
+
 lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
@@ -39,4 +49,4 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf demo_data demo_output bench_data .pytest_cache
+	rm -rf demo_data demo_output bench_data evidence .pytest_cache

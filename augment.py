@@ -146,11 +146,6 @@ def gaussian_blur_slices_(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Ten
     return x
 
 
-def gaussian_blur_slices(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """`gaussian_blur_slices_` on a copy of x."""
-    return gaussian_blur_slices_(x.clone(), sigma, apply)
-
-
 _PROB_TABLES: dict[tuple, torch.Tensor] = {}
 _PROB_NAMES = tuple(IntensityProbs.__dataclass_fields__)
 

@@ -149,13 +149,6 @@ def read_crop(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], 
     out[:, : ny + 1, nx] = out[:, : ny + 1, nx - 1]
 
 
-def read_block(volume: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], depths: tuple[int, int], flips=()) -> np.ndarray:
-    """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 (z, x, y) /
-    1024, C-contiguous, flipped along the given output axes (see `read_slices`)."""
-    read_flips = [TO_FILE_ORDER[a] for a in flips]
-    return np.ascontiguousarray(read_slices(volume, rows, cols, depths, read_flips).transpose(0, 2, 1))
-
-
 def _side(size: int, scale: tuple[float, float], limit: int, rng: np.random.Generator) -> int:
     """int(size * U(scale)), or size itself when that reaches `limit`."""
     side = int(size * rng.uniform(*scale))

@@ -235,7 +235,13 @@ def main(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     if utils.is_main_process():
         print(utils.git_sha())
-        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
+        print(
+            f"Fine-tuning {args.arch} from {args.pretrained or 'scratch'} on {args.data_dir}: {args.epochs} epochs, batch "
+            f"{args.batch_size} x {args.world_size}, patch {tuple(args.patch_size)} at {args.spacing:g} mm on {device.type} "
+            f"(all arguments in args.json)",
+            flush=True,
+        )
+        utils.save_atomic_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
 
     # ============ preparing data ... ============
     cases, labels = read_dataset(args.data_dir)
@@ -317,6 +323,7 @@ def main(args: argparse.Namespace) -> dict:
                 f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch") + f"  eta {eta:.0f}s", flush=True
             )
             utils.append_json_line(os.path.join(args.output_dir, "log.txt"), record)
+            utils.plot_curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png"))
             state = {
                 "model": model_without_ddp.state_dict(),
                 "optimizer": optimizer.state_dict(),

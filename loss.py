@@ -85,3 +85,15 @@ class DeSDLoss(nn.Module):
             world = dist.get_world_size()
         batch_center = batch_center / (teacher_output.shape[0] * world)  # every process has the same batch size
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+@torch.no_grad()
+def view_retrieval(embeddings: torch.Tensor, nviews: int = 2) -> torch.Tensor:
+    """Top-1 accuracy of finding each sample's other view among the batch by cosine
+    similarity: embeddings (nviews * B, dim), view-major as the teacher returns them. Averaged
+    over both directions of the first two views; chance is 1 / B, identical views give 1. A
+    cheap pretext score that rises while a run learns."""
+    a, b = F.normalize(embeddings.float(), dim=-1).chunk(nviews)[:2]
+    sim = a @ b.T  # (B, B)
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return ((sim.argmax(1) == target).float().mean() + (sim.argmax(0) == target).float().mean()) / 2

@@ -36,7 +36,7 @@ import native_chain
 import utils
 from augment import augment_views
 from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
-from loss import STAGE_NAMES, DeSDLoss
+from loss import STAGE_NAMES, DeSDLoss, view_retrieval
 from models import DeSDStudent, DeSDTeacher, create_model, list_models
 from models.pretrained import PREFIX, check_layer1_shortcut
 from models.res3d import last_stage_shape
@@ -218,6 +218,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--compile", default=False, type=utils.bool_flag, help="torch.compile the networks (CUDA).")
     group.add_argument("--print_freq", default=10, type=int, help="Iterations between progress lines.")
+    group.add_argument(
+        "--tensorboard", default=False, type=utils.bool_flag, help="Also write the epoch scalars for TensorBoard (needs its package)."
+    )
     return parser
 
 
@@ -307,7 +310,16 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     np.random.seed(args.seed + args.rank)
     if utils.is_main_process():
         print(utils.git_sha())
-        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
+        precision = "bf16" if args.use_bf16 else ("fp16" if args.use_fp16 and device.type == "cuda" else "fp32")
+        print(
+            f"DeSD: {args.arch}, out_dim {args.out_dim}, stage weights {tuple(args.stage_weights)}; data {args.data_path}; "
+            f"batch {args.batch_size_per_gpu} x {args.world_size} process(es) x {args.accum_iter}; {args.epochs} epochs; "
+            f"{device.type}, {precision}; {args.optimizer} lr {args.lr}; output {args.output_dir} (all arguments in args.json)",
+            flush=True,
+        )
+        utils.save_atomic_json(
+            {k: v for k, v in sorted(vars(args).items()) if k != "amp_dtype"}, os.path.join(args.output_dir, "args.json")
+        )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
@@ -434,6 +446,7 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     if start_iter:
         print(f"Resuming at epoch {start_epoch}, iteration {start_iter}")
 
+    writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
     start_time = time.time()
     print("Starting DeSD training !")
     for epoch in range(start_epoch, args.epochs):
@@ -454,9 +467,17 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
             )
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if utils.is_main_process():
-            utils.append_json_line(os.path.join(args.output_dir, "log.txt"), log_stats)
+            log_path = os.path.join(args.output_dir, "log.txt")
+            utils.append_json_line(log_path, log_stats)
+            utils.plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
+            if writer is not None:
+                for key, value in train_stats.items():
+                    writer.add_scalar(key, value, epoch)
+                writer.flush()
             if epoch > 0:  # every run starts near ln(out_dim)
                 warn_if_collapsing(train_stats, args.out_dim)
+    if writer is not None:
+        writer.close()
     total_time = time.time() - start_time
     print(f"Training time {time.strftime('%H:%M:%S', time.gmtime(total_time))}")
     if utils.is_main_process():
@@ -505,6 +526,7 @@ def save_checkpoint(
 def warn_about_schedule(args: argparse.Namespace, lr_schedule: np.ndarray, global_batch: int, steps_per_epoch: int) -> None:
     """Learning-rate settings that make a run learn nothing, said before it starts."""
     peak = args.lr * global_batch / 256.0
+    print(f"Peak learning rate {peak:.3g} (--lr {args.lr} x global batch {global_batch} / 256), then cosine to {args.min_lr:.3g}.")
     if peak < 1e-5:
         print(f"WARNING: the peak learning rate is {peak:.3g} (--lr {args.lr} x global batch {global_batch} / 256): too small to learn")
     if peak < args.min_lr:
@@ -521,9 +543,16 @@ def warn_if_collapsing(stats: dict, out_dim: int) -> None:
     (entropy near zero)."""
     uniform = math.log(out_dim)
     if abs(stats["loss"] - uniform) < 0.02 * uniform:
-        print(f"WARNING: loss {stats['loss']:.3f} sits near ln(out_dim) = {uniform:.3f}: the teacher output looks uniform (collapse).")
+        print(
+            f"WARNING: loss {stats['loss']:.3f} sits near ln(out_dim) = {uniform:.3f}: the teacher output looks uniform (collapse). "
+            "Try a sharper teacher (--teacher_temp 0.04), batch norms in the heads (--use_bn_in_head True), a larger batch, "
+            "or a peak learning rate (printed at start) of 1e-3 or more."
+        )
     if stats["teacher_entropy"] < 0.01 * uniform:
-        print(f"WARNING: teacher entropy {stats['teacher_entropy']:.4f} is near zero: the teacher output looks one-hot (collapse).")
+        print(
+            f"WARNING: teacher entropy {stats['teacher_entropy']:.4f} is near zero: the teacher output looks one-hot (collapse). "
+            "Try a softer teacher (a higher --teacher_temp) or a lower learning rate."
+        )
 
 
 def train_one_epoch(
@@ -532,14 +561,15 @@ def train_one_epoch(
 ) -> dict:  # fmt: skip
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    names = ["loss", *STAGE_NAMES, "teacher_entropy"]
+    names = ["loss", *STAGE_NAMES, "teacher_entropy", "retrieval"]
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # summed on device: no host sync per step
     finite = torch.ones((), dtype=torch.bool, device=device)
     bad_patches, count = 0, 0
     centre_batch: list[torch.Tensor] = []
     total = iters_per_epoch - first
     batches = zip(range(first, iters_per_epoch), loader)
-    for it, (views, bad) in metric_logger.log_every(batches, total, args.print_freq, header):
+    later = (args.epochs - epoch - 1) * iters_per_epoch  # for the progress line's whole-run ETA
+    for it, (views, bad) in metric_logger.log_every(batches, total, args.print_freq, header, later):
         step = epoch * (iters_per_epoch // args.accum_iter) + it // args.accum_iter  # global optimiser step
         if it % args.accum_iter == 0:
             for i, param_group in enumerate(optimizer.param_groups):
@@ -594,7 +624,8 @@ def train_one_epoch(
         with torch.no_grad():
             probs = desd_loss.teacher_probs(teacher_output, epoch)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-            values = torch.stack([terms[n].detach().double() for n in names[:-1]] + [entropy.double()])
+            retrieval = view_retrieval(teacher_output)  # the two global views of a patch, found among the batch's
+            values = torch.stack([terms[n].detach().double() for n in names[:-2]] + [entropy.double(), retrieval.double()])
             sums += values
         count += 1
 
@@ -603,13 +634,9 @@ def train_one_epoch(
         if (it - first) % args.print_freq == 0 or last or saving:
             check_finite(finite, epoch, it)
             current = dict(zip(names, values.tolist()))
-            metric_logger.update(
-                **current,
-                lr=optimizer.param_groups[0]["lr"],
-                wd=optimizer.param_groups[0]["weight_decay"],
-                momentum=momentum_schedule[step],
-                teacher_temp=desd_loss.teacher_temp(epoch),
-            )
+            metric_logger.update(loss=current["loss"], H=current["teacher_entropy"], ret=current["retrieval"])
+            metric_logger.meters["lr"].fmt = "{global_avg:.2e}"
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if saving:
             save_checkpoint(args, student_without_ddp, teacher, optimizer, fp16_scaler, desd_loss, epoch, it + 1)
 

@@ -135,8 +135,28 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
         else:
             dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout)
         dist.barrier()
-    print(f"| process {args.rank} of {args.world_size} on {device}", flush=True)
+    setup_for_distributed(args.rank == 0, args.rank)
+    print(f"| process {args.rank} of {args.world_size} on {device}", flush=True, force=True)
     return device
+
+
+def setup_for_distributed(is_master: bool, rank: int) -> None:
+    """Only the main process prints, as DINO's training does. The other ranks still print their
+    warnings and errors (lines starting with WARNING or ERROR) and whatever is printed with
+    `force=True`, prefixed with their rank."""
+    import builtins
+
+    original = getattr(builtins, "_desd_print", builtins.print)
+    builtins._desd_print = original
+
+    def print(*args, **kwargs):  # noqa: A001 - replaces the built-in on purpose
+        force = kwargs.pop("force", False)
+        if is_master:
+            original(*args, **kwargs)
+        elif force or (args and str(args[0]).lstrip().upper().startswith(("WARNING", "ERROR"))):
+            original(f"[rank {rank}]", *args, **kwargs)
+
+    builtins.print = print
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -476,7 +496,7 @@ class RunLock:
 class SmoothedValue:
     """A series of values with a windowed median and a global average."""
 
-    def __init__(self, window_size: int = 20, fmt: str = "{median:.4g} ({global_avg:.4g})"):
+    def __init__(self, window_size: int = 20, fmt: str = "{global_avg:.4g}"):
         self.deque: deque = deque(maxlen=window_size)
         self.total, self.count, self.fmt = 0.0, 0, fmt
 
@@ -484,15 +504,6 @@ class SmoothedValue:
         self.deque.append(value)
         self.count += n
         self.total += value * n
-
-    def synchronize_between_processes(self) -> None:
-        if not is_dist():
-            return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), t[1].item()
 
     @property
     def median(self) -> float:
@@ -518,14 +529,11 @@ class MetricLogger:
             self.meters[k].update(float(v))
 
     def __str__(self) -> str:
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+        return self.delimiter.join(f"{name} {meter}" for name, meter in self.meters.items())
 
-    def synchronize_between_processes(self) -> None:
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
-
-    def log_every(self, iterable, total: int, print_freq: int, header: str = ""):
-        """Yield from `iterable`, timing each step and the wait for its data (`data_time`)."""
+    def log_every(self, iterable, total: int, print_freq: int, header: str = "", later: int = 0):
+        """Yield from `iterable`, timing each step and the wait for its data (`data_time`). The
+        progress line's ETA covers the whole run: these `total` steps and `later` ones after."""
         start = time.time()
         end = time.time()
         self.step_time = SmoothedValue(fmt="{global_avg:.4f}")
@@ -537,9 +545,10 @@ class MetricLogger:
             self.step_time.update(time.time() - end)
             end = time.time()
             if is_main_process() and (i % print_freq == 0 or i == total - 1):
-                eta = datetime.timedelta(seconds=int(self.step_time.global_avg * (total - i - 1)))
+                eta = datetime.timedelta(seconds=int(self.step_time.global_avg * (total - i - 1 + later)))
                 print(
-                    f"{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  time: {self.step_time.global_avg:.3f}s  data: {self.data_time.global_avg:.3f}s",
+                    f"{header} [{i:{width}d}/{total}]  {self}  {self.step_time.global_avg:.3f} s/it  data {self.data_time.global_avg:.3f} s"
+                    f"  run eta {eta}",
                     flush=True,
                 )
         if is_main_process():
@@ -552,3 +561,23 @@ def append_json_line(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def plot_curves(log_path: str, out: str) -> None:
+    """Redraw a run's curves.png from its log.txt; a failure to plot only warns."""
+    try:
+        from tools.plot_log import plot_logs
+
+        plot_logs([log_path], out)
+    except Exception as err:  # plotting must never stop a run
+        print(f"WARNING: could not draw {out}: {err}")
+
+
+def tensorboard_writer(folder: str):
+    """A TensorBoard SummaryWriter on `folder`, or None (with a warning) without the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        print(f"WARNING: --tensorboard needs the tensorboard package ({err}); the scalars stay in log.txt")
+        return None
+    return SummaryWriter(folder)

@@ -56,12 +56,8 @@ class DeSDStudent(nn.Module):
 
 
 class DeSDTeacher(nn.Module):
-    """Backbone + last-stage head; returns the last-stage head output."""
-
-    def __init__(self, backbone: Res3D, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True):
-        super().__init__()
-        self.backbone = backbone
-        self.heads = nn.ModuleDict({STAGES[-1]: DINOHead(backbone.stage_channels[-1], out_dim, use_bn, norm_last_layer)})
+    """Backbone + last-stage head; returns the last-stage head output. Built only as a copy of a
+    student (`from_student`), as DeSD's teacher starts."""
 
     def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
         maps = self.backbone(torch.cat(crops))  # teacher sees global crops only: one shape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -47,7 +46,3 @@ def run_main_desd(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser("DeSD", parents=[main_desd.get_args_parser()])
     main_desd.train_desd(parser.parse_args(argv))
-
-
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)

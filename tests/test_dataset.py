@@ -16,10 +16,22 @@ from augment import (
     apply_intensity,
     augment_intensity,
     draw_intensity_params,
-    gaussian_blur_slices,
+    gaussian_blur_slices_,
 )
-from dataset import EpochSampler, SSLDataset, ViewConfig, collate, open_volume, read_block, read_list, views_from_crops
+from dataset import TO_FILE_ORDER, EpochSampler, SSLDataset, ViewConfig, collate, open_volume, read_list, read_slices, views_from_crops
 from tests.conftest import write_patches
+
+
+def read_block(volume, rows, cols, depths, flips=()):
+    """volume[rows, cols, depths] of the zero-padded (x, y, z) volume as float32 (z, x, y) / 1024,
+    flipped along the given output axes: `read_slices` in the network's in-plane order."""
+    read_flips = [TO_FILE_ORDER[a] for a in flips]
+    return np.ascontiguousarray(read_slices(volume, rows, cols, depths, read_flips).transpose(0, 2, 1))
+
+
+def gaussian_blur_slices(x, sigma, apply):
+    """`gaussian_blur_slices_` on a copy of x."""
+    return gaussian_blur_slices_(x.clone(), sigma, apply)
 
 
 def test_views_have_the_published_shapes_and_dtype(patch_root):

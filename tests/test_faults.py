@@ -165,8 +165,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_latest_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_preprocessing_killed_at_random_points_and_rerun_equals_an_uninterrupted_run(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "preprocessing"))
-    import synthetic_deeplesion
+    from preprocessing import synthetic_deeplesion
 
     def prepare(root):
         synthetic_deeplesion.make_deeplesion(str(root), patients=3, size=192, seed=5, context_mm=12)

@@ -86,3 +86,15 @@ def test_teacher_temperature_warms_linearly_then_stays():
     assert loss.teacher_temp(19) == pytest.approx(0.07)
     assert loss.teacher_temp(10) == pytest.approx(0.04 + 0.03 * 10 / 19)
     assert loss.teacher_temp(99) == pytest.approx(0.07)
+
+
+def test_view_retrieval_is_1_on_identical_views_and_about_chance_on_random_ones():
+    from loss import view_retrieval
+
+    torch.manual_seed(0)
+    views = torch.randn(64, 32)
+    assert view_retrieval(torch.cat([views, views])).item() == 1.0
+    scores = [view_retrieval(torch.randn(128, 32)).item() for _ in range(200)]  # batch 64: chance 1/64
+    assert abs(sum(scores) / len(scores) - 1 / 64) < 0.006
+    noisy = torch.cat([views, views + 1.5 * torch.randn_like(views)])
+    assert 0.5 < view_retrieval(noisy).item() < 1.0

@@ -1,6 +1,5 @@
 import csv
 import os
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -9,11 +8,10 @@ import SimpleITK as sitk
 from PIL import Image
 from scipy import ndimage as ndi
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "preprocessing"))
-import DL_save_nifti as s1  # noqa: E402
-import re_spacing_ITK as s2  # noqa: E402
-import splitting_to_patches as s3  # noqa: E402
-import synthetic_deeplesion as syn  # noqa: E402
+from preprocessing import DL_save_nifti as s1
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
+from preprocessing import synthetic_deeplesion as syn
 
 
 def write_series(root, folder, indices, spacing="0.8, 0.8, 2.5", shape=(20, 24), seed=0, extra_rows=()):

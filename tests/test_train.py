@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,15 @@ def tiny_run(root, out, *extra):
     run_main_desd(["--data_path", root, "--output_dir", str(out), *TINY_TRAIN_ARGS, *extra])
 
 
-def test_checkpoint_layout_loads_in_safe_mode_and_log_has_one_line_per_epoch(patch_root, tmp_path):
+def test_checkpoint_layout_loads_in_safe_mode_and_log_has_one_line_per_epoch(patch_root, tmp_path, capsys):
     out = tmp_path / "out"
     tiny_run(patch_root, out, "--epochs", "2", "--saveckp_freq", "1", "--local_crops_number", "1")
+    console = capsys.readouterr().out
+    progress = [line for line in console.splitlines() if line.startswith("Epoch: [")]
+    assert progress and all(len(line) <= 160 and "run eta" in line and "ret " in line for line in progress)
+    assert len(console.splitlines()) < 40  # no argument dump: the arguments are in args.json
+    assert json.loads((out / "args.json").read_text())["arch"] == "res3d10"
+    assert (out / "curves.png").stat().st_size > 10_000
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert {"student", "teacher", "optimizer", "epoch", "args", "desd_loss", "iteration"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 0
@@ -27,7 +34,7 @@ def test_checkpoint_layout_loads_in_safe_mode_and_log_has_one_line_per_epoch(pat
     assert {p.name for p in out.iterdir()} >= {"checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "log.txt"}
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1]
-    assert {"train_loss", "train_stage1", "train_stage4", "train_teacher_entropy", "train_lr"} <= set(lines[0])
+    assert {"train_loss", "train_stage1", "train_stage4", "train_teacher_entropy", "train_retrieval", "train_lr"} <= set(lines[0])
 
 
 def test_views_made_on_the_training_device_train_on_the_cpu_too(patch_root, tmp_path):
@@ -145,3 +152,49 @@ def test_collapse_warnings(capsys):
     assert "one-hot" in capsys.readouterr().out
     main_desd.warn_if_collapsing({"loss": 4.0, "teacher_entropy": 3.0}, 1000)
     assert capsys.readouterr().out == ""
+
+
+def test_only_rank_0_prints_and_other_ranks_keep_their_warnings(capsys):
+    import builtins
+
+    import utils
+
+    original = builtins.print
+    try:
+        utils.setup_for_distributed(False, 3)
+        print("progress line")
+        print("WARNING: something on this rank")
+        print("setup", force=True)
+    finally:
+        builtins.print = original
+    assert capsys.readouterr().out.splitlines() == ["[rank 3] WARNING: something on this rank", "[rank 3] setup"]
+
+
+def test_plot_log_draws_several_runs_over_each_other(tmp_path):
+    from tools.plot_log import panels_for, plot_logs
+
+    for name, shift in (("desd", 0.0), ("dino", 0.5)):
+        (tmp_path / name).mkdir()
+        lines = [{"epoch": e, "train_loss": 8 - e + shift, "train_stage1": 8.0, "train_stage2": 8.0, "train_stage3": 8.0,
+                  "train_stage4": 8.0, "train_teacher_entropy": 7.0, "train_retrieval": 0.1 * e, "train_lr": 1e-3,
+                  "train_teacher_temp": 0.04} for e in range(4)]  # fmt: skip
+        (tmp_path / name / "log.txt").write_text("\n".join(json.dumps(r) for r in lines) + "\n{cut short")
+    out = plot_logs([str(tmp_path / "desd" / "log.txt"), str(tmp_path / "dino" / "log.txt")], str(tmp_path / "both.png"))
+    assert os.path.getsize(out) > 10_000
+    assert [t for t, _ in panels_for(lines)][:4] == ["loss", "per-stage loss", "teacher entropy", "view retrieval (top-1)"]
+    assert [t for t, _ in panels_for([{"epoch": 0, "train_loss": 1.0, "lr": 1e-3, "dice_liver": 0.5}])] == ["loss", "learning rate", "Dice"]
+
+
+def test_schedule_warnings_name_an_unscaled_min_lr_a_tiny_peak_and_a_warm_up_longer_than_the_run(capsys):
+    import argparse
+
+    import main_desd
+
+    args = argparse.Namespace(lr=0.3, min_lr=0.048, warmup_epochs=10, epochs=7)
+    main_desd.warn_about_schedule(args, None, 8, 10)  # peak 0.3 x 8 / 256 = 0.0094
+    out = capsys.readouterr().out
+    assert "below --min_lr 0.048" in out and "rises instead of falling" in out and "longer than the run" in out
+    main_desd.warn_about_schedule(argparse.Namespace(lr=5e-4, min_lr=1e-6, warmup_epochs=1, epochs=7), None, 2, 10)
+    assert "too small to learn" in capsys.readouterr().out
+    main_desd.warn_about_schedule(argparse.Namespace(lr=0.3, min_lr=0.048, warmup_epochs=10, epochs=300), None, 192, 10)
+    assert "WARNING" not in capsys.readouterr().out  # the published setting

@@ -1,0 +1,231 @@
+"""Probe what a pretrained encoder learned, stage by stage, on a labelled set.
+
+For one checkpoint (this project's or the released format) or a random initialisation of the
+same arch, the teacher backbone runs on patches sampled from the labelled cases, read as
+fine-tuning reads them: the pretraining orientation (1, z, x, y), `--spacing`, HU / 1024.
+Per stage it reports
+- a linear probe of organ presence in the patch from the globally pooled features: one ridge
+  classifier per class, cross-validated with folds by case (no case in both the training and
+  the test fold); AUC per class and mean;
+- a frozen dense probe: a 1x1x1 linear classifier on the stage map, upsampled to the patch,
+  trained on the training cases' patches and scored by Dice on the held-out cases' patches.
+A JSON line per stage and a table; deterministic for a seed, on the CPU or CUDA.
+
+    python probe.py --data_dir data/Task03_Liver --checkpoint snapshots/desd/checkpoint.pth --arch res3d50
+    python probe.py --data_dir data/Task03_Liver --random --arch res3d50      # the baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata
+
+from models import create_model, list_models
+from models.pretrained import load_pretrained_encoder
+
+PRESENT = 0.01  # an organ is "in the patch" when it covers at least this share of its voxels
+
+
+def load_cases(data_dir: str, spacing: float) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Every labelled case as (image (z, x, y) float32, label (z, x, y) uint8) at `spacing`, in
+    the pretraining orientation, and the class names (background excluded)."""
+    from monai.transforms import Compose
+
+    from finetune import preprocessing, read_dataset
+
+    cases, labels = read_dataset(data_dir)
+    transform = Compose(preprocessing(spacing))
+    out = []
+    for case in cases:
+        item = transform(dict(case))
+        out.append((item["image"][0].numpy().astype(np.float32), item["label"][0].numpy().astype(np.uint8)))
+    return out, [labels.get(i, str(i)) for i in range(1, max(labels) + 1)]
+
+
+def sample_patches(cases, patch: tuple[int, int, int], per_case: int, seed: int):
+    """`per_case` patches of each case at uniform random positions (zero-padded where the case is
+    smaller): images (N, 1, D, H, W), labels (N, D, H, W) and the case index of each."""
+    rng = np.random.default_rng(seed)
+    images, labels, owner = [], [], []
+    for c, (img, lab) in enumerate(cases):
+        pad = [(0, max(0, p - s)) for p, s in zip(patch, img.shape)]
+        img, lab = np.pad(img, pad), np.pad(lab, pad)
+        for _ in range(per_case):
+            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(img.shape, patch)]
+            region = tuple(slice(a, a + p) for a, p in zip(start, patch))
+            images.append(img[region])
+            labels.append(lab[region])
+            owner.append(c)
+    return torch.from_numpy(np.stack(images))[:, None], torch.from_numpy(np.stack(labels)).long(), np.array(owner)
+
+
+@torch.no_grad()
+def stage_maps(backbone: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 8) -> list[torch.Tensor]:
+    """The four stage maps of every patch, on the CPU: 4 x (N, C_k, d_k, h_k, w_k)."""
+    backbone.eval()  # instance norm without running statistics: the same in both modes
+    maps: list[list[torch.Tensor]] = [[], [], [], []]
+    for i in range(0, len(images), batch):
+        for k, m in enumerate(backbone(images[i : i + batch].to(device))):
+            maps[k].append(m.float().cpu())
+    return [torch.cat(m) for m in maps]
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (the Mann-Whitney statistic); NaN without both classes."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def ridge_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """Ridge regression of +-1 targets (one column per class) on standardised features; the
+    penalty is `alpha` times the mean eigenvalue of the features' Gram matrix."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    gram = a.T @ a
+    lam = alpha * np.trace(gram) / gram.shape[0]
+    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), a.T @ (2.0 * train_y - 1.0))
+    return b @ w
+
+
+def linear_probe(features: np.ndarray, present: np.ndarray, owner: np.ndarray, folds: int = 3) -> list[float]:
+    """Out-of-fold AUC per class of a ridge classifier of presence, with folds by case."""
+    cases = np.unique(owner)
+    fold_of_case = {c: i % folds for i, c in enumerate(cases)}
+    fold = np.array([fold_of_case[c] for c in owner])
+    scores = np.zeros(present.shape, np.float64)
+    for f in range(folds):
+        test = fold == f
+        if test.any() and (~test).any():
+            scores[test] = ridge_scores(features[~test], present[~test].astype(np.float64), features[test])
+    return [auc(scores[:, k], present[:, k]) for k in range(present.shape[1])]
+
+
+def dense_probe(fmap: torch.Tensor, labels: torch.Tensor, train: np.ndarray, num_classes: int, seed: int, steps: int = 200) -> list[float]:
+    """Dice per class (background excluded) on the held-out patches of a 1x1x1 linear classifier
+    of the stage map upsampled (trilinearly) to the patch, trained on the training patches by
+    Adam with cross-entropy. Upsampling and a 1x1x1 linear map commute (the interpolation
+    weights sum to 1), so the classifier runs on the stage map and its logits are upsampled."""
+    g = torch.Generator().manual_seed(seed)
+    size = labels.shape[1:]
+    train_idx = torch.from_numpy(np.flatnonzero(train))
+    mean = fmap[train_idx].mean((0, 2, 3, 4), keepdim=True)
+    std = fmap[train_idx].std((0, 2, 3, 4), keepdim=True) + 1e-6
+    norm = (fmap - mean) / std
+    head = torch.nn.Conv3d(fmap.shape[1], num_classes, 1)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+
+    def logits(i: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(head(norm[i]), size=size, mode="trilinear", align_corners=False)  # (n, classes, D, H, W)
+
+    for _ in range(steps):
+        pick = train_idx[torch.randint(len(train_idx), (4,), generator=g)]
+        loss = F.cross_entropy(logits(pick), labels[pick])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    inter, total = torch.zeros(num_classes), torch.zeros(num_classes)
+    with torch.no_grad():
+        for i in np.flatnonzero(~train):
+            pred = logits(torch.tensor([i])).argmax(1)[0]
+            for c in range(1, num_classes):
+                p, t = pred == c, labels[i] == c
+                inter[c] += (p & t).sum()
+                total[c] += p.sum() + t.sum()
+    return [float(2 * inter[c] / total[c]) if total[c] > 0 else math.nan for c in range(1, num_classes)]
+
+
+def run_probe(
+    cases, class_names: list[str], arch: str, checkpoint: str | None, patch=(16, 64, 64), per_case: int = 24, seed: int = 0, device="cpu"
+) -> list[dict]:
+    """The probe results of one encoder: one dict per stage."""
+    torch.manual_seed(seed)
+    backbone = create_model(arch)
+    if checkpoint:
+        load_pretrained_encoder(backbone, checkpoint)
+    device = torch.device(device)
+    backbone = backbone.to(device)
+    images, labels, owner = sample_patches(cases, tuple(patch), per_case, seed)
+    maps = stage_maps(backbone, images, device)
+    num_classes = len(class_names) + 1
+    share = torch.stack([(labels == c).float().mean((1, 2, 3)) for c in range(1, num_classes)], 1).numpy()
+    present = share >= PRESENT
+    held_out = set(np.unique(owner)[::3].tolist())  # every third case is held out for the dense probe
+    train = np.array([o not in held_out for o in owner])
+    results = []
+    for k, fmap in enumerate(maps):
+        pooled = fmap.mean((2, 3, 4)).double().numpy()
+        aucs = linear_probe(pooled, present, owner)
+        dice = dense_probe(fmap, labels, train, num_classes, seed + k)
+        results.append(
+            {
+                "stage": k + 1,
+                "auc": dict(zip(class_names, aucs)),
+                "auc_mean": float(np.nanmean(aucs)) if not all(math.isnan(a) for a in aucs) else math.nan,
+                "dense_dice": dict(zip(class_names, dice)),
+                "dense_dice_mean": float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else math.nan,
+            }
+        )
+    return results
+
+
+def strict(value):
+    """NaN (a class absent from every patch) as None, so that the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def table(results: list[dict]) -> str:
+    names = list(results[0]["auc"])
+    head = f"{'stage':<6}" + "".join(f"{'AUC ' + n:>14}" for n in names) + f"{'AUC mean':>10}" + f"{'dense Dice':>12}"
+    rows = [head]
+    for r in results:
+        rows.append(
+            f"{r['stage']:<6}"
+            + "".join(f"{r['auc'][n]:>14.3f}" for n in names)
+            + f"{r['auc_mean']:>10.3f}"
+            + f"{r['dense_dice_mean']:>12.3f}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("Probe a DeSD encoder")
+    parser.add_argument("--data_dir", required=True, help="A labelled set (Decathlon layout, dataset.json).")
+    parser.add_argument("--checkpoint", default="", help="DeSD checkpoint whose teacher backbone is probed.")
+    parser.add_argument("--random", action="store_true", help="Probe a random initialisation instead (the baseline).")
+    parser.add_argument("--arch", default="res3d50", choices=list_models())
+    parser.add_argument("--spacing", default=1.0, type=float, help="The pretraining spacing in mm.")
+    parser.add_argument("--patch", default=(16, 64, 64), type=int, nargs=3, help="Patch (depth, rows, cols).")
+    parser.add_argument("--patches_per_case", default=24, type=int)
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="", help="Also write the results here.")
+    args = parser.parse_args(argv)
+    if bool(args.checkpoint) == args.random:
+        parser.error("give either --checkpoint or --random")
+    cases, names = load_cases(args.data_dir, args.spacing)
+    results = run_probe(cases, names, args.arch, args.checkpoint or None, args.patch, args.patches_per_case, args.seed, args.device)
+    for r in results:
+        print(json.dumps(strict(r)))
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(strict(results), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
