@@ -31,7 +31,7 @@ import native_chain
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 # gamma's base is floored here instead of at 0: the CPU's vector log and exp take a slow path
-# for 0 and -inf, 20 times slower on views with much air clipped to the minimum, and
+# for 0 and -inf (much slower on views with much air clipped to the minimum), and
 # POWER_FLOOR ** gamma (below 1e-14 for gamma >= 0.7) vanishes next to the values it joins
 POWER_FLOOR = 1e-20
 
@@ -111,10 +111,9 @@ def gaussian_blur_slices_(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Ten
 
     Each slice X becomes M_H X M_W^T, M being the banded matrix of the 1-D filter with its
     mirrored edges: batched matrix products, one per block of 2r rows of M with only the
-    columns its band reaches (a third of the full products' work for 96 x 96). On one CPU
-    thread, full matrices took 1.17 ms for 20 slices of 96 x 96 against 1.51 for depthwise
-    convolutions of padded copies; the blocks take about a tenth off the blur in isolation,
-    about 1% of a worker's time a sample."""
+    columns its band reaches (a third of the full products' work for 96 x 96), which is faster
+    on the CPU than depthwise convolutions of padded copies (figures in
+    benchmarks/results/history.md)."""
     b, d, h, w = x.shape
     flat = x.view(b * d, h, w)
     s = sigma.reshape(-1).to(x.dtype)

@@ -28,7 +28,8 @@ echo "== 5/6 DeSD pretraining (res3d50, published flags, a CPU-sized budget)"
 rm -rf "$OUT/pretrain"
 PYTHON=$PYTHON DATA_PATH=$DATA OUTPUT_DIR=$OUT/pretrain NPROC_PER_NODE=1 sh run_ssl.sh \
   --device cpu --epochs 2 --max_iters_per_epoch 12 --batch_size_per_gpu 2 --num_workers "$WORKERS" \
-  --out_dim 8192 --warmup_epochs 1 --warmup_teacher_temp_epochs 1 --saveckp_freq 1 --print_freq 4
+  --out_dim 8192 --warmup_epochs 1 --warmup_teacher_temp_epochs 1 --saveckp_freq 0 --print_freq 4
+rm -f "$OUT/pretrain/checkpoint.prev.pth"  # the resume backup: the demo keeps only the teacher it uses
 
 echo "== 6/6 fine-tuning from the demo teacher and from scratch (same budget)"
 for run in pretrained scratch; do
@@ -37,6 +38,7 @@ for run in pretrained scratch; do
   $PYTHON finetune.py --data_dir "$TASK" --output_dir "$OUT/ft_$run" --arch res3d50 ${PRETRAINED:+--pretrained "$PRETRAINED"} \
     --device cpu --spacing 2.5 --patch_size 32 96 96 --epochs 4 --max_iters_per_epoch 6 --batch_size 1 \
     --eval_every 4 --num_workers "$WORKERS" --lr 3e-4
+  rm -f "$OUT/ft_$run/checkpoint.pth"  # resume state; best.pth and dice.json stay
 done
 
 echo
@@ -44,4 +46,4 @@ echo "Dice on the validation cases (synthetic labels; a CPU-sized budget, so exp
 $PYTHON tools/compare_dice.py "pretrained=$OUT/ft_pretrained/dice.json" "scratch=$OUT/ft_scratch/dice.json"
 echo
 echo "Teacher checkpoint: $(pwd)/$OUT/pretrain/checkpoint.pth (key 'teacher'); picture: $OUT/demo.png"
-echo "Demo took $(( $(date +%s) - START )) s."
+echo "Demo took $(( $(date +%s) - START )) s; it keeps $(du -sh "$OUT" | cut -f1) in $OUT and $(du -sh demo_data | cut -f1) in demo_data."

@@ -1,23 +1,31 @@
 """Fine-tune a res3d segmentation network, from a DeSD teacher or from scratch, and measure
-Dice on whole validation volumes.
+Dice, the 95th-percentile Hausdorff distance and the normalised surface Dice on whole
+validation volumes.
 
-Data: a labelled set in the Medical Segmentation Decathlon layout (`dataset.json` with
-`labels` and a `training` list of {"image", "label"} paths, `imagesTr/`, `labelsTr/`).
-Images are read with nibabel and put in the pretraining orientation (z, x, y) = depth first,
-then the nibabel (x, y) axes, as the DeSD patches were (see dataset.py); resampled to
-`--spacing` mm (cubic for images, nearest for labels); clipped to [-1024, 1024] HU and divided
-by 1024, as in pretraining.
+Data: a labelled set in the Medical Segmentation Decathlon layout or nnU-Net v2's (see
+labelled.py), checked for integrity before any training (`python labelled.py --data_dir ...`
+runs the check alone). Every image and label is reoriented to the pretraining patches'
+anatomical orientation, resampled to `--spacing` mm (cubic for images, nearest for labels),
+clipped to [-1024, 1024] HU and divided by 1024, and put depth first: a network input is
+(1, z, x, y), z running to inferior, x to posterior, y to the patient's left, exactly as the
+DeSD patches entered pretraining (docs/method.md, section 3).
 
 One process (CPU or one GPU):
     python finetune.py --data_dir data/Task03_Liver --output_dir out/ft_desd \
         --pretrained snapshots/DeSD_res3d50/checkpoint.pth
-From scratch: leave out --pretrained. Label efficiency: --train_fraction 0.1.
+From scratch: leave out --pretrained. Label efficiency: --train_fraction 0.1. nnU-Net folds:
+--split_file data/Dataset003_Liver/splits_final.json --fold 0.
 N GPUs: torchrun --nproc_per_node N finetune.py ... (see run_finetune.sh).
+
+A rerun in the same output folder resumes an unfinished run with the same settings, prints
+the result of a finished one without touching it, and refuses other settings (naming them)
+unless --restart True.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -27,41 +35,47 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import compute_dice
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
-    Spacingd,
     SpatialPadd,
-    Transposed,
 )
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+import labelled
 import utils
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import last_stage_shape
 from models.segmentation import Res3DSegmentation
 
+# the settings a rerun must share with the run already in its output folder
+RUN_SETTINGS = (
+    "data_dir", "split_file", "fold", "val_fraction", "train_fraction", "spacing", "patch_size", "samples_per_volume", "pos_ratio",
+    "arch", "pretrained", "epochs", "max_iters_per_epoch", "batch_size", "lr", "weight_decay", "seed",
+)  # fmt: skip
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DeSD fine-tuning", add_help=False)
     group = parser.add_argument_group("data")
-    group.add_argument("--data_dir", required=True, help="Decathlon-layout folder holding dataset.json.")
+    group.add_argument("--data_dir", required=True, help="An MSD or nnU-Net v2 dataset folder (with dataset.json).")
     group.add_argument(
-        "--split_file", default="", help="JSON {'train': [...], 'val': [...]} of image paths as in dataset.json; default: a seeded split."
+        "--split_file",
+        default="",
+        help="JSON {'train': [...], 'val': [...]} of case ids (or image paths), or nnU-Net's splits_final.json with --fold; "
+        "default: a seeded split.",
     )
+    group.add_argument("--fold", default=0, type=int, help="The fold of a splits_final.json.")
     group.add_argument("--val_fraction", default=0.2, type=float, help="Share of the cases held out for validation by the seeded split.")
     group.add_argument(
         "--train_fraction", default=1.0, type=float, help="Use only this share of the training cases (label-efficiency experiments)."
@@ -105,9 +119,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("evaluation and misc")
     group.add_argument("--eval_every", default=1, type=int, help="Epochs between validations (the last epoch is always evaluated).")
+    group.add_argument("--nsd_tolerance", default=2.0, type=float, help="Tolerance in mm of the normalised surface Dice.")
     group.add_argument("--sw_batch_size", default=2, type=int)
     group.add_argument("--sw_overlap", default=0.5, type=float)
+    group.add_argument("--print_every", default=10, type=int, help="Iterations between progress lines within an epoch.")
     group.add_argument("--output_dir", default="finetune_out")
+    group.add_argument(
+        "--restart", default=False, type=utils.bool_flag, help="Start over in an output folder whose run had other settings."
+    )
     group.add_argument("--seed", default=0, type=int)
     group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     group.add_argument("--dist_url", default="env://")
@@ -115,62 +134,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_dataset(data_dir: str) -> tuple[list[dict], dict[int, str]]:
-    """Cases (absolute image/label paths) and class names (background excluded) of an MSD folder."""
-    path = os.path.join(data_dir, "dataset.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist: expected a Decathlon-layout folder")
-    with open(path) as f:
-        meta = json.load(f)
-    cases = []
-    for entry in meta.get("training", []):
-        case = {k: os.path.normpath(os.path.join(data_dir, entry[k])) for k in ("image", "label")}
-        for k, p in case.items():
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"{path}: {k} {p!r} does not exist")
-        cases.append(case)
-    if len(cases) < 2:
-        raise ValueError(f"{path}: needs at least 2 labelled cases (one to train, one to validate), found {len(cases)}")
-    labels = {int(k): v for k, v in meta["labels"].items() if int(k) != 0}
-    return cases, labels
-
-
-def split_cases(cases: list[dict], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """A fixed seeded split, or the one the split file gives; then the training fraction."""
-    if args.split_file:
-        with open(args.split_file) as f:
-            split = json.load(f)
-        by_name = {os.path.basename(c["image"]): c for c in cases}
-        pick = lambda names: [by_name[os.path.basename(n)] for n in names]  # noqa: E731
-        train, val = pick(split["train"]), pick(split["val"])
-    else:
-        order = np.random.default_rng(args.seed).permutation(len(cases))
-        n_val = max(1, int(round(args.val_fraction * len(cases))))
-        val = [cases[i] for i in sorted(order[:n_val])]
-        train = [cases[i] for i in sorted(order[n_val:])]
-    if args.train_fraction < 1.0:
-        keep = max(1, int(round(args.train_fraction * len(train))))
-        train = [train[i] for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train))[:keep])]
-    return train, val
-
-
-def preprocessing(spacing: float) -> list:
-    """Read, put depth first, resample, clip and scale: the deterministic part."""
-    keys = ["image", "label"]
-    return [
-        LoadImaged(keys, reader="NibabelReader"),
-        EnsureChannelFirstd(keys),  # (1, x, y, z), nibabel order
-        Spacingd(keys, pixdim=(spacing,) * 3, mode=(3, "nearest")),
-        ScaleIntensityRanged("image", a_min=-1024, a_max=1024, b_min=-1.0, b_max=1.0, clip=True),  # HU / 1024
-        Transposed(keys, indices=(0, 3, 1, 2)),  # (1, z, x, y): the pretraining orientation
-        EnsureTyped(keys, track_meta=False),
-    ]
-
-
 def train_transforms(args: argparse.Namespace) -> Compose:
     keys = ["image", "label"]
     return Compose(
-        preprocessing(args.spacing)
+        labelled.preprocessing(args.spacing)
         + [
             SpatialPadd(keys, spatial_size=args.patch_size),
             RandCropByPosNegLabeld(keys, "label", args.patch_size, pos=args.pos_ratio, neg=1.0, num_samples=args.samples_per_volume),
@@ -183,39 +150,81 @@ def train_transforms(args: argparse.Namespace) -> Compose:
     )
 
 
+def masked_dice_ce(logits: torch.Tensor, label: torch.Tensor, ignore: int | None) -> torch.Tensor:
+    """Dice + cross-entropy, leaving out the voxels labelled `ignore` (nnU-Net's ignore label)."""
+    if ignore is None:
+        return DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
+    target = label[:, 0].long()
+    keep = target != ignore
+    target = torch.where(keep, target, torch.zeros_like(target))
+    ce = F.cross_entropy(logits, target, reduction="none")[keep].mean()
+    probs = F.softmax(logits, 1) * keep[:, None]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3) * keep[:, None]
+    dims = (0, 2, 3, 4)
+    dice = 1 - (2 * (probs * onehot).sum(dims) + 1e-5) / (probs.sum(dims) + onehot.sum(dims) + 1e-5)
+    return ce + dice.mean()
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, num_classes: int, args: argparse.Namespace, device: torch.device) -> list[float]:
-    """Per-class Dice (background excluded) over whole volumes, by sliding-window inference;
-    each process scores its share of the cases and the scores of all processes are pooled."""
+def evaluate(model: torch.nn.Module, loader, num_classes: int, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+    """Per-class Dice, HD95 and NSD (mm, background excluded) over whole volumes, by
+    sliding-window inference; each process scores its share of the cases and the scores of
+    all processes are pooled. A class absent from a case's truth is left out of its means."""
     model.eval()
-    scores = [torch.empty(0, num_classes - 1)]
+    spacing = getattr(args, "spacing", 1.0)
+    tolerance = getattr(args, "nsd_tolerance", 2.0)
+    scores = [torch.empty(0, 3, num_classes - 1)]
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
             logits = sliding_window_inference(image, args.patch_size, args.sw_batch_size, model, overlap=args.sw_overlap, mode="gaussian")
-        pred = torch.nn.functional.one_hot(logits.argmax(1), num_classes).permute(0, 4, 1, 2, 3)
-        truth = torch.nn.functional.one_hot(label[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3)
-        scores.append(compute_dice(pred, truth, include_background=False, ignore_empty=True).float().cpu())  # (1, classes - 1)
+        pred = F.one_hot(logits.argmax(1), num_classes).permute(0, 4, 1, 2, 3)
+        truth = F.one_hot(label[:, 0].long().clamp(0, num_classes - 1), num_classes).permute(0, 4, 1, 2, 3)
+        dice = compute_dice(pred, truth, include_background=False, ignore_empty=True).float().cpu()  # (1, classes - 1)
+        absent = truth[:, 1:].flatten(2).sum(-1).cpu() == 0
+        predicted_empty = pred[:, 1:].flatten(2).sum(-1).cpu() == 0
+        hd = compute_hausdorff_distance(pred, truth, include_background=False, percentile=95, spacing=spacing).float().cpu()
+        nsd = compute_surface_dice(pred, truth, [tolerance] * (num_classes - 1), include_background=False, spacing=spacing).float().cpu()
+        hd[absent | predicted_empty | ~torch.isfinite(hd)] = math.nan  # undefined without both surfaces
+        nsd[absent] = math.nan
+        scores.append(torch.stack([dice, hd, nsd], 1))
     scores = torch.cat(scores)
     if utils.is_dist():
         gathered = [None] * utils.get_world_size()
         dist.all_gather_object(gathered, scores)
         scores = torch.cat(gathered)
     model.train()
-    return [float(v) for v in torch.nanmean(scores, dim=0)]  # classes absent from a case's truth are skipped
+    means = torch.nanmean(scores, dim=0)  # (3, classes - 1)
+    return {name: [float(v) for v in means[i]] for i, name in enumerate(("dice", "hd95", "nsd"))}
 
 
 def dice_table(columns: dict[str, list[float]], names: list[str]) -> str:
-    """Per-class Dice of one or more runs, side by side."""
+    """Per-class values of one or more runs (or metrics), side by side; None prints as nan."""
     width = max(len(n) for n in [*names, "mean"]) + 2
     lines = [f"{'class':<{width}}" + "".join(f"{c:>14}" for c in columns)]
+    values = {k: [math.nan if x is None else x for x in v] for k, v in columns.items()}
     for i, name in enumerate(names):
-        lines.append(f"{name:<{width}}" + "".join(f"{v[i]:>14.4f}" for v in columns.values()))
-    lines.append(f"{'mean':<{width}}" + "".join(f"{np.nanmean(v):>14.4f}" for v in columns.values()))
+        lines.append(f"{name:<{width}}" + "".join(f"{v[i]:>14.4f}" for v in values.values()))
+    lines.append(f"{'mean':<{width}}" + "".join(f"{mean_or_nan(v):>14.4f}" for v in values.values()))
     return "\n".join(lines)
 
 
+def mean_or_nan(values) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def strict(value):
+    """NaN and infinities as None, for strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def validate_args(args: argparse.Namespace) -> None:
+    """Refuse nonsense settings before any work."""
     d, h, w = last_stage_shape(tuple(args.patch_size))
     if min(args.patch_size) <= 0 or d * h * w < 2:
         raise ValueError(
@@ -225,6 +234,53 @@ def validate_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--pretrained {args.pretrained!r} does not exist")
     if not 0 < args.train_fraction <= 1 or not 0 < args.val_fraction < 1:
         raise ValueError("--train_fraction must be in (0, 1] and --val_fraction in (0, 1)")
+    for name in ("epochs", "eval_every", "batch_size", "samples_per_volume", "print_every", "sw_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "spacing", "nsd_tolerance"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise ValueError(f"--{name} must be a finite positive number, got {getattr(args, name)}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight_decay must be finite and non-negative, got {args.weight_decay}")
+
+
+def settings_of(args) -> dict:
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    return {k: (list(values[k]) if isinstance(values.get(k), list | tuple) else values.get(k)) for k in RUN_SETTINGS}
+
+
+def check_rerun(args: argparse.Namespace) -> dict | None:
+    """The finished result of an earlier run with these settings (None: train). Refuses a folder
+    whose run had other settings, naming each, unless --restart, which clears that run."""
+    args_path = os.path.join(args.output_dir, "args.json")
+    if not os.path.isfile(args_path):
+        return None
+    with open(args_path) as f:
+        before = json.load(f)
+    differ = [
+        f"{k} {settings_of(before)[k]!r} (now {settings_of(args)[k]!r})"
+        for k in RUN_SETTINGS
+        if settings_of(before)[k] != settings_of(args)[k]
+    ]
+    if differ and not args.restart:
+        raise ValueError(
+            f"{args.output_dir!r} holds a run with other settings: {'; '.join(differ)}. Use another --output_dir, or --restart True "
+            "to start over there"
+        )
+    if differ:
+        for name in ("checkpoint.pth", "best.pth", "log.txt", "dice.json", "curves.png", "args.json"):
+            path = os.path.join(args.output_dir, name)
+            if os.path.exists(path) and utils.is_main_process():
+                os.remove(path)
+        print(f"--restart: cleared the earlier run in {args.output_dir} ({'; '.join(differ)})")
+        return None
+    dice_path = os.path.join(args.output_dir, "dice.json")
+    if os.path.isfile(dice_path):
+        with open(dice_path) as f:
+            result = json.load(f)
+        if result.get("finished"):
+            return result
+    return None
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -233,6 +289,13 @@ def main(args: argparse.Namespace) -> dict:
     utils.settle_vector_math()  # before any arithmetic: see its docstring
     torch.manual_seed(args.seed + args.rank)
     os.makedirs(args.output_dir, exist_ok=True)
+    finished = check_rerun(args)
+    if finished is not None:
+        print(f"{args.output_dir} holds a finished run with these settings; its result (nothing was changed):")
+        print(
+            dice_table({"Dice": finished["dice"], "HD95 mm": finished.get("hd95", []), "NSD": finished.get("nsd", [])}, finished["classes"])
+        )
+        return finished
     if utils.is_main_process():
         print(utils.git_sha())
         print(
@@ -244,10 +307,15 @@ def main(args: argparse.Namespace) -> dict:
         utils.save_atomic_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
 
     # ============ preparing data ... ============
-    cases, labels = read_dataset(args.data_dir)
-    train_cases, val_cases = split_cases(cases, args)
-    num_classes = max(labels) + 1
-    class_names = [labels.get(i, str(i)) for i in range(1, num_classes)]
+    data = labelled.read_dataset(args.data_dir)
+    problems = labelled.check_integrity(data)
+    if problems:
+        raise ValueError(f"{args.data_dir}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
+    train_cases, val_cases = labelled.split_cases(data.cases, args.split_file, args.fold, args.val_fraction, args.seed)
+    if args.train_fraction < 1.0:
+        keep = max(1, int(round(args.train_fraction * len(train_cases))))
+        train_cases = [train_cases[i] for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train_cases))[:keep])]
+    num_classes, class_names = data.num_classes, data.class_names
     train_ds = CacheDataset(train_cases, train_transforms(args), cache_rate=args.cache_rate, num_workers=args.num_workers, progress=False)
     sampler = DistributedSampler(train_ds, args.world_size, args.rank, shuffle=True, seed=args.seed) if args.world_size > 1 else None
     train_loader = DataLoader(
@@ -260,8 +328,10 @@ def main(args: argparse.Namespace) -> dict:
         generator=torch.Generator().manual_seed(args.seed),
     )
     val_share = val_cases[args.rank :: args.world_size]  # each process validates its share
-    val_loader = DataLoader(Dataset(val_share, Compose(preprocessing(args.spacing))), batch_size=1, num_workers=min(args.num_workers, 2))
-    print(f"Data: {len(train_cases)} training and {len(val_cases)} validation cases, classes {class_names}.")
+    val_loader = DataLoader(
+        Dataset(val_share, Compose(labelled.preprocessing(args.spacing))), batch_size=1, num_workers=min(args.num_workers, 2)
+    )
+    print(f"Data: {data.layout} layout, {len(train_cases)} training and {len(val_cases)} validation cases, classes {class_names}.")
 
     # ============ building the network ... ============
     model = Res3DSegmentation(create_model(args.arch), num_classes)
@@ -274,7 +344,6 @@ def main(args: argparse.Namespace) -> dict:
     model_without_ddp = model
     if args.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     iters = len(train_loader) if args.max_iters_per_epoch <= 0 else min(len(train_loader), args.max_iters_per_epoch)
     lr_schedule = utils.cosine_scheduler(args.lr, args.lr * 0.01, args.epochs, iters)
@@ -287,7 +356,8 @@ def main(args: argparse.Namespace) -> dict:
     history = []
 
     # ============ training ... ============
-    start = time.time()
+    start, done_iters = time.time(), 0
+    total_iters = (args.epochs - to_restore["epoch"]) * iters
     for epoch in range(to_restore["epoch"], args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -300,29 +370,44 @@ def main(args: argparse.Namespace) -> dict:
                 group["lr"] = float(lr_schedule[epoch * iters + it])
             image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
-                loss = loss_fn(model(image).float(), label)
+                logits = model(image).float()
+            loss = masked_dice_ce(logits, label, data.ignore)
+            if not bool(torch.isfinite(utils.all_reduce_mean(loss.detach())).item()):
+                print(
+                    f"Loss is not finite at epoch {epoch}, iteration {it} (cases {batch.get('image_path', '?')}): stopping; "
+                    "the last checkpoint is left as it was.",
+                    flush=True,
+                )
+                sys.exit(1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
+            done_iters += 1
+            if utils.is_main_process() and (it % args.print_every == 0 or it == iters - 1):
+                eta = datetime.timedelta(seconds=int((time.time() - start) / done_iters * (total_iters - done_iters)))
+                print(
+                    f"epoch {epoch} [{it}/{iters}]  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  run eta {eta}",
+                    flush=True,
+                )
         mean_loss = float(utils.all_reduce_mean(torch.stack(losses).mean()).item())
         record = {"epoch": epoch, "train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1:
-            dice = evaluate(model_without_ddp, val_loader, num_classes, args, device)
-            record.update({f"dice_{n}": d for n, d in zip(class_names, dice)}, mean_dice=float(np.nanmean(dice)))
+            metrics = evaluate(model_without_ddp, val_loader, num_classes, args, device)
+            record.update({f"dice_{n}": d for n, d in zip(class_names, metrics["dice"])}, mean_dice=mean_or_nan(metrics["dice"]))
+            record.update({f"hd95_{n}": d for n, d in zip(class_names, metrics["hd95"])})
+            record.update({f"nsd_{n}": d for n, d in zip(class_names, metrics["nsd"])})
             if record["mean_dice"] > best and utils.is_main_process():
                 best = record["mean_dice"]
                 utils.save_atomic(
-                    {"model": model_without_ddp.state_dict(), "epoch": epoch + 1, "dice": dice}, os.path.join(args.output_dir, "best.pth")
-                )
+                    {"model": model_without_ddp.state_dict(), "epoch": epoch + 1, "dice": metrics["dice"], "args": vars(args),
+                     "num_classes": num_classes, "classes": class_names},
+                    os.path.join(args.output_dir, "best.pth"),
+                )  # fmt: skip
         if utils.is_main_process():
-            elapsed = time.time() - start
-            done = epoch + 1 - to_restore["epoch"]
-            eta = elapsed / done * (args.epochs - epoch - 1)
-            print(
-                f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch") + f"  eta {eta:.0f}s", flush=True
-            )
-            utils.append_json_line(os.path.join(args.output_dir, "log.txt"), record)
+            shown = {k: v for k, v in record.items() if k in ("train_loss", "mean_dice")}
+            print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f"  lr {record['lr']:.2e}", flush=True)
+            utils.append_json_line(os.path.join(args.output_dir, "log.txt"), strict(record))
             utils.plot_curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png"))
             state = {
                 "model": model_without_ddp.state_dict(),
@@ -336,16 +421,23 @@ def main(args: argparse.Namespace) -> dict:
 
     result = {}
     if utils.is_main_process():
-        final = [history[-1].get(f"dice_{n}", math.nan) for n in class_names] if history else []
-        result = {
-            "classes": class_names,
-            "dice": final,
-            "mean_dice": float(np.nanmean(final)) if final else math.nan,
-            "best_mean_dice": best,
-        }
+        if not history:
+            raise RuntimeError(f"{args.output_dir}: no epoch was trained (the checkpoint there is at epoch {to_restore['epoch']})")
+        last = history[-1]
+        result = strict(
+            {
+                "classes": class_names,
+                "dice": [last.get(f"dice_{n}", math.nan) for n in class_names],
+                "hd95": [last.get(f"hd95_{n}", math.nan) for n in class_names],
+                "nsd": [last.get(f"nsd_{n}", math.nan) for n in class_names],
+                "mean_dice": last.get("mean_dice", math.nan),
+                "best_mean_dice": best,
+                "nsd_tolerance_mm": args.nsd_tolerance,
+                "finished": True,
+            }
+        )
         utils.save_atomic_json(result, os.path.join(args.output_dir, "dice.json"))
-        if final:
-            print(dice_table({"Dice": final}, class_names))
+        print(dice_table({"Dice": result["dice"], "HD95 mm": result["hd95"], "NSD": result["nsd"]}, class_names))
     if utils.is_dist():
         dist.barrier()
         dist.destroy_process_group()
@@ -354,4 +446,12 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("DeSD fine-tuning", parents=[get_args_parser()])
-    sys.exit(0 if main(parser.parse_args()) is not None else 1)
+    main(parser.parse_args())  # any failure raises, and the exit status is then non-zero
+
+
+def read_dataset(data_dir: str):  # TEMPORARY alias for a running experiment; removed below
+    data = labelled.read_dataset(data_dir)
+    return data.cases, data.classes
+
+
+preprocessing = labelled.preprocessing  # TEMPORARY

@@ -38,15 +38,15 @@ def load_cases(data_dir: str, spacing: float) -> tuple[list[tuple[np.ndarray, np
     the pretraining orientation, and the class names (background excluded)."""
     from monai.transforms import Compose
 
-    from finetune import preprocessing, read_dataset
+    import labelled
 
-    cases, labels = read_dataset(data_dir)
-    transform = Compose(preprocessing(spacing))
+    data = labelled.read_dataset(data_dir)
+    transform = Compose(labelled.preprocessing(spacing))
     out = []
-    for case in cases:
+    for case in data.cases:
         item = transform(dict(case))
         out.append((item["image"][0].numpy().astype(np.float32), item["label"][0].numpy().astype(np.uint8)))
-    return out, [labels.get(i, str(i)) for i in range(1, max(labels) + 1)]
+    return out, data.class_names
 
 
 def sample_patches(cases, patch: tuple[int, int, int], per_case: int, seed: int):

@@ -3,8 +3,8 @@
 # Decathlon-layout data set, through torchrun on every GPU of this node (or one CPU process).
 #
 # Settings from the environment (defaults in brackets):
-#   DATA_DIR [data/Task03_Liver]  OUTPUT_DIR [snapshots/finetune_res3d50]
-#   PRETRAINED [snapshots/DeSD_res3d50/checkpoint.pth; empty: from scratch]
+#   DATA_DIR [data/Task03_Liver]  PRETRAINED [snapshots/DeSD_res3d50/checkpoint.pth; empty: from scratch]
+#   OUTPUT_DIR [snapshots/finetune_res3d50_desd, or ..._scratch without PRETRAINED: each run its own folder]
 #   NPROC_PER_NODE [number of GPUs, or 1]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]
 #   MASTER_PORT [29501]  PYTHON [python]
 # Extra arguments are passed on to finetune.py, e.g. --train_fraction 0.1 --epochs 200
@@ -12,8 +12,8 @@ set -e
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 DATA_DIR=${DATA_DIR:-data/Task03_Liver}
-OUTPUT_DIR=${OUTPUT_DIR:-snapshots/finetune_res3d50}
 PRETRAINED=${PRETRAINED-snapshots/DeSD_res3d50/checkpoint.pth}
+OUTPUT_DIR=${OUTPUT_DIR:-snapshots/finetune_res3d50_$([ -n "$PRETRAINED" ] && echo desd || echo scratch)}
 GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}
 DEVICE=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)

@@ -110,10 +110,12 @@ def test_dice_of_hand_made_masks():
         def forward(self, x):
             return logits
 
-    args = argparse.Namespace(patch_size=(4, 8, 8), sw_batch_size=1, sw_overlap=0.0, use_bf16=False)
-    dice = finetune.evaluate(Fixed(), [{"image": torch.zeros(1, 1, 4, 8, 8), "label": truth}], 3, args, torch.device("cpu"))
-    assert dice[0] == pytest.approx(2 * 64 / (128 + 64))
-    assert dice[1] == pytest.approx(1.0)
+    args = argparse.Namespace(patch_size=(4, 8, 8), sw_batch_size=1, sw_overlap=0.0, use_bf16=False, spacing=1.0, nsd_tolerance=0.5)
+    metrics = finetune.evaluate(Fixed(), [{"image": torch.zeros(1, 1, 4, 8, 8), "label": truth}], 3, args, torch.device("cpu"))
+    assert metrics["dice"][0] == pytest.approx(2 * 64 / (128 + 64))
+    assert metrics["dice"][1] == pytest.approx(1.0)
+    assert metrics["hd95"][1] == pytest.approx(0.0) and metrics["nsd"][1] == pytest.approx(1.0)  # a perfect class
+    assert metrics["hd95"][0] > 0 and metrics["nsd"][0] < 1
 
 
 def write_cube_task(root, n=5):
@@ -149,15 +151,76 @@ def test_tiny_fine_tuning_improves_dice_over_its_first_evaluation(tmp_path):
     assert result["best_mean_dice"] >= max(r["mean_dice"] for r in log)
 
 
-def test_seeded_split_is_fixed_and_train_fraction_subsets_it():
-    cases = [{"image": f"/d/i{i}.nii.gz", "label": f"/d/l{i}.nii.gz"} for i in range(10)]
-    args = argparse.Namespace(split_file="", val_fraction=0.2, train_fraction=1.0, seed=0)
-    train, val = finetune.split_cases(cases, args)
-    assert len(val) == 2 and len(train) == 8 and not {c["image"] for c in train} & {c["image"] for c in val}
-    assert finetune.split_cases(cases, args) == (train, val)
-    args.train_fraction = 0.25
-    small, val2 = finetune.split_cases(cases, args)
-    assert val2 == val and len(small) == 2 and all(c in train for c in small)
+def tiny_args(tmp_path, *extra):
+    parser = argparse.ArgumentParser(parents=[finetune.get_args_parser()])
+    return parser.parse_args(
+        ["--data_dir", str(tmp_path / "task"), "--output_dir", str(tmp_path / "out"), "--arch", "res3d10", "--spacing", "2",
+         "--patch_size", "16", "48", "48", "--epochs", "1", "--num_workers", "0", "--device", "cpu", *extra]
+    )  # fmt: skip
+
+
+def test_a_rerun_of_a_finished_run_prints_its_result_and_touches_nothing_and_other_settings_are_refused(tmp_path, capsys):
+    write_cube_task(str(tmp_path / "task"), n=3)
+    first = finetune.main(tiny_args(tmp_path))
+    text = (tmp_path / "out" / "dice.json").read_text()
+    result = json.loads(text)  # strict JSON: json.loads would accept NaN, so check the text too
+    assert "NaN" not in text and result["finished"] and set(result) >= {"dice", "hd95", "nsd", "classes"}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    assert finetune.main(tiny_args(tmp_path)) == first
+    assert "holds a finished run with these settings" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
+    with pytest.raises(ValueError, match=r"other settings: lr 0.0003 \(now 0.001\)"):
+        finetune.main(tiny_args(tmp_path, "--lr", "1e-3"))
+    finetune.main(tiny_args(tmp_path, "--lr", "1e-3", "--restart", "True"))
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("extra,message", [(("--eval_every", "0"), "--eval_every"), (("--lr", "nan"), "--lr")])
+def test_nonsense_settings_are_refused_at_start(tmp_path, extra, message):
+    write_cube_task(str(tmp_path / "task"), n=3)
+    with pytest.raises(ValueError, match=message):
+        finetune.main(tiny_args(tmp_path, *extra))
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_nan_images_stop_fine_tuning_before_any_checkpoint(tmp_path, capsys):
+    write_cube_task(str(tmp_path / "task"), n=3)
+    for i in range(3):
+        path = tmp_path / "task" / "imagesTr" / f"c{i}.nii.gz"
+        img = nib.load(path)
+        arr = np.asarray(img.dataobj).astype(np.float32)
+        arr[10:20, 10:20, 5:10] = np.nan
+        nib.save(nib.Nifti1Image(arr, img.affine), path)
+    with pytest.raises(SystemExit):
+        finetune.main(tiny_args(tmp_path))
+    assert "Loss is not finite" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "checkpoint.pth").exists() and not (tmp_path / "out" / "best.pth").exists()
+
+
+def test_a_broken_dataset_lists_its_problems_and_the_command_exits_non_zero(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    write_cube_task(str(tmp_path / "task"), n=3)
+    lab = nib.load(tmp_path / "task" / "labelsTr" / "c1.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj)[:, :, :12], lab.affine), tmp_path / "task" / "labelsTr" / "c1.nii.gz")
+    cmd = [sys.executable, "finetune.py", "--data_dir", str(tmp_path / "task"), "--output_dir", str(tmp_path / "out"),
+           "--arch", "res3d10", "--device", "cpu", "--epochs", "1", "--patch_size", "16", "48", "48", "--num_workers", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "c1.nii.gz: shape" in proc.stderr
+
+
+def test_compare_dice_names_a_missing_or_empty_result(tmp_path, capsys):
+    from tools import compare_dice
+
+    (tmp_path / "a.json").write_text(json.dumps({"classes": ["box"], "dice": [0.5], "finished": True}))
+    (tmp_path / "empty.json").write_text(json.dumps({"classes": [], "dice": []}))
+    assert compare_dice.main([f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'missing.json'}", f"c={tmp_path / 'empty.json'}"]) == 1
+    err = capsys.readouterr().err
+    assert "missing.json" in err and "does not exist" in err and "empty.json" in err and "no result" in err
 
 
 @pytest.mark.slow

@@ -1,6 +1,9 @@
 """Print the per-class Dice of several fine-tuning runs side by side.
 
 python tools/compare_dice.py pretrained=out/ft_desd/dice.json scratch=out/ft_scratch/dice.json
+
+A result that is missing, unreadable or empty is reported by name (and the exit status is 1);
+the others are still printed.
 """
 
 from __future__ import annotations
@@ -9,20 +12,39 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from finetune import dice_table  # noqa: E402
 
 
-def main(argv: list[str]) -> None:
-    columns, names = {}, None
+def main(argv: list[str]) -> int:
+    columns, names, status = {}, None, 0
     for arg in argv:
         label, _, path = arg.partition("=")
-        with open(path) as f:
-            result = json.load(f)
+        path = path or label
+        problem = None
+        if not os.path.isfile(path):
+            problem = "does not exist (did that run finish?)"
+        else:
+            try:
+                with open(path) as f:
+                    result = json.load(f)
+            except (OSError, ValueError) as err:
+                problem = f"is not a readable result ({err})"
+            else:
+                if not result.get("dice") or not result.get("classes"):
+                    problem = "holds no result (an empty Dice list)"
+                elif names is not None and result["classes"] != names:
+                    problem = f"has other classes {result['classes']} than {names}"
+        if problem:
+            print(f"{label}: {path} {problem}", file=sys.stderr)
+            status = 1
+            continue
         names = names or result["classes"]
         columns[label] = result["dice"]
-    print(dice_table(columns, names))
+    if columns:
+        print(dice_table(columns, names))
+    return status
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

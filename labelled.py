@@ -1,0 +1,309 @@
+"""Labelled CT for fine-tuning, probing and prediction: dataset layouts, splits, reading, the
+pretraining orientation, and an integrity check.
+
+Layouts (`read_dataset`):
+- the Medical Segmentation Decathlon's `dataset.json`: `labels` index -> name, a `training`
+  list of {"image", "label"} paths, `modality`;
+- nnU-Net v2's: `channel_names`, `labels` name -> index (with an optional `ignore` label),
+  `file_ending`, `numTraining`, images `imagesTr/{case}_0000{file_ending}` and labels
+  `labelsTr/{case}{file_ending}`.
+Files are NIfTI (read with nibabel) or anything SimpleITK reads (`.mha`, `.nrrd`, ...).
+
+Orientation. Every image and label is reoriented to the pretraining patches' anatomical
+orientation before it enters a network: nibabel axis codes ('P', 'L', 'I'), the orientation
+that NIH's affine gives DeepLesion (docs/method.md, section 3). Then depth is moved first, so a
+network input is (1, z, x, y) with z running to inferior, x to posterior and y to the patient's
+left, as in pretraining, whatever the orientation the file was stored in.
+
+    python labelled.py --data_dir data/Dataset003_Liver      # the integrity check alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+PRETRAINING_AXCODES = "PLI"  # nibabel codes of the DeepLesion patches (NIH's affine)
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis codes name the direction an axis runs to, as nibabel's do
+HU_RANGE = (-1024.0, 1024.0)
+NIFTI = (".nii", ".nii.gz")
+
+
+@dataclass
+class LabelledSet:
+    """Cases ({"id", "image", "label"} with absolute paths), class names by index (background
+    excluded), and the label index that marks voxels to ignore (nnU-Net's `ignore`), if any."""
+
+    root: str
+    cases: list[dict]
+    classes: dict[int, str]
+    ignore: int | None = None
+    layout: str = "msd"
+    file_ending: str = ".nii.gz"
+    test_images: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of a segmentation network: background and every class."""
+        return max(self.classes) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.classes.get(i, str(i)) for i in range(1, self.num_classes)]
+
+
+def _ext_of(path: str) -> str:
+    return ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+
+
+def read_dataset(data_dir: str) -> LabelledSet:
+    """The cases and classes of a labelled set in either layout; refuses what it cannot read,
+    naming dataset.json and the problem."""
+    path = os.path.join(data_dir, "dataset.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist: expected an MSD or nnU-Net v2 dataset folder")
+    with open(path) as f:
+        meta = json.load(f)
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{path}: no 'labels' mapping")
+    ignore = None
+    if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD: index -> name
+        classes = {int(k): str(v) for k, v in labels.items()}
+    else:  # nnU-Net v2 (and MSD files written the other way round): name -> index
+        try:
+            classes = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list | tuple)}
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: 'labels' must map indices to names or names to integer indices, got {labels}") from None
+        for name, index in list(classes.items()):
+            if index.lower() == "ignore":
+                ignore = name
+                del classes[name]
+    classes = {i: n for i, n in classes.items() if i != 0}
+    if not classes:
+        raise ValueError(f"{path}: 'labels' declares no foreground class")
+    if "training" in meta:
+        layout, ending = "msd", ".nii.gz"
+        cases = []
+        for entry in meta["training"]:
+            case = {k: os.path.normpath(os.path.join(data_dir, entry[k])) for k in ("image", "label")}
+            name = os.path.basename(case["image"])
+            case["id"] = name[: -len(_ext_of(name))]
+            cases.append(case)
+        test = [os.path.normpath(os.path.join(data_dir, p if isinstance(p, str) else p["image"])) for p in meta.get("test", [])]
+    elif "file_ending" in meta or "channel_names" in meta:
+        layout, ending = "nnunetv2", meta.get("file_ending", ".nii.gz")
+        channels = meta.get("channel_names", {"0": "CT"})
+        if len(channels) != 1:
+            raise ValueError(f"{path}: {len(channels)} input channels {channels}; the DeSD encoder takes one (CT)")
+        label_dir = os.path.join(data_dir, "labelsTr")
+        if not os.path.isdir(label_dir):
+            raise FileNotFoundError(f"{path}: nnU-Net v2 layout, but {label_dir!r} does not exist")
+        ids = sorted(f[: -len(ending)] for f in os.listdir(label_dir) if f.endswith(ending) and not f.startswith("."))
+        cases = [
+            {"id": c, "image": os.path.join(data_dir, "imagesTr", f"{c}_0000{ending}"), "label": os.path.join(label_dir, f"{c}{ending}")}
+            for c in ids
+        ]
+        if "numTraining" in meta and meta["numTraining"] != len(cases):
+            raise ValueError(f"{path}: numTraining is {meta['numTraining']}, but {label_dir} holds {len(cases)} labels ending in {ending}")
+        ts = os.path.join(data_dir, "imagesTs")
+        test = sorted(os.path.join(ts, f) for f in os.listdir(ts) if f.endswith(f"_0000{ending}")) if os.path.isdir(ts) else []
+    else:
+        raise ValueError(f"{path}: neither a 'training' list (MSD) nor 'file_ending'/'channel_names' (nnU-Net v2)")
+    for case in cases:
+        for key in ("image", "label"):
+            if not os.path.isfile(case[key]):
+                raise FileNotFoundError(f"{path}: {key} of case {case['id']} ({case[key]!r}) does not exist")
+    if len(cases) < 2:
+        raise ValueError(f"{path}: needs at least 2 labelled cases (one to train, one to validate), found {len(cases)}")
+    return LabelledSet(os.path.abspath(data_dir), cases, classes, ignore, layout, ending, test)
+
+
+# ============ splits ============
+
+
+def split_cases(cases: list[dict], split_file: str = "", fold: int = 0, val_fraction: float = 0.2, seed: int = 0):
+    """(train, val) cases: a seeded split; a {"train": [...], "val": [...]} file of case ids
+    (or image paths); or nnU-Net's splits_final.json (a list of such folds) with `fold`."""
+    if not split_file:
+        order = np.random.default_rng(seed).permutation(len(cases))
+        n_val = max(1, int(round(val_fraction * len(cases))))
+        return [cases[i] for i in sorted(order[n_val:])], [cases[i] for i in sorted(order[:n_val])]
+    with open(split_file) as f:
+        split = json.load(f)
+    if isinstance(split, list):  # splits_final.json
+        if not 0 <= fold < len(split):
+            raise ValueError(f"{split_file} holds {len(split)} folds; --fold {fold} is not one of them")
+        split = split[fold]
+    by_id = {c["id"]: c for c in cases}
+    by_name = {os.path.basename(c["image"]): c for c in cases}
+
+    def pick(names: list[str], part: str) -> list[dict]:
+        out = []
+        for n in names:
+            case = by_id.get(n) or by_name.get(os.path.basename(n))
+            if case is None:
+                raise ValueError(f"{split_file}: {part} case {n!r} is not in the dataset")
+            out.append(case)
+        return out
+
+    train, val = pick(split["train"], "train"), pick(split["val"], "val")
+    both = {c["id"] for c in train} & {c["id"] for c in val}
+    if both:
+        raise ValueError(f"{split_file}: cases in both train and val: {sorted(both)[:5]}")
+    return train, val
+
+
+# ============ reading ============
+
+
+def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(array in (x, y, z) order, RAS affine) of a NIfTI or any SimpleITK-readable file."""
+    if path.endswith(NIFTI):
+        img = nib.load(path)
+        return np.asanyarray(img.dataobj), img.affine
+    img = sitk.ReadImage(path)
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    return arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK's LPS to nibabel's and MONAI's RAS
+
+
+class LoadCT:
+    """MONAI-style dictionary transform: read `keys` with `read_volume` into MetaTensors of
+    shape (1, x, y, z) with their affine (images float32, labels uint8)."""
+
+    def __init__(self, keys=("image", "label")):
+        self.keys = keys
+
+    def __call__(self, data: dict) -> dict:
+        from monai.data import MetaTensor
+
+        out = dict(data)
+        for key in self.keys:
+            if key not in data:
+                continue
+            arr, affine = read_volume(data[key])
+            if arr.ndim != 3:
+                raise ValueError(f"{data[key]}: expected a single-channel 3-D volume, got shape {arr.shape}")
+            arr = arr.astype(np.float32 if key == "image" else np.uint8)
+            out[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr))[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+            out[f"{key}_path"] = data[key]
+        return out
+
+
+def preprocessing(spacing: float, keys=("image", "label")) -> list:
+    """Read, reorient to the pretraining orientation, resample to `spacing` mm (cubic for
+    images, nearest for labels), clip to [-1024, 1024] HU and divide by 1024, put depth first:
+    (1, z, x, y), as the pretraining views were."""
+    from monai.transforms import EnsureTyped, Orientationd, ScaleIntensityRanged, Spacingd, Transposed
+
+    keys = list(keys)
+    modes = tuple(3 if k == "image" else "nearest" for k in keys)
+    steps = [
+        LoadCT(keys),
+        Orientationd(keys, axcodes=PRETRAINING_AXCODES, labels=RAS_LABELS),  # (1, x, y, z) with x -> P, y -> L, z -> I
+        Spacingd(keys, pixdim=(spacing,) * 3, mode=modes),
+    ]
+    if "image" in keys:
+        steps.append(ScaleIntensityRanged("image", a_min=HU_RANGE[0], a_max=HU_RANGE[1], b_min=-1.0, b_max=1.0, clip=True))
+    steps += [Transposed(keys, indices=(0, 3, 1, 2)), EnsureTyped(keys, track_meta=False)]
+    return steps
+
+
+# ============ integrity ============
+
+
+def _header(path: str):
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _orientation(path: str) -> tuple[tuple, tuple, tuple]:
+    """(shape, spacing, axis codes) in nibabel's (x, y, z) order."""
+    if path.endswith(NIFTI):
+        img = nib.load(path)
+        return tuple(img.shape), tuple(float(z) for z in img.header.get_zooms()[:3]), nib.aff2axcodes(img.affine)
+    h = _header(path)
+    affine = np.eye(4)
+    lps = np.array(h.GetDirection()).reshape(3, 3) * np.array(h.GetSpacing())
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ lps
+    return tuple(h.GetSize()), tuple(h.GetSpacing()), nib.aff2axcodes(affine)
+
+
+def check_integrity(data: LabelledSet, spacing_tolerance: float = 1e-3) -> list[str]:
+    """Every problem of the set, each naming its file: unreadable files, multi-channel images,
+    image and label of different shape, orientation or spacing, label values not declared."""
+    problems = []
+    allowed = {0, *data.classes} | ({data.ignore} if data.ignore is not None else set())
+    for case in data.cases:
+        geometry = {}
+        for key in ("image", "label"):
+            path = case[key]
+            try:
+                h = _header(path)
+                if h.GetNumberOfComponents() != 1 or h.GetDimension() != 3:
+                    problems.append(
+                        f"{path}: {h.GetDimension()}-D with {h.GetNumberOfComponents()} channels; expected one channel in 3-D (CT)"
+                    )
+                    continue
+                geometry[key] = _orientation(path)
+            except Exception as err:
+                problems.append(f"{path}: unreadable ({str(err).strip().splitlines()[-1]})")
+        if len(geometry) < 2:
+            continue
+        (ishape, ispacing, icodes), (lshape, lspacing, lcodes) = geometry["image"], geometry["label"]
+        if ishape != lshape:
+            problems.append(f"{case['label']}: shape {lshape} differs from its image's {ishape}")
+        if icodes != lcodes:
+            problems.append(f"{case['label']}: orientation {''.join(lcodes)} differs from its image's {''.join(icodes)}")
+        if not np.allclose(ispacing, lspacing, rtol=spacing_tolerance, atol=spacing_tolerance):
+            problems.append(f"{case['label']}: spacing {lspacing} differs from its image's {ispacing}")
+        try:
+            values = set(np.unique(read_volume(case["label"])[0]).astype(int).tolist())
+        except Exception as err:
+            problems.append(f"{case['label']}: unreadable ({err})")
+            continue
+        if values - allowed:
+            problems.append(
+                f"{case['label']}: label values {sorted(values - allowed)} are not declared in dataset.json (declared {sorted(allowed)})"
+            )
+    return problems
+
+
+def verify(data_dir: str) -> LabelledSet:
+    """read_dataset and check_integrity; raises listing every problem."""
+    data = read_dataset(data_dir)
+    problems = check_integrity(data)
+    if problems:
+        listing = "\n  ".join(problems)
+        raise ValueError(f"{data_dir}: {len(problems)} problem(s) found before training:\n  {listing}")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("Check a labelled set before fine-tuning")
+    parser.add_argument("--data_dir", required=True, help="An MSD or nnU-Net v2 dataset folder (with dataset.json).")
+    args = parser.parse_args(argv)
+    try:
+        data = verify(args.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"{args.data_dir}: {data.layout} layout, {len(data.cases)} cases, classes {data.class_names}: no problem found")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Predict label maps with a fine-tuned model.
+
+Input: a fine-tuning output folder (or its best.pth) and an image file, a folder of images, or
+a dataset folder (its imagesTs/). Each image is read as fine-tuning reads it (reoriented to the
+pretraining orientation, resampled to the model's spacing, HU / 1024, depth first), segmented
+by sliding-window inference (with `--tta`, averaged over the 8 flips), and the label map is
+brought back to the image's own grid: the written file has the input's shape, spacing, origin
+and direction.
+
+    python predict.py --model out/liver_desd --input data/Task03_Liver/imagesTs --output out/liver_desd/predictions
+    python predict.py --model out/liver_desd/best.pth --input case_0000.nii.gz --output pred/ --tta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import labelled
+from models import create_model
+from models.segmentation import Res3DSegmentation
+
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The network of a fine-tuning run (its folder or best.pth) and that run's arguments."""
+    ckpt_path = os.path.join(path, "best.pth") if os.path.isdir(path) else path
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path!r} does not exist: give a fine-tuning output folder or its best.pth")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    args = ckpt.get("args")
+    if args is None:
+        args_path = os.path.join(os.path.dirname(ckpt_path), "args.json")
+        if not os.path.isfile(args_path):
+            raise KeyError(f"{ckpt_path!r} stores no 'args' and there is no args.json beside it")
+        with open(args_path) as f:
+            args = json.load(f)
+    model = Res3DSegmentation(create_model(args["arch"]), int(ckpt["num_classes"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), {**args, "num_classes": int(ckpt["num_classes"]), "classes": ckpt.get("classes")}
+
+
+def find_images(path: str) -> list[str]:
+    """One image, the images of a folder, or a dataset folder's imagesTs/."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isfile(os.path.join(path, "dataset.json")):
+        path = os.path.join(path, "imagesTs")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is neither an image nor a folder of images")
+    images = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(IMAGE_ENDINGS) and not f.startswith("."))
+    if not images:
+        raise FileNotFoundError(f"no image ({', '.join(IMAGE_ENDINGS)}) in {path!r}")
+    return images
+
+
+@torch.no_grad()
+def segment(model: torch.nn.Module, image: torch.Tensor, patch, overlap: float = 0.5, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (1, C, z, x, y) of a preprocessed image (1, 1, z, x, y)."""
+    from monai.inferers import sliding_window_inference
+
+    def infer(x):
+        return F.softmax(sliding_window_inference(x, patch, 2, model, overlap=overlap, mode="gaussian"), 1)
+
+    if not tta:
+        return infer(image)
+    flips = [tuple(a for a in (2, 3, 4) if (k >> (a - 2)) & 1) for k in range(8)]
+    total = sum(infer(image.flip(f) if f else image).flip(f) if f else infer(image) for f in flips)
+    return total / len(flips)
+
+
+def to_input_grid(labels_zxy: np.ndarray, reference: sitk.Image, path: str, spacing: float) -> sitk.Image:
+    """The label map (z, x, y) of the network's grid back on the input image's grid (nearest
+    neighbour), with the input's geometry."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing, SpatialResample
+
+    arr, affine = labelled.read_volume(path)
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    # the network's grid: the input reoriented to the pretraining orientation and resampled, as preprocessing made it
+    grid = Spacing(pixdim=(spacing,) * 3)(
+        Orientation(axcodes=labelled.PRETRAINING_AXCODES, labels=labelled.RAS_LABELS)(MetaTensor(torch.zeros(1, *arr.shape), affine=affine))
+    )
+    net = MetaTensor(torch.from_numpy(labels_zxy.transpose(1, 2, 0)[None].astype(np.float32)), affine=grid.affine)  # (1, x, y, z)
+    resampled = SpatialResample(mode="nearest")(net, dst_affine=affine, spatial_size=arr.shape)  # the input's voxel grid
+    out_xyz = resampled[0].numpy().round().astype(np.uint8)
+    result = sitk.GetImageFromArray(out_xyz.transpose(2, 1, 0))  # (x, y, z) -> SimpleITK's (z, y, x)
+    result.CopyInformation(reference)
+    return result
+
+
+def predict_file(model, run_args: dict, path: str, out_dir: str, tta: bool, overlap: float, device: torch.device) -> str:
+    from monai.transforms import Compose
+
+    spacing = float(run_args["spacing"])
+    item = Compose(labelled.preprocessing(spacing, keys=("image",)))({"image": path})
+    probs = segment(model, item["image"][None].to(device), tuple(run_args["patch_size"]), overlap, tta)
+    labels_zxy = probs.argmax(1)[0].cpu().numpy()
+    reference = sitk.ReadImage(path)
+    result = to_input_grid(labels_zxy, reference, path, spacing)
+    name = os.path.basename(path)
+    for ending in IMAGE_ENDINGS:
+        if name.endswith(ending):
+            stem, ext = name[: -len(ending)], ending
+            break
+    if stem.endswith("_0000"):  # nnU-Net's channel suffix: the prediction is named after the case
+        stem = stem[: -len("_0000")]
+    out = os.path.join(out_dir, stem + ext)
+    tmp = os.path.join(out_dir, f".{stem}.partial{os.getpid()}{ext}")
+    try:
+        sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz"))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("Predict with a fine-tuned DeSD segmentation network")
+    parser.add_argument("--model", required=True, help="A fine-tuning output folder, or its best.pth.")
+    parser.add_argument("--input", required=True, help="An image, a folder of images, or a dataset folder (its imagesTs/).")
+    parser.add_argument("--output", required=True, help="Folder for the label maps (named like the inputs).")
+    parser.add_argument("--tta", action="store_true", help="Average the predictions of the 8 flips (slower, a little better).")
+    parser.add_argument("--overlap", default=0.5, type=float, help="Sliding-window overlap.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    model, run_args = load_model(args.model, device)
+    images = find_images(args.input)
+    os.makedirs(args.output, exist_ok=True)
+    for path in tqdm(images, desc="predict", unit="image"):
+        predict_file(model, run_args, path, args.output, args.tta, args.overlap, device)
+    print(f"{len(images)} label maps in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

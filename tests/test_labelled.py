@@ -1,0 +1,166 @@
+"""Labelled sets in the layouts users have: reading, splits, orientation, integrity."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import labelled
+
+NIH = np.array([[0, -0.8, 0, 0], [-0.8, 0, 0, 0], [0, 0, -2.0, 0], [0, 0, 0, 1]])  # DeepLesion's ('P', 'L', 'I')
+
+
+def volume(seed=0, shape=(20, 18, 12)):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 100, shape).astype(np.int16)
+    lab = np.zeros(shape, np.uint8)
+    lab[4:10, 3:9, 2:6] = 1
+    lab[12:16, 10:15, 6:10] = 2
+    return img, lab
+
+
+def write_msd(root, n=3, labels=None):
+    os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
+    training = []
+    for i in range(n):
+        img, lab = volume(i)
+        nib.save(nib.Nifti1Image(img, NIH), os.path.join(root, "imagesTr", f"case{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, NIH), os.path.join(root, "labelsTr", f"case{i}.nii.gz"))
+        training.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
+    meta = {"labels": labels or {"0": "background", "1": "liver", "2": "tumour"}, "modality": {"0": "CT"}, "training": training}
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    return root
+
+
+def write_nnunet(root, n=3, ending=".nii.gz", ignore=False):
+    os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
+    for i in range(n):
+        img, lab = volume(i)
+        for arr, path in ((img, f"imagesTr/liver_{i:03d}_0000{ending}"), (lab, f"labelsTr/liver_{i:03d}{ending}")):
+            if ending in labelled.NIFTI:
+                nib.save(nib.Nifti1Image(arr, NIH), os.path.join(root, path))
+            else:
+                im = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
+                im.SetSpacing((0.8, 0.8, 2.0))
+                sitk.WriteImage(im, os.path.join(root, path))
+    labels = {"background": 0, "liver": 1, "tumour": 2, **({"ignore": 3} if ignore else {})}
+    meta = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n, "file_ending": ending}
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    return root
+
+
+def test_msd_and_nnunet_v2_layouts_give_the_same_cases_and_classes(tmp_path):
+    msd = labelled.read_dataset(write_msd(str(tmp_path / "msd")))
+    nn = labelled.read_dataset(write_nnunet(str(tmp_path / "nn"), ignore=True))
+    assert msd.layout == "msd" and nn.layout == "nnunetv2"
+    assert msd.class_names == nn.class_names == ["liver", "tumour"] and nn.ignore == 3 and msd.ignore is None
+    assert [c["id"] for c in nn.cases] == ["liver_000", "liver_001", "liver_002"]
+    assert nn.cases[0]["image"].endswith("imagesTr/liver_000_0000.nii.gz")
+    flipped = labelled.read_dataset(write_msd(str(tmp_path / "names"), labels={"background": 0, "liver": 1}))  # name -> index
+    assert flipped.class_names == ["liver"]
+
+
+@pytest.mark.parametrize("ending", [".mha", ".nrrd", ".nii"])
+def test_other_formats_read_through_simpleitk_or_nibabel(tmp_path, ending):
+    data = labelled.read_dataset(write_nnunet(str(tmp_path / "nn"), n=2, ending=ending))
+    arr, affine = labelled.read_volume(data.cases[0]["label"])
+    assert arr.shape == (20, 18, 12) and np.array_equal(arr, volume(0)[1])
+    assert labelled.check_integrity(data) == []
+
+
+def test_a_layout_it_cannot_read_is_named_not_reported_as_no_cases(tmp_path):
+    os.makedirs(tmp_path / "x")
+    (tmp_path / "x" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}}))
+    with pytest.raises(ValueError, match="neither a 'training' list"):
+        labelled.read_dataset(str(tmp_path / "x"))
+    write_nnunet(str(tmp_path / "y"), n=2)
+    meta = json.loads((tmp_path / "y" / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT", "1": "PET"}
+    (tmp_path / "y" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="2 input channels"):
+        labelled.read_dataset(str(tmp_path / "y"))
+
+
+def test_splits_seeded_from_a_file_of_ids_or_nnunet_folds(tmp_path):
+    data = labelled.read_dataset(write_nnunet(str(tmp_path / "nn"), n=4))
+    train, val = labelled.split_cases(data.cases, val_fraction=0.25, seed=1)
+    assert len(train) == 3 and len(val) == 1 and labelled.split_cases(data.cases, val_fraction=0.25, seed=1) == (train, val)
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["liver_000", "liver_001"], "val": ["liver_003"]}))
+    train, val = labelled.split_cases(data.cases, str(tmp_path / "split.json"))
+    assert [c["id"] for c in train] == ["liver_000", "liver_001"] and [c["id"] for c in val] == ["liver_003"]
+    folds = [{"train": ["liver_000", "liver_001", "liver_002"], "val": ["liver_003"]}, {"train": ["liver_003"], "val": ["liver_000"]}]
+    (tmp_path / "splits_final.json").write_text(json.dumps(folds))
+    train, val = labelled.split_cases(data.cases, str(tmp_path / "splits_final.json"), fold=1)
+    assert [c["id"] for c in val] == ["liver_000"]
+    with pytest.raises(ValueError, match="2 folds"):
+        labelled.split_cases(data.cases, str(tmp_path / "splits_final.json"), fold=5)
+
+
+def network_input(path, label_path, spacing=2.0):
+    from monai.transforms import Compose
+
+    item = Compose(labelled.preprocessing(spacing))({"image": path, "label": label_path})
+    return item["image"], item["label"]
+
+
+@pytest.mark.parametrize("change", ["flip0", "flip1", "flip2", "swap01", "swap02"])
+def test_a_volume_stored_in_another_orientation_gives_the_same_network_input(tmp_path, change):
+    img, lab = volume(3)
+    nib.save(nib.Nifti1Image(img, NIH), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(lab, NIH), tmp_path / "a_lab.nii.gz")
+    arr, alab, affine = img, lab, NIH.copy()
+    if change.startswith("flip"):  # the same anatomy, one axis stored backwards, the affine compensating
+        ax = int(change[-1])
+        arr, alab = np.flip(img, ax), np.flip(lab, ax)
+        flip = np.eye(4)
+        flip[ax, ax], flip[ax, 3] = -1, img.shape[ax] - 1
+        affine = NIH @ flip
+    else:  # two axes permuted
+        a, b = int(change[-2]), int(change[-1])
+        order = [0, 1, 2]
+        order[a], order[b] = order[b], order[a]
+        arr, alab = img.transpose(order), lab.transpose(order)
+        perm = np.eye(4)[[*order, 3]].T
+        affine = NIH @ perm
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), affine), tmp_path / "b.nii.gz")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(alab), affine), tmp_path / "b_lab.nii.gz")
+    xa, la = network_input(str(tmp_path / "a.nii.gz"), str(tmp_path / "a_lab.nii.gz"))
+    xb, lb = network_input(str(tmp_path / "b.nii.gz"), str(tmp_path / "b_lab.nii.gz"))
+    assert xa.shape == xb.shape and torch.allclose(xa, xb, atol=1e-5) and torch.equal(la, lb)
+
+
+def test_a_pli_volume_at_the_pretraining_spacing_enters_the_network_as_pretraining_reads_patches(tmp_path):
+    img, lab = volume(4)
+    affine = np.array([[0, -1.0, 0, 0], [-1.0, 0, 0, 0], [0, 0, -1.0, 0], [0, 0, 0, 1]])  # NIH's affine at 1 mm
+    nib.save(nib.Nifti1Image(img, affine), tmp_path / "p.nii.gz")
+    nib.save(nib.Nifti1Image(lab, affine), tmp_path / "p_lab.nii.gz")
+    x, y = network_input(str(tmp_path / "p.nii.gz"), str(tmp_path / "p_lab.nii.gz"), spacing=1.0)
+    expected = np.clip(img.astype(np.float32), -1024, 1024).transpose(2, 0, 1) / 1024  # depth first, nibabel's (x, y): dataset.py
+    assert x.shape == (1, 12, 20, 18) and np.allclose(x[0].numpy(), expected, atol=1e-5)
+    assert np.array_equal(y[0].numpy(), lab.transpose(2, 0, 1))
+
+
+def test_integrity_check_lists_every_problem_with_its_file(tmp_path):
+    root = write_nnunet(str(tmp_path / "nn"), n=4)
+    img, lab = volume(0)
+    bad = lab.copy()
+    bad[0, 0, 0] = 7  # undeclared value
+    nib.save(nib.Nifti1Image(bad, NIH), os.path.join(root, "labelsTr", "liver_000.nii.gz"))
+    nib.save(nib.Nifti1Image(lab[:, :, :10], NIH), os.path.join(root, "labelsTr", "liver_001.nii.gz"))  # another shape
+    nib.save(nib.Nifti1Image(lab, NIH @ np.diag([2, 1, 1, 1])), os.path.join(root, "labelsTr", "liver_002.nii.gz"))  # spacing
+    nib.save(nib.Nifti1Image(np.stack([img, img], -1), NIH), os.path.join(root, "imagesTr", "liver_003_0000.nii.gz"))  # 2 channels
+    problems = labelled.check_integrity(labelled.read_dataset(root))
+    text = "\n".join(problems)
+    assert "liver_000.nii.gz: label values [7] are not declared" in text
+    assert "liver_001.nii.gz: shape" in text
+    assert "liver_002.nii.gz: spacing" in text
+    assert "liver_003_0000.nii.gz" in text and "channels" in text
+    assert labelled.main(["--data_dir", root]) == 1
