@@ -1,7 +1,8 @@
 #!/bin/sh
 # The whole pipeline on generated data, on the CPU: synthetic DeepLesion -> the three
 # preprocessing scripts -> a short DeSD pretraining of res3d50 through run_ssl.sh -> fine-tuning
-# on generated labelled CT from the demo's teacher and from scratch, Dice side by side.
+# on generated labelled CT from the demo's teacher and from scratch, Dice side by side, and a
+# prediction with the fine-tuned model.
 # Run by `make demo`; PYTHON is the interpreter of the project's virtual environment.
 set -e
 cd "$(dirname "$0")"
@@ -44,6 +45,9 @@ done
 echo
 echo "Dice on the validation cases (synthetic labels; a CPU-sized budget, so expect small numbers):"
 $PYTHON tools/compare_dice.py "pretrained=$OUT/ft_pretrained/dice.json" "scratch=$OUT/ft_scratch/dice.json"
+echo
+echo "== prediction: a label map for one case, in that case's own geometry"
+$PYTHON predict.py --model "$OUT/ft_pretrained" --input "$TASK/imagesTr/synth_000.nii.gz" --output "$OUT/predictions" --device cpu
 echo
 echo "Teacher checkpoint: $(pwd)/$OUT/pretrain/checkpoint.pth (key 'teacher'); picture: $OUT/demo.png"
 echo "Demo took $(( $(date +%s) - START )) s; it keeps $(du -sh "$OUT" | cut -f1) in $OUT and $(du -sh demo_data | cut -f1) in demo_data."

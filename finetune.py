@@ -447,11 +447,3 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("DeSD fine-tuning", parents=[get_args_parser()])
     main(parser.parse_args())  # any failure raises, and the exit status is then non-zero
-
-
-def read_dataset(data_dir: str):  # TEMPORARY alias for a running experiment; removed below
-    data = labelled.read_dataset(data_dir)
-    return data.cases, data.classes
-
-
-preprocessing = labelled.preprocessing  # TEMPORARY

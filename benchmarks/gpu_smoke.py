@@ -6,14 +6,18 @@ GPU and bf16, then fine-tuning from its teacher on a trivially learnable task, o
 
 import argparse
 import json
-import sys
 
-sys.path.insert(0, ".")
 import torch
+from common import ROOT  # noqa: F401 - puts the repository on sys.path
 
 import finetune
-from tests.conftest import TINY_TRAIN_ARGS, run_main_desd, write_patches
-from tests.test_finetune import write_cube_task
+import main_desd
+from tools.tiny_data import TINY_TRAIN_ARGS, write_cube_task, write_patches
+
+
+def run_main_desd(argv: list[str]) -> None:
+    main_desd.train_desd(argparse.ArgumentParser("DeSD", parents=[main_desd.get_args_parser()]).parse_args(argv))
+
 
 root = write_patches("/tmp/smoke/data", n=8)
 args = [a if a != "cpu" else "cuda" for a in TINY_TRAIN_ARGS]

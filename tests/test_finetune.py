@@ -1,6 +1,5 @@
 import argparse
 import json
-import os
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +10,7 @@ import finetune
 from models import create_model
 from models.pretrained import load_pretrained_encoder
 from models.segmentation import Res3DSegmentation
-from tests.conftest import TINY_TRAIN_ARGS, run_main_desd
+from tests.conftest import TINY_TRAIN_ARGS, run_main_desd, write_cube_task
 
 
 @pytest.mark.parametrize("shape", [(16, 64, 64), (13, 50, 70), (20, 33, 97)])
@@ -116,24 +115,6 @@ def test_dice_of_hand_made_masks():
     assert metrics["dice"][1] == pytest.approx(1.0)
     assert metrics["hd95"][1] == pytest.approx(0.0) and metrics["nsd"][1] == pytest.approx(1.0)  # a perfect class
     assert metrics["hd95"][0] > 0 and metrics["nsd"][0] < 1
-
-
-def write_cube_task(root, n=5):
-    """A trivially learnable task: a bright box (label 1) on a noisy background."""
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "imagesTr"))
-    os.makedirs(os.path.join(root, "labelsTr"))
-    training = []
-    for i in range(n):
-        lab = np.zeros((48, 48, 24), np.uint8)
-        x, y, z = rng.integers(4, 20, 3)
-        lab[x : x + 20, y : y + 20, z // 2 : z // 2 + 10] = 1
-        img = (rng.normal(0, 20, lab.shape) + 300.0 * lab).astype(np.int16)
-        for sub, arr in (("imagesTr", img), ("labelsTr", lab)):
-            nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), os.path.join(root, sub, f"c{i}.nii.gz"))
-        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    with open(os.path.join(root, "dataset.json"), "w") as f:
-        json.dump({"labels": {"0": "background", "1": "box"}, "training": training}, f)
 
 
 def test_tiny_fine_tuning_improves_dice_over_its_first_evaluation(tmp_path):

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 import finetune
 import predict
-from tests.test_finetune import write_cube_task
+from tools.tiny_data import write_cube_task
 
 
 @pytest.fixture(scope="module")
