@@ -85,7 +85,7 @@ def test_run_resumed_after_an_epoch_ends_with_the_same_state(tmp_path):
         (("--list_path", "missing.txt"), "missing.txt"),
         (("--lr", "nan"), "--lr must be a finite positive"),
         (("--lr", "0"), "--lr must be a finite positive"),
-        (("--min_lr", "-1e-6"), "--min_lr must be a finite non-negative"),
+        (("--min_lr=-1e-6",), "--min_lr must be a finite non-negative"),
         (("--teacher_temp", "inf"), "--teacher_temp"),
         (("--warmup_teacher_temp", "0"), "--warmup_teacher_temp"),
         (("--momentum_teacher", "1.5"), "--momentum_teacher"),
