@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from preprocessing.runner import pid_alive  # one liveness test for every writer's temporaries
+
 # ============ command line ============
 
 
@@ -417,17 +419,6 @@ def restart_from_checkpoint(path: str, run_variables: dict | None = None, **obje
     if not os.path.isfile(path):
         return False
     restore(load_checkpoint(path), path, run_variables, **objects)
-    return True
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
     return True
 
 
