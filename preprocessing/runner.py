@@ -59,14 +59,20 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this machine."""
+    """Whether a live process with this PID exists on this machine. A zombie (killed, not yet
+    reaped, as the workers of a killed run can stay where nothing reaps them) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust kill()
+    return state not in ("Z", "X")
 
 
 def remove_stale_partials(folder: str) -> int:

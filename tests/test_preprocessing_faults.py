@@ -200,3 +200,16 @@ def test_gzip_trailer_check_accepts_what_nibabel_and_simpleitk_write(tmp_path):
     with gzip.open(tmp_path / "c.nii.gz", "wb") as f:  # a whole gzip stream that holds too little
         f.write(gzip.decompress((tmp_path / "a.nii.gz").read_bytes())[:-10])
     assert "gzip stream holds" in nifti_problem(str(tmp_path / "c.nii.gz"))
+
+
+def test_a_zombie_owner_counts_as_gone():
+    from runner import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline and open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)  # exited, not yet reaped: a zombie
+    try:
+        assert not pid_alive(child.pid) and pid_alive(os.getpid())
+    finally:
+        child.wait()
