@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     job = functools.partial(convert_series, png_dir=png_dir, out_dir=out_dir, spacing_text=spacing)
     results = run_jobs(job, folders, args.workers, "PNG -> NIfTI")
+    remove_stale_partials(out_dir)  # again: the workers of a run killed just before may have been dying at the start
     return summarise(results, f"sub-volumes in {out_dir}")
 
 

@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--spacing must be a positive number of mm, got {args.spacing}")
     job = functools.partial(resample_file, in_dir=in_dir, out_dir=out_dir, spacing=args.spacing)
     results = run_jobs(job, names, args.workers, f"resample {args.spacing:g} mm")
+    remove_stale_partials(out_dir)  # again: the workers of a run killed just before may have been dying at the start
     return summarise(results, f"volumes in {out_dir}")
 
 

@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no .nii or .nii.gz volume in {in_dir}; the list is rebuilt from the patches already on disk", file=sys.stderr)
     job = functools.partial(split_file, in_dir=in_dir, out_dir=out_dir, ext=args.ext)
     results = run_jobs(job, names, args.workers, "split 24 slices")
+    remove_stale_partials(out_dir)  # again: the workers of a run killed just before may have been dying at the start
     status = summarise(results, f"patches in {out_dir}")
     list_path = os.path.join(args.data_root, args.list_name)
     change = write_list(list_path, args.patch_folder, out_dir, args.ext)
