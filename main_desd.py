@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import files
 import native_chain
 import utils
 from augment import augment_views
@@ -425,7 +427,7 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "iteration": 0}
     if utils.is_main_process():
-        utils.remove_stale_temporaries(args.output_dir)
+        files.remove_stale_partials(args.output_dir)
     if utils.is_dist():
         dist.barrier()
     ckpt_path, ckpt = utils.load_latest_checkpoint(args.output_dir)
@@ -446,6 +448,10 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     if start_iter:
         print(f"Resuming at epoch {start_epoch}, iteration {start_iter}")
 
+    run = TrainingRun(
+        args, device, loader, student, teacher, student_without_ddp, student_fwd, teacher_fwd, desd_loss, optimizer, fp16_scaler,
+        lr_schedule, wd_schedule, momentum_schedule, iters_per_epoch,
+    )  # fmt: skip
     writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
     start_time = time.time()
     print("Starting DeSD training !")
@@ -454,17 +460,12 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
         sampler.set_epoch(epoch, start=first * args.batch_size_per_gpu)
 
         # ============ training one epoch of DeSD ... ============
-        train_stats = train_one_epoch(
-            student, teacher, student_fwd, teacher_fwd, student_without_ddp, desd_loss, loader, optimizer,
-            lr_schedule, wd_schedule, momentum_schedule, epoch, first, iters_per_epoch, fp16_scaler, device, args,
-        )  # fmt: skip
+        train_stats = train_one_epoch(run, epoch, first)
 
         # ============ writing logs ... ============
-        save_checkpoint(args, student_without_ddp, teacher, optimizer, fp16_scaler, desd_loss, epoch + 1, 0)
+        save_checkpoint(run, epoch + 1, 0)
         if utils.is_main_process() and args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            save_checkpoint(
-                args, student_without_ddp, teacher, optimizer, fp16_scaler, desd_loss, epoch + 1, 0, f"checkpoint{epoch:04}.pth"
-            )
+            save_checkpoint(run, epoch + 1, 0, f"checkpoint{epoch:04}.pth")
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if utils.is_main_process():
             log_path = os.path.join(args.output_dir, "log.txt")
@@ -487,14 +488,35 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
         dist.destroy_process_group()
 
 
-def save_checkpoint(
-    args, student, teacher, optimizer, fp16_scaler, desd_loss, epoch: int, iteration: int, name: str = "checkpoint.pth"
-) -> None:
+@dataclasses.dataclass
+class TrainingRun:
+    """What the training loop works with: the networks, the loss and optimiser, the loader and
+    the per-step schedules. Built once by `train_desd`."""
+
+    args: argparse.Namespace
+    device: torch.device
+    loader: torch.utils.data.DataLoader
+    student: nn.Module  # wrapped in DistributedDataParallel when the world is larger than 1
+    teacher: nn.Module
+    student_without_ddp: nn.Module
+    student_fwd: nn.Module  # the compiled student where --compile, else `student`
+    teacher_fwd: nn.Module
+    desd_loss: DeSDLoss
+    optimizer: torch.optim.Optimizer
+    fp16_scaler: torch.amp.GradScaler | None
+    lr_schedule: np.ndarray  # per optimiser step
+    wd_schedule: np.ndarray
+    momentum_schedule: np.ndarray
+    iters_per_epoch: int
+
+
+def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, name: str = "checkpoint.pth") -> None:
     """Write the run's state on rank 0, atomically. `epoch` and `iteration` say where to resume.
     Model keys carry the `module.` prefix at every world size (docs/method.md, section 6).
     Weights that are not finite are never written: the run stops instead."""
     if not utils.is_main_process():
         return
+    args, student, teacher = run.args, run.student_without_ddp, run.teacher
     bad = [
         name
         for model in (student, teacher)
@@ -511,14 +533,14 @@ def save_checkpoint(
     state = {
         "student": utils.with_prefix(student.state_dict()),
         "teacher": utils.with_prefix(teacher.state_dict()),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
         "epoch": epoch,
         "iteration": iteration,
         "args": {k: v for k, v in vars(args).items() if k != "amp_dtype"},
-        "desd_loss": desd_loss.state_dict(),
+        "desd_loss": run.desd_loss.state_dict(),
     }
-    if fp16_scaler is not None:
-        state["fp16_scaler"] = fp16_scaler.state_dict()
+    if run.fp16_scaler is not None:
+        state["fp16_scaler"] = run.fp16_scaler.state_dict()
     os.makedirs(args.output_dir, exist_ok=True)
     utils.save_atomic(state, os.path.join(args.output_dir, name), keep_previous=name == "checkpoint.pth")
 
@@ -555,10 +577,13 @@ def warn_if_collapsing(stats: dict, out_dim: int) -> None:
         )
 
 
-def train_one_epoch(
-    student, teacher, student_fwd, teacher_fwd, student_without_ddp, desd_loss, loader, optimizer,
-    lr_schedule, wd_schedule, momentum_schedule, epoch, first, iters_per_epoch, fp16_scaler, device, args,
-) -> dict:  # fmt: skip
+def train_one_epoch(run: TrainingRun, epoch: int, first: int) -> dict:
+    """One epoch from iteration `first` (non-zero when resuming inside it); returns its averaged
+    statistics, reduced over all ranks."""
+    args, device, loader, optimizer = run.args, run.device, run.loader, run.optimizer
+    desd_loss, fp16_scaler = run.desd_loss, run.fp16_scaler
+    student, teacher, student_without_ddp = run.student, run.teacher, run.student_without_ddp
+    iters_per_epoch = run.iters_per_epoch
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
     names = ["loss", *STAGE_NAMES, "teacher_entropy", "retrieval"]
@@ -573,9 +598,9 @@ def train_one_epoch(
         step = epoch * (iters_per_epoch // args.accum_iter) + it // args.accum_iter  # global optimiser step
         if it % args.accum_iter == 0:
             for i, param_group in enumerate(optimizer.param_groups):
-                param_group["lr"] = float(lr_schedule[step])
+                param_group["lr"] = float(run.lr_schedule[step])
                 if i == 0:  # only the first group is regularised
-                    param_group["weight_decay"] = float(wd_schedule[step])
+                    param_group["weight_decay"] = float(run.wd_schedule[step])
         if args.augment_on_device:
             crops, geometry = views
             crops = [c.to(device, non_blocking=True) for c in crops]
@@ -593,8 +618,8 @@ def train_one_epoch(
         with sync:
             with autocast_context(args, device):
                 with torch.no_grad():
-                    teacher_output = teacher_fwd(views[:2])  # only the 2 global views pass through the teacher
-                student_output = student_fwd(views)
+                    teacher_output = run.teacher_fwd(views[:2])  # only the 2 global views pass through the teacher
+                student_output = run.student_fwd(views)
                 terms = desd_loss(student_output, teacher_output, epoch)
             loss = terms["loss"]
             finite &= torch.isfinite(loss)
@@ -617,7 +642,7 @@ def train_one_epoch(
                 fp16_scaler.step(optimizer)
                 fp16_scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            utils.update_teacher(student_without_ddp, teacher, momentum_schedule[step])
+            utils.update_teacher(student_without_ddp, teacher, run.momentum_schedule[step])
             desd_loss.update_center(torch.cat(centre_batch))
             centre_batch = []
 
@@ -638,7 +663,7 @@ def train_one_epoch(
             metric_logger.meters["lr"].fmt = "{global_avg:.2e}"
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if saving:
-            save_checkpoint(args, student_without_ddp, teacher, optimizer, fp16_scaler, desd_loss, epoch, it + 1)
+            save_checkpoint(run, epoch, it + 1)
 
     check_finite(finite, epoch, iters_per_epoch - 1)
     totals = torch.cat([sums, torch.tensor([count, bad_patches], dtype=torch.float64, device=device)])
