@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import files
 import labelled
 from models import create_model
 from models.segmentation import Res3DSegmentation
@@ -115,13 +116,7 @@ def predict_file(model, run_args: dict, path: str, out_dir: str, tta: bool, over
     if stem.endswith("_0000"):  # nnU-Net's channel suffix: the prediction is named after the case
         stem = stem[: -len("_0000")]
     out = os.path.join(out_dir, stem + ext)
-    tmp = os.path.join(out_dir, f".{stem}.partial{os.getpid()}{ext}")
-    try:
-        sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz"))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.write_atomic(out, lambda tmp: sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz")))
     return out
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import errno
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -20,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from preprocessing.runner import pid_alive  # one liveness test for every writer's temporaries
+import files
+from files import pid_alive
 
 # ============ command line ============
 
@@ -300,48 +299,22 @@ def strip_prefix(state: dict, prefix: str = "module.") -> dict:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def write_atomic(path: str, write, keep_previous: bool = False) -> None:
-    """Call write(file object) on a temporary name in the same folder, fsync, then rename over
-    `path`: a crash mid-write leaves the previous file intact. With `keep_previous` the file
-    being replaced is kept as `<stem>.prev<ext>`, a fallback should `path` be damaged later."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, RuntimeError) as err:
-            # torch.save reports a full disk only as "unexpected pos"; say what happened
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
-            raise OSError(
-                errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
-                f"could not write {path!r}{': the disk is full' if full else ''} ({err}); "
-                f"{free / 2**20:.0f} MiB free there. "
-                f"{'The file already there is unchanged.' if os.path.exists(path) else 'Nothing was written.'}",
-            ) from err
-        if keep_previous and os.path.exists(path) and os.path.abspath(path) not in UNREADABLE:
-            os.replace(path, previous_name(path))  # a file that failed to load never replaces a good backup
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
-    """torch.save through `write_atomic`."""
-    write_atomic(path, lambda f: torch.save(obj, f), keep_previous)
-
-
-def previous_name(path: str) -> str:
-    root, ext = os.path.splitext(path)
-    return f"{root}.prev{ext}"
+    """torch.save through `files.write_atomic`, flushed to disk. With `keep_previous` the file
+    being replaced is kept as `<stem>.prev<ext>`, a fallback should `path` be damaged later,
+    unless it failed to load in this process: a damaged file never replaces a good backup."""
+    rotate = keep_previous and os.path.abspath(path) not in UNREADABLE
+    files.write_atomic(path, lambda tmp: torch.save(obj, tmp), keep_previous=rotate, fsync=True)
 
 
 def save_atomic_json(obj, path: str) -> None:
-    """JSON through `write_atomic`."""
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    """Indented JSON through `files.write_atomic`, flushed to disk."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2))
+
+    files.write_atomic(path, write, fsync=True)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -352,7 +325,7 @@ def load_checkpoint(path: str) -> dict:
         raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated: {err}") from err
 
 
-# checkpoint files that failed to load in this process: never rotated into `.prev` (see write_atomic)
+# checkpoint files that failed to load in this process: never rotated into `.prev` (see save_atomic)
 UNREADABLE: set[str] = set()
 
 
@@ -371,9 +344,7 @@ def load_latest_checkpoint(output_dir: str, name: str = "checkpoint.pth") -> tup
     if not os.path.isdir(output_dir):
         return None, None
     stem = os.path.splitext(name)[0]
-    candidates = [
-        os.path.join(output_dir, f) for f in os.listdir(output_dir) if f.startswith(stem) and f.endswith(".pth") and ".tmp." not in f
-    ]
+    candidates = [os.path.join(output_dir, f) for f in os.listdir(output_dir) if f.startswith(stem) and f.endswith(".pth")]
     positions = []
     for path in candidates:
         try:
@@ -420,18 +391,6 @@ def restart_from_checkpoint(path: str, run_variables: dict | None = None, **obje
         return False
     restore(load_checkpoint(path), path, run_variables, **objects)
     return True
-
-
-def remove_stale_temporaries(folder: str) -> None:
-    """Delete the temporary files (`<name>.tmp.<pid>`) of writers that are gone, as a killed
-    run leaves them; a live process's are left alone."""
-    if not os.path.isdir(folder):
-        return
-    for f in os.listdir(folder):
-        owner = f.rsplit(".tmp.", 1)[-1] if ".tmp." in f else ""
-        if owner.isdigit() and not pid_alive(int(owner)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, f))
 
 
 class RunLock:

@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import JobResult, remove_stale_partials, run_jobs, spacing_warnings, summarise, write_atomic  # noqa: E402
+from files import remove_stale_partials, write_atomic
+from preprocessing.runner import JobResult, run_jobs, spacing_warnings, summarise
 
 HU_OFFSET = 32768
 CSV_COLUMNS = (

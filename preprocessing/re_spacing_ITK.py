@@ -29,8 +29,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import JobResult, nifti_problem, remove_stale_partials, run_jobs, spacing_warnings, summarise, write_atomic  # noqa: E402
+from files import remove_stale_partials, write_atomic
+from preprocessing.runner import JobResult, nifti_problem, run_jobs, spacing_warnings, summarise
 
 HU_RANGE = (-1024, 1024)
 MAX_SIDE = 1024

@@ -1,12 +1,11 @@
-"""What the three preprocessing scripts share: atomic writes, a check that a NIfTI file is
-complete, a parallel job runner with a tqdm bar whose workers die with it, and the closing
-summary (written / skipped / failed, with reasons, and warnings)."""
+"""What the three preprocessing scripts share besides atomic writes (`files`): a check that a
+NIfTI file is complete, a parallel job runner with a tqdm bar whose workers die with it, and
+the closing summary (written / skipped / failed, with reasons, and warnings)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-import re
 import signal
 import struct
 import sys
@@ -31,65 +30,6 @@ class JobResult:
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-# ============ atomic writes and stale temporaries ============
-
-PARTIAL = re.compile(r"^\..*\.partial(\d+)(\.nii\.gz|\.[^.]*)?$")
-
-
-def partial_name(path: str) -> str:
-    """Temporary name beside `path`, hidden, naming the writing process and keeping the
-    extension so writers pick the format."""
-    folder, name = os.path.split(path)
-    ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    return os.path.join(folder, f".{name[: len(name) - len(ext)]}.partial{os.getpid()}{ext}")
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Call write(tmp) then rename tmp to path, so a killed run never leaves a file under the
-    final name that a rerun would take for finished."""
-    tmp = partial_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a live process with this PID exists on this machine. A zombie (killed, not yet
-    reaped, as the workers of a killed run can stay where nothing reaps them) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): trust kill()
-    return state not in ("Z", "X")
-
-
-def remove_stale_partials(folder: str) -> int:
-    """Delete the temporary files of processes that are gone (a killed run's); those of a
-    live process, another run working in the same folder, are left alone."""
-    if not os.path.isdir(folder):
-        return 0
-    removed = 0
-    for f in os.listdir(folder):
-        m = PARTIAL.match(f)
-        if m and not pid_alive(int(m.group(1))):
-            try:
-                os.remove(os.path.join(folder, f))
-                removed += 1
-            except FileNotFoundError:  # its owner renamed it meanwhile
-                pass
-    return removed
 
 
 # ============ input checks ============

@@ -27,8 +27,8 @@ import sys
 import numpy as np
 import SimpleITK as sitk
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import JobResult, nifti_problem, remove_stale_partials, run_jobs, summarise, write_atomic  # noqa: E402
+from files import remove_stale_partials, write_atomic
+from preprocessing.runner import JobResult, nifti_problem, run_jobs, summarise
 
 TILE, STRIDE, MAX_ROWS = 24, 12, 320
 KEEP_FROM, KEEP_TO = 0.1, 0.9  # the central 80% of rows and columns

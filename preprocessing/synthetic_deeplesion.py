@@ -33,9 +33,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from DL_save_nifti import CSV_COLUMNS, HU_OFFSET, nih_affine  # noqa: E402
-from runner import write_atomic  # noqa: E402
+from files import write_atomic
+from preprocessing.DL_save_nifti import CSV_COLUMNS, HU_OFFSET, nih_affine
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 TRUNK_MM = 460.0  # lung apex (z = 0) to pelvis

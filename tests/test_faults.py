@@ -87,7 +87,7 @@ def test_a_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
             assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] >= 0  # never half-written
         subprocess.run(desd_command(root, str(out), *extra), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
     assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 3
-    assert not [f for f in os.listdir(out) if ".tmp." in f]
+    assert not [f for f in os.listdir(out) if ".partial" in f]
 
 
 def test_truncated_checkpoints_are_reported_and_the_newest_intact_one_is_used(patch_root, tmp_path, capsys):
@@ -120,7 +120,7 @@ def test_a_full_disk_at_a_checkpoint_write_stops_the_run_and_keeps_the_last_chec
     assert run.returncode != 0
     assert f"could not write {str(out / 'checkpoint.pth')!r}" in run.stderr and "The file already there is unchanged" in run.stderr
     assert (out / "checkpoint.pth").read_bytes() == before
-    assert not [f for f in os.listdir(out) if ".tmp." in f]
+    assert not [f for f in os.listdir(out) if ".partial" in f]
     subprocess.run(desd_command(patch_root, out, "--epochs", "2"), cwd=ROOT, check=True, capture_output=True)  # space freed: it goes on
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1]
 

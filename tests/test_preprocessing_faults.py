@@ -190,7 +190,7 @@ def test_implausible_geometry_is_warned_about(tmp_path, capsys):
 
 
 def test_gzip_trailer_check_accepts_what_nibabel_and_simpleitk_write(tmp_path):
-    from runner import nifti_problem
+    from preprocessing.runner import nifti_problem
 
     make_volume(str(tmp_path / "a.nii.gz"), np.zeros((5, 6, 7), np.int16), (1.0, 1.0, 1.0))
     import nibabel as nib
@@ -203,7 +203,7 @@ def test_gzip_trailer_check_accepts_what_nibabel_and_simpleitk_write(tmp_path):
 
 
 def test_a_zombie_owner_counts_as_gone():
-    from runner import pid_alive
+    from files import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 10

@@ -107,10 +107,10 @@ def test_temporaries_of_a_live_writer_survive_a_start_and_a_dead_ones_go(patch_r
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / f"checkpoint.pth.tmp.{holder.pid}").write_bytes(b"being written")
-        (out / "checkpoint.pth.tmp.999999999").write_bytes(b"left by a killed run")
+        (out / f".checkpoint.partial{holder.pid}.pth").write_bytes(b"being written")
+        (out / ".checkpoint.partial999999999.pth").write_bytes(b"left by a killed run")
         tiny_run(patch_root, out, "--epochs", "1")
-        assert (out / f"checkpoint.pth.tmp.{holder.pid}").exists() and not (out / "checkpoint.pth.tmp.999999999").exists()
+        assert (out / f".checkpoint.partial{holder.pid}.pth").exists() and not (out / ".checkpoint.partial999999999.pth").exists()
     finally:
         holder.kill()
 

@@ -18,6 +18,8 @@ import math
 import os
 import sys
 
+import files
+
 PRETRAIN_PANELS = [
     ("loss", ["train_loss"]),
     ("per-stage loss", ["train_stage1", "train_stage2", "train_stage3", "train_stage4"]),
@@ -79,10 +81,10 @@ def plot_logs(paths: list[str], out: str, labels: list[str] | None = None) -> st
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = f"{out}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        files.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -1,0 +1,98 @@
+"""Atomic writes and their temporaries, for every writer of the project: preprocessing outputs,
+checkpoints, JSON results, predictions and plots.
+
+A file is written under a hidden temporary name beside its final one
+(`.<stem>.partial<pid><ext>`, the extension kept so that writers choose the format by it), then
+renamed over the final name. A killed run thus never leaves a file under the final name that
+a rerun would take for finished; it may leave a temporary, which `remove_stale_partials`
+deletes once its writer is gone, while another live run's temporaries are left alone."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+PARTIAL = re.compile(r"^\..*\.partial(\d+)(\.nii\.gz|\.[^.]*)?$")
+
+
+def partial_name(path: str) -> str:
+    """The temporary name beside `path`, hidden and naming the writing process."""
+    folder, name = os.path.split(path)
+    ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    return os.path.join(folder, f".{name[: len(name) - len(ext)]}.partial{os.getpid()}{ext}")
+
+
+def previous_name(path: str) -> str:
+    """Where `write_atomic(..., keep_previous=True)` keeps the file it replaces."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def write_atomic(path: str, write: Callable[[str], None], keep_previous: bool = False, fsync: bool = False) -> None:
+    """Call write(tmp) on the temporary name, then rename it over `path`. A failed write leaves
+    the file already at `path` as it was and says so, naming a full disk where that is the
+    cause (torch.save reports one only as "unexpected pos"). `fsync` flushes the data to disk
+    before the rename, for files a power cut must not lose (checkpoints). With `keep_previous`
+    the replaced file is kept as `previous_name(path)`."""
+    tmp = partial_name(path)
+    try:
+        try:
+            write(tmp)
+            if fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except (OSError, RuntimeError) as err:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+            raise OSError(
+                errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
+                f"could not write {path!r}{': the disk is full' if full else ''} ({err}); "
+                f"{free / 2**20:.0f} MiB free there. "
+                f"{'The file already there is unchanged.' if os.path.exists(path) else 'Nothing was written.'}",
+            ) from err
+        if keep_previous and os.path.exists(path):
+            os.replace(path, previous_name(path))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a live process with this PID exists on this machine. A zombie (killed, not yet
+    reaped, as the workers of a killed run can stay where nothing reaps them) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust kill()
+    return state not in ("Z", "X")
+
+
+def remove_stale_partials(folder: str) -> int:
+    """Delete the temporaries of writers that are gone (a killed run's) and return how many;
+    those of a live process, another run working in the same folder, are left alone."""
+    if not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for f in os.listdir(folder):
+        m = PARTIAL.match(f)
+        if m and not pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, f))
+                removed += 1
+            except FileNotFoundError:  # its owner renamed it meanwhile
+                pass
+    return removed
