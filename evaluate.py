@@ -129,9 +129,10 @@ def make_data(cfg: Config, out: str) -> tuple[str, str]:
         make_deeplesion(data, patients=cfg.patients, size=cfg.png_size, seed=1, context_mm=cfg.context_mm)
         common = ["--data_root", data, "--workers", str(cfg.workers)]
         py = sys.executable
-        run([py, "preprocessing/DL_save_nifti.py", *common], os.path.join(out, "prep1.log"))
-        run([py, "preprocessing/re_spacing_ITK.py", *common, "--spacing", str(cfg.spacing)], os.path.join(out, "prep2.log"))
-        run([py, "preprocessing/splitting_to_patches.py", *common, "--ext", ".nii"], os.path.join(out, "prep3.log"))
+        # as modules from the repository root: they import the project's modules installed or not
+        run([py, "-m", "preprocessing.DL_save_nifti", *common], os.path.join(out, "prep1.log"))
+        run([py, "-m", "preprocessing.re_spacing_ITK", *common, "--spacing", str(cfg.spacing)], os.path.join(out, "prep2.log"))
+        run([py, "-m", "preprocessing.splitting_to_patches", *common, "--ext", ".nii"], os.path.join(out, "prep3.log"))
     if not os.path.isfile(os.path.join(task, "dataset.json")):
         make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices)  # other phantoms
     return data, task

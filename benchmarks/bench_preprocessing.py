@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import SimpleITK as sitk
-from common import ROOT, report  # noqa: I001
+from common import report
 
-sys.path.insert(0, os.path.join(ROOT, "preprocessing"))
-import DL_save_nifti as s1  # noqa: E402
-import re_spacing_ITK as s2  # noqa: E402
-import splitting_to_patches as s3  # noqa: E402
-from synthetic_deeplesion import Phantom, scanner, write_png  # noqa: E402
+from preprocessing import DL_save_nifti as s1
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
+from preprocessing.synthetic_deeplesion import Phantom, scanner, write_png
 
 
 def make_series(root: str, volumes: int, slices: int, size: int = 512) -> dict[str, str]:

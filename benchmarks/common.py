@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 
 import nibabel as nib
 import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 REAL_PATCH = (286, 286, 24)  # nibabel (x, y, z) of a typical DeepLesion patch after the 80% crop
 

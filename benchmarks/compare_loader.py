@@ -18,9 +18,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-from common import make_patch_set, report  # noqa: I001
+from common import make_patch_set, report
 
 
 def load(folder: str, name: str):

@@ -1,14 +1,14 @@
 """CUDA smoke check for a lent GPU machine: a short pretraining with the augmentation on the
 GPU and bf16, then fine-tuning from its teacher on a trivially learnable task, on the GPU.
 
-    python3 benchmarks/gpu_smoke.py     (from the repository root; nibabel and MONAI needed)
+    PYTHONPATH=. python3 benchmarks/gpu_smoke.py   (from the repository root, where the project is not
+                                                    installed; nibabel and MONAI needed)
 """
 
 import argparse
 import json
 
 import torch
-from common import ROOT  # noqa: F401 - puts the repository on sys.path
 
 import finetune
 import main_desd

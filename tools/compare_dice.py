@@ -12,8 +12,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from finetune import dice_table  # noqa: E402
+from finetune import dice_table
 
 
 def main(argv: list[str]) -> int:

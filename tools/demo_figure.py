@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import SSLDataset, ViewConfig  # noqa: E402
+from dataset import SSLDataset, ViewConfig
 
 TILE = 192
 

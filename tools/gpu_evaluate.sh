@@ -9,6 +9,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not installed there
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 OUT=${1:-evidence_gpu}
 PYTHONUNBUFFERED=1 python3 evaluate.py --config gpu --out "$OUT" --figure "$OUT/evidence.png"
