@@ -30,12 +30,14 @@ rm -rf "$OUT/pretrain"
 PYTHON=$PYTHON DATA_PATH=$DATA OUTPUT_DIR=$OUT/pretrain NPROC_PER_NODE=1 sh run_ssl.sh \
   --device cpu --epochs 2 --max_iters_per_epoch 12 --batch_size_per_gpu 2 --num_workers "$WORKERS" \
   --out_dim 8192 --warmup_epochs 1 --warmup_teacher_temp_epochs 1 --saveckp_freq 0 --print_freq 4
-rm -f "$OUT/pretrain/checkpoint.prev.pth"  # the resume backup: the demo keeps only the teacher it uses
+# the demo keeps only the teacher backbone it fine-tunes from (the run's state is ~1 GB)
+$PYTHON tools/export_teacher.py "$OUT/pretrain/checkpoint.pth" "$OUT/pretrain/teacher.pth"
+rm -f "$OUT/pretrain/checkpoint.pth" "$OUT/pretrain/checkpoint.prev.pth"
 
 echo "== 6/6 fine-tuning from the demo teacher and from scratch (same budget)"
 for run in pretrained scratch; do
   rm -rf "$OUT/ft_$run"
-  PRETRAINED=$([ $run = pretrained ] && echo "$OUT/pretrain/checkpoint.pth" || echo "")
+  PRETRAINED=$([ $run = pretrained ] && echo "$OUT/pretrain/teacher.pth" || echo "")
   $PYTHON finetune.py --data_dir "$TASK" --output_dir "$OUT/ft_$run" --arch res3d50 ${PRETRAINED:+--pretrained "$PRETRAINED"} \
     --device cpu --spacing 2.5 --patch_size 32 96 96 --epochs 4 --max_iters_per_epoch 6 --batch_size 1 \
     --eval_every 4 --num_workers "$WORKERS" --lr 3e-4
@@ -49,5 +51,5 @@ echo
 echo "== prediction: a label map for one case, in that case's own geometry"
 $PYTHON predict.py --model "$OUT/ft_pretrained" --input "$TASK/imagesTr/synth_000.nii.gz" --output "$OUT/predictions" --device cpu
 echo
-echo "Teacher checkpoint: $(pwd)/$OUT/pretrain/checkpoint.pth (key 'teacher'); picture: $OUT/demo.png"
+echo "Teacher backbone: $(pwd)/$OUT/pretrain/teacher.pth (key 'teacher'); picture: $OUT/demo.png"
 echo "Demo took $(( $(date +%s) - START )) s; it keeps $(du -sh "$OUT" | cut -f1) in $OUT and $(du -sh demo_data | cut -f1) in demo_data."

@@ -37,6 +37,15 @@ def test_every_encoder_tensor_loads_from_a_checkpoint_our_trainer_wrote(patch_ro
     teacher = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["teacher"]
     assert torch.equal(model.encoder.layer4[0].conv2.weight, teacher["module.backbone.layer4.0.conv2.weight"])
 
+    # the exported backbone alone loads into the same encoder, and is much smaller
+    from tools import export_teacher
+
+    assert export_teacher.main([str(tmp_path / "checkpoint.pth"), str(tmp_path / "teacher.pth")]) == 0
+    again = Res3DSegmentation(create_model("res3d10"), num_classes=2)
+    assert load_pretrained_encoder(again.encoder, str(tmp_path / "teacher.pth")) == (total, total)
+    assert all(torch.equal(a, b) for a, b in zip(again.encoder.state_dict().values(), model.encoder.state_dict().values()))
+    assert (tmp_path / "teacher.pth").stat().st_size < (tmp_path / "checkpoint.pth").stat().st_size / 3
+
 
 def released_format(path, state, **extra):
     ckpt = {
