@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_arch = checkpoint_arch(read_checkpoint(args.checkpoint))
     n = export_teacher(args.checkpoint, args.out)
     size, before = os.path.getsize(args.out), os.path.getsize(args.checkpoint)
-    print(f"{args.out}: the {ckpt_arch or 'unnamed-arch'} teacher backbone, {n} tensors, {size / 2**20:.0f} MiB (from {before / 2**20:.0f} MiB)")
+    print(
+        f"{args.out}: the {ckpt_arch or 'unnamed-arch'} teacher backbone, {n} tensors, {size / 2**20:.0f} MiB (from {before / 2**20:.0f} MiB)"
+    )
     return 0
 
 
