@@ -36,22 +36,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
-from monai.transforms import (
-    Compose,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    SpatialPadd,
-)
+from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 import labelled
+import preprocessed
 import utils
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
@@ -90,7 +84,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--pos_ratio", default=2.0, type=float, help="Foreground-centred patches per background-centred one (foreground oversampling)."
     )
-    group.add_argument("--cache_rate", default=1.0, type=float, help="Share of the preprocessed volumes kept in memory.")
+    group.add_argument(
+        "--preprocessed_dir",
+        default="",
+        help="Where each case is preprocessed once and read memory-mapped from (default: <data_dir>_preprocessed/<spacing>mm).",
+    )
     group.add_argument("--num_workers", default=4, type=int)
 
     group = parser.add_argument_group("model")
@@ -134,13 +132,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_transforms(args: argparse.Namespace) -> Compose:
+def patch_augmentation() -> Compose:
+    """What each training patch goes through after its crop from the cache."""
     keys = ["image", "label"]
     return Compose(
-        labelled.preprocessing(args.spacing)
-        + [
-            SpatialPadd(keys, spatial_size=args.patch_size),
-            RandCropByPosNegLabeld(keys, "label", args.patch_size, pos=args.pos_ratio, neg=1.0, num_samples=args.samples_per_volume),
+        [
             RandFlipd(keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),
@@ -316,7 +312,10 @@ def main(args: argparse.Namespace) -> dict:
         keep = max(1, int(round(args.train_fraction * len(train_cases))))
         train_cases = [train_cases[i] for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train_cases))[:keep])]
     num_classes, class_names = data.num_classes, data.class_names
-    train_ds = CacheDataset(train_cases, train_transforms(args), cache_rate=args.cache_rate, num_workers=args.num_workers, progress=False)
+    cache_dir = args.preprocessed_dir or preprocessed.default_dir(args.data_dir, args.spacing)
+    records = preprocessed.build(train_cases + val_cases, args.spacing, cache_dir, args.num_workers, args.rank, args.world_size)
+    train_records, val_records = records[: len(train_cases)], records[len(train_cases) :]
+    train_ds = preprocessed.PatchDataset(train_records, args.patch_size, args.samples_per_volume, args.pos_ratio, patch_augmentation())
     sampler = DistributedSampler(train_ds, args.world_size, args.rank, shuffle=True, seed=args.seed) if args.world_size > 1 else None
     train_loader = DataLoader(
         train_ds,
@@ -327,10 +326,8 @@ def main(args: argparse.Namespace) -> dict:
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(args.seed),
     )
-    val_share = val_cases[args.rank :: args.world_size]  # each process validates its share
-    val_loader = DataLoader(
-        Dataset(val_share, Compose(labelled.preprocessing(args.spacing))), batch_size=1, num_workers=min(args.num_workers, 2)
-    )
+    val_share = val_records[args.rank :: args.world_size]  # each process validates its share
+    val_loader = DataLoader(preprocessed.VolumeDataset(val_share), batch_size=1, num_workers=min(args.num_workers, 2))
     print(f"Data: {data.layout} layout, {len(train_cases)} training and {len(val_cases)} validation cases, classes {class_names}.")
 
     # ============ building the network ... ============

@@ -1,0 +1,253 @@
+"""The preprocessed cache of a labelled set, as nnU-Net keeps one: each case is preprocessed once
+(`labelled.preprocessing`: reoriented to the pretraining orientation, resampled to the spacing,
+clipped and scaled, depth first) into plain `.npy` arrays that fine-tuning and validation read
+memory-mapped. Memory no longer grows with the cohort: a loader worker maps one case, copies
+one patch out and drops the map again.
+
+Per case, in `<cache>/`:
+- `<id>.image.npy`: float32 (z, x, y), the network's input scale;
+- `<id>.label.npy`: uint8 (z, x, y);
+- `<id>.locations.npy`: int32 (n, 4) rows (class, z, x, y), up to `LOCATIONS_PER_CLASS`
+  foreground voxels of each class, drawn once, where patches centred on foreground come from;
+- `<id>.json`, written last: shape, the classes present and the fingerprint. A case is reused
+  only when its fingerprint equals the current one: the preprocessing settings and version,
+  and the path, size and modification time of its image and label files. Any other case is
+  preprocessed again; an interrupted build leaves no `.json`, so it is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import numpy as np
+
+import files
+import labelled
+from preprocessing.runner import JobResult, run_jobs, summarise
+
+VERSION = 1  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
+LOCATIONS_PER_CLASS = 10000
+
+
+def settings(spacing: float) -> dict:
+    """What a cached case was computed with, besides its input files."""
+    return {
+        "version": VERSION,
+        "spacing_mm": float(spacing),
+        "orientation": labelled.PRETRAINING_AXCODES,
+        "hu_range": list(labelled.HU_RANGE),
+        "image_interpolation": "cubic spline",
+        "label_interpolation": "nearest",
+    }
+
+
+def input_fingerprint(case: dict) -> dict:
+    fp = {}
+    for key in ("image", "label"):
+        st = os.stat(case[key])
+        fp[key] = [os.path.abspath(case[key]), st.st_size, st.st_mtime_ns]
+    return fp
+
+
+def default_dir(data_dir: str, spacing: float) -> str:
+    """`<data_dir>_preprocessed/<spacing>mm`, beside the dataset (which stays read-only)."""
+    data_dir = os.path.abspath(data_dir).rstrip(os.sep)
+    return f"{data_dir}_preprocessed{os.sep}{spacing:g}mm"
+
+
+def paths(cache_dir: str, case_id: str) -> dict[str, str]:
+    base = os.path.join(cache_dir, case_id)
+    return {"image": f"{base}.image.npy", "label": f"{base}.label.npy", "locations": f"{base}.locations.npy", "meta": f"{base}.json"}
+
+
+def read_meta(cache_dir: str, case: dict, spacing: float) -> dict | None:
+    """The cached case's record if it is complete and its fingerprint matches, else None."""
+    p = paths(cache_dir, case["id"])
+    try:
+        with open(p["meta"]) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if meta.get("settings") != settings(spacing) or meta.get("inputs") != input_fingerprint(case):
+        return None
+    if not all(os.path.isfile(p[k]) for k in ("image", "label", "locations")):
+        return None
+    return {**meta, **{k: p[k] for k in ("image", "label", "locations")}, "source": case["image"]}
+
+
+def foreground_locations(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Up to LOCATIONS_PER_CLASS (class, z, x, y) rows per foreground class, drawn uniformly."""
+    rows = []
+    for c in np.unique(label):
+        if c == 0:
+            continue
+        where = np.argwhere(label == c)
+        if len(where) > LOCATIONS_PER_CLASS:
+            where = where[np.sort(rng.choice(len(where), LOCATIONS_PER_CLASS, replace=False))]
+        rows.append(np.concatenate([np.full((len(where), 1), c, dtype=np.int64), where], 1))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
+    """One case into the cache; skipped when its record already matches. A failure is
+    returned naming the case and its image, for the summary."""
+    try:
+        return _preprocess_case(case, spacing, cache_dir)
+    except Exception as err:
+        while err.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
+            err = err.__cause__
+        return JobResult(case["id"], error=f"{case['image']}: {type(err).__name__}: {err}")
+
+
+def _preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
+    from monai.transforms import Compose
+
+    if read_meta(cache_dir, case, spacing) is not None:
+        return JobResult(case["id"], skipped=[case["id"]])
+    item = Compose(labelled.preprocessing(spacing))({"image": case["image"], "label": case["label"]})
+    image = np.ascontiguousarray(item["image"][0].numpy(), dtype=np.float32)
+    label = np.ascontiguousarray(item["label"][0].numpy()).astype(np.uint8)
+    if image.shape != label.shape:
+        raise ValueError(f"{case['image']}: preprocessed image {image.shape} and label {label.shape} differ")
+    locations = foreground_locations(label, np.random.default_rng(zlib.crc32(case["id"].encode())))
+    p = paths(cache_dir, case["id"])
+    for key, arr in (("image", image), ("label", label), ("locations", locations)):
+        files.write_atomic(p[key], lambda tmp, arr=arr: np.save(tmp, arr))
+    meta = {
+        "id": case["id"],
+        "shape": list(image.shape),
+        "classes_present": sorted(int(c) for c in np.unique(locations[:, 0])),
+        "settings": settings(spacing),
+        "inputs": input_fingerprint(case),
+    }
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+
+    files.write_atomic(p["meta"], write)
+    return JobResult(case["id"], written=[case["id"]])
+
+
+def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, first: int = 0, step: int = 1) -> list[dict]:
+    """Preprocess what is not cached yet (a tqdm bar, then a summary) and return the cached
+    records of `cases`, in order. Processes of one distributed run pass `first`/`step` (rank,
+    world size): each starts on its own share and then checks the rest, so all of them return
+    a complete cache. Fails naming every case that could not be preprocessed."""
+    import functools
+
+    os.makedirs(cache_dir, exist_ok=True)
+    files.remove_stale_partials(cache_dir)
+    order = cases[first::step] + [c for i, c in enumerate(cases) if i % step != first]
+    job = functools.partial(preprocess_case, spacing=spacing, cache_dir=cache_dir)
+    results = run_jobs(job, order, workers, desc=f"preprocessing to {spacing:g} mm")
+    if summarise(results, f"preprocessed cache {cache_dir}"):
+        failed = [f"{r.name}: {r.error}" for r in results if r.error]
+        raise RuntimeError(f"{len(failed)} case(s) could not be preprocessed into {cache_dir}:\n  " + "\n  ".join(failed))
+    records = []
+    for case in cases:
+        meta = read_meta(cache_dir, case, spacing)
+        if meta is None:
+            raise RuntimeError(f"{cache_dir}: case {case['id']} is not cached after preprocessing (was it changed meanwhile?)")
+        records.append(meta)
+    return records
+
+
+# ============ reading ============
+
+
+def crop(path: str, start, size) -> np.ndarray:
+    """The box [start, start + size) of the array stored at `path`, read through a memory map
+    that is dropped again; parts outside the array are zero (the padding SpatialPad adds)."""
+    arr = np.load(path, mmap_mode="r")
+    out = np.zeros(tuple(size), dtype=arr.dtype)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, arr.shape):
+        lo, hi = max(s, 0), min(s + n, dim)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = arr[tuple(src)]
+    del arr
+    return out
+
+
+def patch_start(centre, shape, size) -> list[int]:
+    """The corner of a `size` box around `centre` moved inside `shape`; a box larger than an
+    axis is centred on it (and padded by `crop`)."""
+    start = []
+    for c, dim, n in zip(centre, shape, size):
+        start.append((dim - n) // 2 if n >= dim else int(np.clip(c - n // 2, 0, dim - n)))
+    return start
+
+
+class PatchDataset:
+    """Training patches from the cache, `samples_per_volume` per visit of a case. A patch is
+    centred on a foreground voxel with probability pos_ratio / (pos_ratio + 1) (of a class
+    drawn uniformly among those the case holds, then a voxel of it, as nnU-Net samples), and
+    anywhere in the volume otherwise. Items are lists of {"image", "label"} (1, z, x, y) tensors,
+    augmented by `augment` (a MONAI dictionary transform), flattened into batches by MONAI's
+    list_data_collate. Each loader worker draws from its own generator, seeded by torch per
+    worker and epoch."""
+
+    def __init__(self, records: list[dict], patch_size, samples_per_volume: int, pos_ratio: float, augment=None):
+        self.records, self.patch = records, [int(n) for n in patch_size]
+        self.samples, self.pos_share = samples_per_volume, pos_ratio / (pos_ratio + 1.0)
+        self.augment = augment
+        self._rng, self._seed = None, None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def rng(self) -> np.random.Generator:
+        import torch
+
+        seed = torch.initial_seed()  # differs per worker and per epoch of a seeded DataLoader
+        if self._seed != seed:
+            self._rng, self._seed = np.random.default_rng(seed), seed
+        return self._rng
+
+    def centre(self, record: dict, locations: np.ndarray, rng: np.random.Generator) -> list[int]:
+        if len(locations) and rng.random() < self.pos_share:
+            classes = np.unique(locations[:, 0])
+            rows = locations[locations[:, 0] == rng.choice(classes)]
+            return [int(v) for v in rows[rng.integers(len(rows)), 1:]]
+        return [int(rng.integers(dim)) for dim in record["shape"]]
+
+    def __getitem__(self, i: int) -> list[dict]:
+        import torch
+
+        record, rng = self.records[i], self.rng()
+        locations = np.load(record["locations"])
+        out = []
+        for _ in range(self.samples):
+            start = patch_start(self.centre(record, locations, rng), record["shape"], self.patch)
+            item = {
+                "image": torch.from_numpy(crop(record["image"], start, self.patch))[None],
+                "label": torch.from_numpy(crop(record["label"], start, self.patch))[None],
+                "image_path": record["source"],
+            }
+            out.append(self.augment(item) if self.augment is not None else item)
+        return out
+
+
+class VolumeDataset:
+    """Whole preprocessed volumes for validation: {"image" float32, "label" uint8} of shape
+    (1, z, x, y), read from the cache (no resampling at each validation)."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        record = self.records[i]
+        return {
+            "image": torch.from_numpy(np.load(record["image"]))[None],
+            "label": torch.from_numpy(np.load(record["label"]))[None],
+            "image_path": record["source"],
+        }
