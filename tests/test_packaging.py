@@ -1,8 +1,11 @@
 import glob
 import os
-import tomllib
+
+import pytest
 
 from tests.conftest import ROOT
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
 def test_every_top_level_module_and_package_is_installed():
