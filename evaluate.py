@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import probe
+import utils
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENCODERS = ("desd", "dino", "none")
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.epochs} pretraining epochs; {machine}",
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(probe.strict(results), f, indent=1)
+        json.dump(utils.strict_json(results), f, indent=1)
     print(write_report(results, args.out, args.figure or os.path.join(args.out, "evidence.png")))
     print(f"Total {time.time() - start:.0f} s; results in {os.path.join(args.out, 'results.json')}")
     return 0

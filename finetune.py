@@ -210,15 +210,6 @@ def mean_or_nan(values) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def strict(value):
-    """NaN and infinities as None, for strict JSON."""
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse nonsense settings before any work."""
     d, h, w = last_stage_shape(tuple(args.patch_size))
@@ -404,7 +395,7 @@ def main(args: argparse.Namespace) -> dict:
         if utils.is_main_process():
             shown = {k: v for k, v in record.items() if k in ("train_loss", "mean_dice")}
             print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f"  lr {record['lr']:.2e}", flush=True)
-            utils.append_json_line(os.path.join(args.output_dir, "log.txt"), strict(record))
+            utils.append_json_line(os.path.join(args.output_dir, "log.txt"), utils.strict_json(record))
             utils.plot_curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png"))
             state = {
                 "model": model_without_ddp.state_dict(),
@@ -421,7 +412,7 @@ def main(args: argparse.Namespace) -> dict:
         if not history:
             raise RuntimeError(f"{args.output_dir}: no epoch was trained (the checkpoint there is at epoch {to_restore['epoch']})")
         last = history[-1]
-        result = strict(
+        result = utils.strict_json(
             {
                 "classes": class_names,
                 "dice": [last.get(f"dice_{n}", math.nan) for n in class_names],

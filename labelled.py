@@ -198,14 +198,17 @@ class LoadCT:
             arr = arr.astype(np.float32 if key == "image" else np.uint8)
             out[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr))[None], affine=torch.as_tensor(affine, dtype=torch.float64))
             out[f"{key}_path"] = data[key]
+            out[f"{key}_input_grid"] = (arr.shape, affine)  # where a prediction goes back to
         return out
 
 
-def preprocessing(spacing: float, keys=("image", "label")) -> list:
+def preprocessing(spacing: float, keys=("image", "label"), grid_only: bool = False) -> list:
     """Read, reorient to the pretraining orientation, resample to `spacing` mm (cubic for
     images, nearest for labels), clip to [-1024, 1024] HU and divide by 1024, put depth first:
-    (1, z, x, y), as the pretraining views were."""
-    from monai.transforms import EnsureTyped, Orientationd, ScaleIntensityRanged, Spacingd, Transposed
+    (1, z, x, y), as the pretraining views were. With `grid_only` the last step,
+    `network_layout`, is left out: the items stay MetaTensors (1, x, y, z) whose affine is the
+    network's grid."""
+    from monai.transforms import Orientationd, ScaleIntensityRanged, Spacingd
 
     keys = list(keys)
     modes = tuple(3 if k == "image" else "nearest" for k in keys)
@@ -216,8 +219,14 @@ def preprocessing(spacing: float, keys=("image", "label")) -> list:
     ]
     if "image" in keys:
         steps.append(ScaleIntensityRanged("image", a_min=HU_RANGE[0], a_max=HU_RANGE[1], b_min=-1.0, b_max=1.0, clip=True))
-    steps += [Transposed(keys, indices=(0, 3, 1, 2)), EnsureTyped(keys, track_meta=False)]
-    return steps
+    return steps if grid_only else steps + network_layout(keys)
+
+
+def network_layout(keys=("image", "label")) -> list:
+    """Depth first, (1, x, y, z) -> (1, z, x, y), as plain tensors."""
+    from monai.transforms import EnsureTyped, Transposed
+
+    return [Transposed(list(keys), indices=(0, 3, 1, 2)), EnsureTyped(list(keys), track_meta=False)]
 
 
 # ============ integrity ============

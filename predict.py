@@ -79,23 +79,24 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch, overlap: float =
     return total / len(flips)
 
 
-def to_input_grid(labels_zxy: np.ndarray, reference: sitk.Image, path: str, spacing: float) -> sitk.Image:
-    """The label map (z, x, y) of the network's grid back on the input image's grid (nearest
-    neighbour), with the input's geometry."""
+def to_input_grid(labels_zxy: np.ndarray, grid_affine, input_grid: tuple, path: str) -> sitk.Image:
+    """The label map (z, x, y) on the network's grid (`grid_affine`, of its (x, y, z) order)
+    back on the input image's voxel grid (`input_grid`: shape and affine, as read), by nearest
+    neighbour, with the geometry of the file at `path` (read from its header)."""
     from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing, SpatialResample
+    from monai.transforms import SpatialResample
 
-    arr, affine = labelled.read_volume(path)
-    affine = torch.as_tensor(affine, dtype=torch.float64)
-    # the network's grid: the input reoriented to the pretraining orientation and resampled, as preprocessing made it
-    grid = Spacing(pixdim=(spacing,) * 3)(
-        Orientation(axcodes=labelled.PRETRAINING_AXCODES, labels=labelled.RAS_LABELS)(MetaTensor(torch.zeros(1, *arr.shape), affine=affine))
-    )
-    net = MetaTensor(torch.from_numpy(labels_zxy.transpose(1, 2, 0)[None].astype(np.float32)), affine=grid.affine)  # (1, x, y, z)
-    resampled = SpatialResample(mode="nearest")(net, dst_affine=affine, spatial_size=arr.shape)  # the input's voxel grid
+    shape, affine = input_grid
+    net = MetaTensor(torch.from_numpy(labels_zxy.transpose(1, 2, 0)[None].astype(np.float32)), affine=grid_affine)  # (1, x, y, z)
+    resampled = SpatialResample(mode="nearest")(net, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=shape)
     out_xyz = resampled[0].numpy().round().astype(np.uint8)
     result = sitk.GetImageFromArray(out_xyz.transpose(2, 1, 0))  # (x, y, z) -> SimpleITK's (z, y, x)
-    result.CopyInformation(reference)
+    header = sitk.ImageFileReader()
+    header.SetFileName(path)
+    header.ReadImageInformation()
+    result.SetOrigin(header.GetOrigin())
+    result.SetSpacing(header.GetSpacing())
+    result.SetDirection(header.GetDirection())
     return result
 
 
@@ -103,11 +104,12 @@ def predict_file(model, run_args: dict, path: str, out_dir: str, tta: bool, over
     from monai.transforms import Compose
 
     spacing = float(run_args["spacing"])
-    item = Compose(labelled.preprocessing(spacing, keys=("image",)))({"image": path})
-    probs = segment(model, item["image"][None].to(device), tuple(run_args["patch_size"]), overlap, tta)
+    item = Compose(labelled.preprocessing(spacing, keys=("image",), grid_only=True))({"image": path})
+    grid_affine = item["image"].affine  # the network's grid, before the depth-first transpose
+    image = Compose(labelled.network_layout(("image",)))(item)["image"]
+    probs = segment(model, image[None].to(device), tuple(run_args["patch_size"]), overlap, tta)
     labels_zxy = probs.argmax(1)[0].cpu().numpy()
-    reference = sitk.ReadImage(path)
-    result = to_input_grid(labels_zxy, reference, path, spacing)
+    result = to_input_grid(labels_zxy, grid_affine, item["image_input_grid"], path)
     name = os.path.basename(path)
     for ending in IMAGE_ENDINGS:
         if name.endswith(ending):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
+import utils
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 
@@ -178,15 +179,6 @@ def run_probe(
     return results
 
 
-def strict(value):
-    """NaN (a class absent from every patch) as None, so that the JSON is strict."""
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [strict(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def table(results: list[dict]) -> str:
     names = list(results[0]["auc"])
     head = f"{'stage':<6}" + "".join(f"{'AUC ' + n:>14}" for n in names) + f"{'AUC mean':>10}" + f"{'dense Dice':>12}"
@@ -219,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     cases, names = load_cases(args.data_dir, args.spacing)
     results = run_probe(cases, names, args.arch, args.checkpoint or None, args.patch, args.patches_per_case, args.seed, args.device)
     for r in results:
-        print(json.dumps(strict(r)))
+        print(json.dumps(utils.strict_json(r)))
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(strict(results), f, indent=2)
+            json.dump(utils.strict_json(results), f, indent=2)
     return 0
 
 

@@ -506,6 +506,15 @@ class MetricLogger:
             print(f"{header} total time: {spent} ({(time.time() - start) / max(total, 1):.3f} s / it)", flush=True)
 
 
+def strict_json(value):
+    """NaN and infinities (an absent class's score, say) as None, nested, for strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def append_json_line(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
