@@ -1,5 +1,6 @@
 import argparse
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -229,3 +230,37 @@ def test_two_process_fine_tuning_through_torchrun(tmp_path):
     assert "process 1 of 2" in proc.stdout
     log = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and "mean_dice" in log[-1]
+
+
+def test_an_nnunet_v2_dataset_of_mha_files_with_an_ignore_label_and_a_fold_fine_tunes_from_its_cache_and_predicts(tmp_path):
+    import SimpleITK as sitk
+
+    import predict
+    from tests.test_labelled import write_nnunet
+
+    root = write_nnunet(str(tmp_path / "Dataset001_Tiny"), n=4, ending=".mha", ignore=True)
+    label = tmp_path / "Dataset001_Tiny" / "labelsTr" / "liver_000.mha"
+    lab = sitk.ReadImage(str(label))
+    arr = sitk.GetArrayFromImage(lab)
+    arr[:2] = 3  # the ignore label on two slices
+    marked = sitk.GetImageFromArray(arr)
+    marked.CopyInformation(lab)
+    sitk.WriteImage(marked, str(label))
+    os.makedirs(f"{root}/imagesTs")
+    test_image = f"{root}/imagesTs/liver_009_0000.mha"
+    sitk.WriteImage(sitk.ReadImage(f"{root}/imagesTr/liver_003_0000.mha"), test_image)
+    folds = [{"train": ["liver_000", "liver_001", "liver_002"], "val": ["liver_003"]}, {"train": ["liver_003"], "val": ["liver_000"]}]
+    (tmp_path / "splits_final.json").write_text(json.dumps(folds))
+    parser = argparse.ArgumentParser(parents=[finetune.get_args_parser()])
+    args = parser.parse_args(
+        ["--data_dir", root, "--output_dir", str(tmp_path / "out"), "--arch", "res3d10", "--spacing", "2", "--patch_size", "16", "48", "48",
+         "--epochs", "1", "--num_workers", "0", "--device", "cpu", "--split_file", str(tmp_path / "splits_final.json"), "--fold", "0"]
+    )  # fmt: skip
+    result = finetune.main(args)
+    assert result["classes"] == ["liver", "tumour"] and len(result["dice"]) == 2
+    cache = f"{root}_preprocessed/2mm"
+    assert sorted(f for f in os.listdir(cache) if f.endswith(".json")) == [f"liver_00{i}.json" for i in range(4)]
+    assert predict.main(["--model", str(tmp_path / "out"), "--input", root, "--output", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    out, ref = sitk.ReadImage(str(tmp_path / "pred" / "liver_009.mha")), sitk.ReadImage(test_image)
+    assert out.GetSize() == ref.GetSize() and np.allclose(out.GetSpacing(), ref.GetSpacing())
+    assert np.allclose(out.GetOrigin(), ref.GetOrigin()) and np.allclose(out.GetDirection(), ref.GetDirection())
