@@ -73,8 +73,8 @@ def plot_logs(paths: list[str], out: str, labels: list[str] | None = None) -> st
                     ax.plot(*zip(*points), styles[n % len(styles)], color=f"C{k if len(keys) > 1 else n}", label=name, marker=".")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        if title == "learning rate":
-            ax.set_yscale("log")
+        if title == "learning rate" and any(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+            ax.set_yscale("log")  # a run at lr 0 (a frozen test run) stays linear
         ax.grid(alpha=0.3)
         if len(runs) > 1 or len(keys) > 1:
             ax.legend(fontsize=7)
