@@ -147,6 +147,7 @@ def main() -> None:
         print(json.dumps(phase(args)))
         return
 
+    args.root = os.path.abspath(args.root)  # the phases run in benchmarks/
     task = write_cohort(args.root, max(args.cases), args.size, args.input_spacing)
     rows = []
     for n in sorted(args.cases):
