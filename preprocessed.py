@@ -29,6 +29,10 @@ from preprocessing.runner import JobResult, run_jobs, summarise
 
 VERSION = 1  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
 LOCATIONS_PER_CLASS = 10000
+# peak memory of preprocessing one case, per voxel of its resampled grid: MONAI's spline
+# resampling builds a dense coordinate grid (measured: 8.1 GB for 512 x 512 x 300 at
+# 0.8 x 0.8 x 1.5 mm to 1 mm, 75.6M voxels; benchmarks/bench_finetune_data.py)
+BYTES_PER_OUTPUT_VOXEL = 112
 
 
 def settings(spacing: float) -> dict:
@@ -131,6 +135,40 @@ def _preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
     return JobResult(case["id"], written=[case["id"]])
 
 
+def output_voxels(case: dict, spacing: float) -> int:
+    """Voxels of a case's image resampled to `spacing`, from its header alone."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(case["image"])
+    reader.ReadImageInformation()
+    return int(np.prod([max(1, round(n * s / spacing)) for n, s in zip(reader.GetSize(), reader.GetSpacing())]))
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def processes_for(cases: list[dict], spacing: float, workers: int) -> int:
+    """At most `workers`, and as many as the available memory holds preprocessing the
+    largest case at once (at least 1); says so when that is fewer."""
+    free = available_memory()
+    if workers <= 1 or free is None or not cases:
+        return max(1, workers)
+    need = max(output_voxels(c, spacing) for c in cases) * BYTES_PER_OUTPUT_VOXEL
+    fit = max(1, int(free // need))
+    if fit < workers:
+        print(f"preprocessing with {fit} of {workers} processes: each may need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free")
+    return min(workers, fit)
+
+
 def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, first: int = 0, step: int = 1) -> list[dict]:
     """Preprocess what is not cached yet (a tqdm bar, then a summary) and return the cached
     records of `cases`, in order. Processes of one distributed run pass `first`/`step` (rank,
@@ -141,6 +179,8 @@ def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, f
     os.makedirs(cache_dir, exist_ok=True)
     files.remove_stale_partials(cache_dir)
     order = cases[first::step] + [c for i, c in enumerate(cases) if i % step != first]
+    todo = [c for c in order if read_meta(cache_dir, c, spacing) is None]
+    workers = processes_for(todo, spacing, min(workers, len(todo)) if todo else 1)
     job = functools.partial(preprocess_case, spacing=spacing, cache_dir=cache_dir)
     results = run_jobs(job, order, workers, desc=f"preprocessing to {spacing:g} mm")
     if summarise(results, f"preprocessed cache {cache_dir}"):

@@ -114,3 +114,16 @@ def test_a_volume_from_the_cache_is_the_validation_input(task, tmp_path):
     records = preprocessed.build(task.cases, 2.0, str(tmp_path / "cache"))
     item = preprocessed.VolumeDataset(records)[0]
     assert item["image"].shape == item["label"].shape == (1, *records[0]["shape"]) and item["image_path"] == task.cases[0]["image"]
+
+
+def test_the_build_runs_no_more_processes_than_memory_holds(task, monkeypatch, capsys):
+    voxels = preprocessed.output_voxels(task.cases[0], 2.0)
+    assert voxels == 24 * 48 * 48  # 48 x 48 x 24 at 2 mm stays so
+    need = voxels * preprocessed.BYTES_PER_OUTPUT_VOXEL
+    monkeypatch.setattr(preprocessed, "available_memory", lambda: int(2.5 * need))
+    assert preprocessed.processes_for(task.cases, 2.0, 4) == 2
+    assert "with 2 of 4 processes" in capsys.readouterr().out
+    monkeypatch.setattr(preprocessed, "available_memory", lambda: need // 2)
+    assert preprocessed.processes_for(task.cases, 2.0, 4) == 1
+    monkeypatch.setattr(preprocessed, "available_memory", lambda: 100 * need)
+    assert preprocessed.processes_for(task.cases, 2.0, 4) == 4
