@@ -182,7 +182,7 @@ def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, f
     todo = [c for c in order if read_meta(cache_dir, c, spacing) is None]
     workers = processes_for(todo, spacing, min(workers, len(todo)) if todo else 1)
     job = functools.partial(preprocess_case, spacing=spacing, cache_dir=cache_dir)
-    results = run_jobs(job, order, workers, desc=f"preprocessing to {spacing:g} mm")
+    results = run_jobs(job, order, workers, desc=f"preprocessing to {spacing:g} mm", start_method="spawn")
     if summarise(results, f"preprocessed cache {cache_dir}"):
         failed = [f"{r.name}: {r.error}" for r in results if r.error]
         raise RuntimeError(f"{len(failed)} case(s) could not be preprocessed into {cache_dir}:\n  " + "\n  ".join(failed))

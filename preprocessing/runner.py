@@ -5,6 +5,7 @@ the closing summary (written / skipped / failed, with reasons, and warnings)."""
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import struct
@@ -88,13 +89,16 @@ def _safe_call(job: Callable[..., JobResult], item) -> JobResult:
         return JobResult(name=str(item), error=f"{type(err).__name__}: {err}")
 
 
-def run_jobs(job: Callable[..., JobResult], items: Iterable, workers: int, desc: str) -> list[JobResult]:
+def run_jobs(job: Callable[..., JobResult], items: Iterable, workers: int, desc: str, start_method: str | None = None) -> list[JobResult]:
     """Run job(item) for every item on `workers` processes, with a progress bar. A failing item
-    does not stop the others; the workers die with this process."""
+    does not stop the others; the workers die with this process. `start_method` "spawn" is
+    for callers that have run torch already: a child forked from a process whose OpenMP
+    threads are running can hang in its first parallel operation."""
     items = list(items)
     if workers <= 1:
         return [_safe_call(job, it) for it in tqdm(items, desc=desc, unit="file")]
-    with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    context = multiprocessing.get_context(start_method) if start_method else None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(_safe_call, [job] * len(items), items, chunksize=1), total=len(items), desc=desc, unit="file"))
 
 

@@ -127,3 +127,20 @@ def test_the_build_runs_no_more_processes_than_memory_holds(task, monkeypatch, c
     assert preprocessed.processes_for(task.cases, 2.0, 4) == 1
     monkeypatch.setattr(preprocessed, "available_memory", lambda: 100 * need)
     assert preprocessed.processes_for(task.cases, 2.0, 4) == 4
+
+
+def test_a_parallel_build_after_torch_has_run_finishes(task, tmp_path):
+    """Workers forked from a process whose OpenMP threads ran hung in their first resampling
+    (the demo's fine-tuning stalled at 0/10): the build starts them fresh."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, labelled, preprocessed\n"
+        "torch.ones(512, 512) @ torch.ones(512, 512)  # the thread pool is up\n"
+        f"cases = labelled.read_dataset({task.root!r}).cases\n"
+        f"print(len(preprocessed.build(cases, 2.0, {str(tmp_path / 'cache')!r}, workers=2)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "3"
