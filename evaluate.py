@@ -146,14 +146,10 @@ def make_data(cfg: Config, out: str) -> tuple[str, str]:
     return data, task
 
 
-def pretrain(cfg: Config, name: str, data: str, out: str) -> str:
-    """One pretraining; returns its checkpoint. Skipped when it already finished."""
-    folder = os.path.join(out, f"pretrain_{name}")
-    ckpt = os.path.join(folder, "checkpoint.pth")
-    if os.path.isfile(ckpt) and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["epoch"] >= cfg.epochs:
-        return ckpt
-    cmd = [
-        sys.executable, "main_desd.py", "--data_path", data, "--output_dir", folder, "--arch", cfg.arch, "--device", cfg.device,
+def pretrain_command(cfg: Config, name: str, data: str, folder: str) -> list[str]:
+    """main_desd.py's arguments for one encoder of the experiment."""
+    return [
+        "--data_path", data, "--output_dir", folder, "--arch", cfg.arch, "--device", cfg.device,
         "--out_dim", str(cfg.out_dim), "--batch_size_per_gpu", str(cfg.batch), "--epochs", str(cfg.epochs),
         "--global_crop_size", str(cfg.view), "--crop_depth", "16", "--optimizer", cfg.optimizer, "--lr", str(cfg.lr),
         "--min_lr", str(cfg.min_lr), "--weight_decay", str(cfg.weight_decay), "--weight_decay_end", str(cfg.weight_decay),
@@ -164,7 +160,15 @@ def pretrain(cfg: Config, name: str, data: str, out: str) -> str:
         "--saveckp_freq", "0", "--print_freq", "20", "--seed", "0", "--stage_weights", *STAGE_WEIGHTS[name],
         "--max_iters_per_epoch", str(cfg.iters_per_epoch), *cfg.extra,
     ]  # fmt: skip
-    run(cmd, os.path.join(out, f"pretrain_{name}.log"))
+
+
+def pretrain(cfg: Config, name: str, data: str, out: str) -> str:
+    """One pretraining; returns its checkpoint. Skipped when it already finished."""
+    folder = os.path.join(out, f"pretrain_{name}")
+    ckpt = os.path.join(folder, "checkpoint.pth")
+    if os.path.isfile(ckpt) and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["epoch"] >= cfg.epochs:
+        return ckpt
+    run([sys.executable, "main_desd.py", *pretrain_command(cfg, name, data, folder)], os.path.join(out, f"pretrain_{name}.log"))
     return ckpt
 
 

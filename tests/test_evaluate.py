@@ -23,3 +23,20 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     table = (out / "results.md").read_text()
     assert "| 1 |" in table and "desd" in table
     assert os.path.getsize(out / "evidence.png") > 10_000
+
+
+@pytest.mark.parametrize("config", sorted(evaluate.CONFIGS))
+@pytest.mark.parametrize("encoder", ["desd", "dino"])
+def test_every_configuration_pretrains_with_arguments_main_desd_accepts(config, encoder, capsys):
+    """The GPU configuration runs only where a device is lent: its flags are checked here, so
+    that a misspelt or out-of-range one cannot waste that run."""
+    import main_desd
+
+    cfg = evaluate.CONFIGS[config]
+    args = main_desd.get_args_parser().parse_args(evaluate.pretrain_command(cfg, encoder, "data/DeepLesion", "out"))
+    main_desd.validate_args(args)
+    assert (args.arch, args.batch_size_per_gpu, args.epochs, args.out_dim) == (cfg.arch, cfg.batch, cfg.epochs, cfg.out_dim)
+    assert tuple(args.stage_weights) == tuple(float(w) for w in evaluate.STAGE_WEIGHTS[encoder])
+    # the schedule falls from its scaled peak and leaves the warm-up: no warning before the run
+    main_desd.warn_about_schedule(args, None, cfg.batch, 1)
+    assert "WARNING" not in capsys.readouterr().out
