@@ -57,9 +57,9 @@ class Config:
     the uniform collapse (loss at ln(out_dim)) and a learning rate of 1.6e-2 diverged, while
     this recipe's loss fell to 0.87 ln(out_dim) with a teacher entropy of half its maximum.
     Every recipe tried, this one included, learns for about 100 steps and then drifts back,
-    its loss and teacher entropy rising with retrieval flat (250-step trials of a teacher at 0.01, momentum 0.996 and a
-    third of the learning rate, same README), so 8 epochs of the 303 unlabelled patches (296
-    steps) per encoder leave room in the hour for fine-tuning. Fine-tuning: 30 steps of
+    its loss and teacher entropy rising with retrieval flat (250-step trials of a teacher at
+    0.01, momentum 0.996 and a third of the learning rate, same README), so 8 epochs of the 303
+    unlabelled patches (296 steps) per encoder leave room in the hour for fine-tuning. Fine-tuning: 30 steps of
     4 patches per run, 36 runs (3 encoders x 4 label counts x 3 seeds)."""
 
     arch: str = "res3d10"

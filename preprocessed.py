@@ -180,7 +180,7 @@ def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, f
     files.remove_stale_partials(cache_dir)
     order = cases[first::step] + [c for i, c in enumerate(cases) if i % step != first]
     todo = [c for c in order if read_meta(cache_dir, c, spacing) is None]
-    workers = processes_for(todo, spacing, min(workers, len(todo)) if todo else 1)
+    workers = processes_for(todo, spacing, min(workers, len(todo)))  # 1 when nothing is left to do
     job = functools.partial(preprocess_case, spacing=spacing, cache_dir=cache_dir)
     results = run_jobs(job, order, workers, desc=f"preprocessing to {spacing:g} mm", start_method="spawn")
     if summarise(results, f"preprocessed cache {cache_dir}"):
