@@ -66,7 +66,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--momentum_teacher",
         default=0.996,
         type=float,
-        help="Base EMA momentum of the teacher, raised to 1 by a cosine schedule. Use 0.9995 with small batches.",
+        help="Base EMA momentum of the teacher, raised to --momentum_teacher_end by a cosine schedule. Use 0.9995 with small batches.",
+    )
+    group.add_argument(
+        "--momentum_teacher_end",
+        default=1.0,
+        type=float,
+        help="Final EMA momentum of the teacher (1 in DINO). Lower it for runs of a few hundred steps, whose teacher would "
+        "otherwise keep much of its random initialisation (the start-up line says how much).",
     )
     group.add_argument(
         "--use_bn_in_head",
@@ -252,8 +259,10 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
             raise ValueError(f"--{name} must be a finite {'positive' if name in positive else 'non-negative'} number, got {value}")
-    if not (math.isfinite(args.momentum_teacher) and 0 <= args.momentum_teacher <= 1):
-        raise ValueError(f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
+    for name in ("momentum_teacher", "momentum_teacher_end"):
+        value = getattr(args, name, 1.0)
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise ValueError(f"--{name} must be in [0, 1], got {value}")
     weights = tuple(args.stage_weights)
     if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
         raise ValueError(f"--stage_weights must be finite, non-negative and not all zero, got {weights} ('0 0 0 1' is DINO)")
@@ -421,7 +430,8 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     )
     warn_about_schedule(args, lr_schedule, global_batch, steps_per_epoch)
     wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
-    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, steps_per_epoch)
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, args.momentum_teacher_end, args.epochs, steps_per_epoch)
+    report_teacher_init_share(momentum_schedule)
     print("Loss, optimizer and schedulers ready.")
 
     # ============ optionally resume training ... ============
@@ -450,7 +460,7 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
 
     run = TrainingRun(
         args, device, loader, student, teacher, student_without_ddp, student_fwd, teacher_fwd, desd_loss, optimizer, fp16_scaler,
-        lr_schedule, wd_schedule, momentum_schedule, iters_per_epoch,
+        lr_schedule, wd_schedule, momentum_schedule, iters_per_epoch, CollapseTrend(args.out_dim),
     )  # fmt: skip
     writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
     start_time = time.time()
@@ -477,6 +487,9 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
                 writer.flush()
             if epoch > 0:  # every run starts near ln(out_dim)
                 warn_if_collapsing(train_stats, args.out_dim)
+            trend = run.trend.warning()
+            if trend:
+                print(trend)
     if writer is not None:
         writer.close()
     total_time = time.time() - start_time
@@ -508,6 +521,7 @@ class TrainingRun:
     wd_schedule: np.ndarray
     momentum_schedule: np.ndarray
     iters_per_epoch: int
+    trend: CollapseTrend | None = None  # the progress points' entropy and KL, for the slow-collapse warning
 
 
 def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, name: str = "checkpoint.pth") -> None:
@@ -560,6 +574,66 @@ def warn_about_schedule(args: argparse.Namespace, lr_schedule: np.ndarray, globa
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} is longer than the run ({args.epochs} epochs): it never leaves the warm-up")
 
 
+def teacher_init_share(momentum_schedule) -> float:
+    """The weight of the initial teacher in the final one: each EMA step keeps a share m of the
+    teacher, so after the whole schedule the random initialisation holds the product of the m."""
+    return float(np.prod(np.asarray(momentum_schedule, dtype=np.float64)))
+
+
+def report_teacher_init_share(momentum_schedule, limit: float = 0.1) -> None:
+    """Say, before the run, how much of the final teacher the random initialisation will be."""
+    share = teacher_init_share(momentum_schedule)
+    first, last = float(momentum_schedule[0]), float(momentum_schedule[-1])
+    print(
+        f"Teacher momentum {first:g} -> {last:g} over {len(momentum_schedule)} steps: the initial weights hold {share:.1%} of the final teacher."
+    )
+    if share > limit:
+        print(
+            f"WARNING: {share:.1%} of the final teacher will be its random initialisation (more than {limit:.0%}): the schedule is "
+            "too short for this momentum. Lower --momentum_teacher or --momentum_teacher_end, or train for more steps."
+        )
+
+
+def slow_collapse_warning(entropy: list[float], kl: list[float], out_dim: int, min_rise: float = 0.02) -> str | None:
+    """The slow collapse toward a uniform teacher, from the trend of a window of progress
+    points: the teacher entropy rises (by more than `min_rise` of ln(out_dim) between the
+    window's first and second half) while the KL between teacher and student falls, so the
+    loss falls only because the student follows a flattening teacher. None when it is not so."""
+    n = min(len(entropy), len(kl))
+    if n < 4:
+        return None
+    half = n // 2
+    e0, e1 = float(np.mean(entropy[:half])), float(np.mean(entropy[n - half : n]))
+    k0, k1 = float(np.mean(kl[:half])), float(np.mean(kl[n - half : n]))
+    uniform = math.log(out_dim)
+    if e1 - e0 <= min_rise * uniform or k1 >= k0:
+        return None
+    return (
+        f"WARNING: over the last {n} progress points the teacher entropy rose from {e0:.3f} to {e1:.3f} (uniform: ln(out_dim) = "
+        f"{uniform:.3f}) while the KL between teacher and student fell from {k0:.3f} to {k1:.3f}: the student is following a teacher "
+        "that flattens toward uniform (a slow collapse). Try a lower learning rate or --optimizer sgd, a sharper teacher "
+        "(a lower --teacher_temp), gradient clipping (--clip_grad 3), or a larger batch."
+    )
+
+
+@dataclasses.dataclass
+class CollapseTrend:
+    """Teacher entropy and KL at the last `window` progress points of a run."""
+
+    out_dim: int
+    window: int = 10
+    entropy: list = dataclasses.field(default_factory=list)
+    kl: list = dataclasses.field(default_factory=list)
+
+    def add(self, entropy: float, kl: float) -> None:
+        self.entropy = [*self.entropy, entropy][-self.window :]
+        self.kl = [*self.kl, kl][-self.window :]
+
+    def warning(self) -> str | None:
+        """The slow-collapse warning once the window is full (the first steps' rise is the warm-up's)."""
+        return slow_collapse_warning(self.entropy, self.kl, self.out_dim) if len(self.entropy) == self.window else None
+
+
 def warn_if_collapsing(stats: dict, out_dim: int) -> None:
     """DINO's failure modes: a uniform teacher (loss at ln(out_dim)) or a one-hot teacher
     (entropy near zero)."""
@@ -586,7 +660,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, first: int) -> dict:
     iters_per_epoch = run.iters_per_epoch
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    names = ["loss", *STAGE_NAMES, "teacher_entropy", "retrieval"]
+    names = ["loss", *STAGE_NAMES, "teacher_entropy", "retrieval", "kl", *(f"kl_{n}" for n in STAGE_NAMES)]
+    weights = torch.tensor(desd_loss.stage_weights, dtype=torch.float64, device=device)
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # summed on device: no host sync per step
     finite = torch.ones((), dtype=torch.bool, device=device)
     bad_patches, count = 0, 0
@@ -650,7 +725,15 @@ def train_one_epoch(run: TrainingRun, epoch: int, first: int) -> dict:
             probs = desd_loss.teacher_probs(teacher_output, epoch)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
             retrieval = view_retrieval(teacher_output)  # the two global views of a patch, found among the batch's
-            values = torch.stack([terms[n].detach().double() for n in names[:-2]] + [entropy.double(), retrieval.double()])
+            # each stage's cross-entropy is the teacher entropy plus the KL from teacher to that student head
+            stage_kl = torch.stack([terms[n].detach().double() for n in STAGE_NAMES]) - entropy.double()
+            kl = (weights * stage_kl).sum() / weights.sum()
+            values = torch.cat(
+                [
+                    torch.stack([terms[n].detach().double() for n in ("loss", *STAGE_NAMES)] + [entropy.double(), retrieval.double(), kl]),
+                    stage_kl,
+                ]
+            )
             sums += values
         count += 1
 
@@ -659,7 +742,9 @@ def train_one_epoch(run: TrainingRun, epoch: int, first: int) -> dict:
         if (it - first) % args.print_freq == 0 or last or saving:
             check_finite(finite, epoch, it)
             current = dict(zip(names, values.tolist()))
-            metric_logger.update(loss=current["loss"], H=current["teacher_entropy"], ret=current["retrieval"])
+            metric_logger.update(loss=current["loss"], KL=current["kl"], H=current["teacher_entropy"], ret=current["retrieval"])
+            if run.trend is not None:
+                run.trend.add(current["teacher_entropy"], current["kl"])
             metric_logger.meters["lr"].fmt = "{global_avg:.2e}"
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if saving:

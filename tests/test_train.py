@@ -198,3 +198,55 @@ def test_schedule_warnings_name_an_unscaled_min_lr_a_tiny_peak_and_a_warm_up_lon
     assert "too small to learn" in capsys.readouterr().out
     main_desd.warn_about_schedule(argparse.Namespace(lr=0.3, min_lr=0.048, warmup_epochs=10, epochs=300), None, 192, 10)
     assert "WARNING" not in capsys.readouterr().out  # the published setting
+
+
+def test_kl_is_logged_per_stage_as_the_loss_minus_the_teacher_entropy(patch_root, tmp_path, capsys):
+    """Each logged line of a tiny run holds kl and kl_stage1..4, and each equals the stage's
+    cross-entropy minus the teacher entropy (the weighted mean of them for `kl`)."""
+    out = tmp_path / "out"
+    tiny_run(patch_root, out, "--epochs", "2", "--stage_weights", "0.1", "0.2", "0.3", "0.4")
+    assert "KL " in capsys.readouterr().out  # on the progress line
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    for rec in lines:
+        kls = [rec[f"train_kl_stage{s}"] for s in range(1, 5)]
+        for s, kl in zip(range(1, 5), kls):
+            assert abs(kl - (rec[f"train_stage{s}"] - rec["train_teacher_entropy"])) < 1e-6
+        assert abs(rec["train_kl"] - sum(w * k for w, k in zip((0.1, 0.2, 0.3, 0.4), kls))) < 1e-6
+
+
+def test_slow_collapse_warning_fires_on_rising_entropy_with_falling_kl_and_not_otherwise():
+    from main_desd import CollapseTrend, slow_collapse_warning
+
+    n = 10
+    rising = [2.9 + 0.2 * i for i in range(n)]  # toward ln(256) = 5.55
+    falling = [2.7 - 0.2 * i for i in range(n)]
+    warning = slow_collapse_warning(rising, falling, 256)
+    assert warning is not None and "slow collapse" in warning and "--teacher_temp" in warning
+    assert slow_collapse_warning(rising, [2.7] * n, 256) is None  # the KL does not fall: not this failure
+    assert slow_collapse_warning([3.0] * n, falling, 256) is None  # a learning run: KL falls at flat entropy
+    assert slow_collapse_warning(falling, falling, 256) is None  # entropy falling
+    assert slow_collapse_warning(rising[:3], falling[:3], 256) is None  # too few points to call a trend
+    trend = CollapseTrend(out_dim=256, window=6)
+    for e, k in zip([3.0] * 20 + rising, [2.7] * 20 + falling):
+        trend.add(e, k)
+    assert len(trend.entropy) == 6 and trend.warning() is not None  # the window sees only the recent rise
+
+
+def test_teacher_init_share_is_what_an_ema_of_a_zero_student_leaves_of_the_initial_teacher(capsys):
+    import numpy as np
+
+    import utils
+    from main_desd import report_teacher_init_share, teacher_init_share
+
+    schedule = utils.cosine_scheduler(0.99, 1.0, 8, 37)
+    teacher = torch.ones(3)
+    for m in schedule:  # update_teacher's EMA with a student held at zero
+        teacher = m * teacher + (1 - m) * torch.zeros(3)
+    assert abs(teacher_init_share(schedule) - teacher[0].item()) < 1e-6
+    assert 0.2 < teacher_init_share(schedule) < 0.25  # 22.5% for evaluate's former 296-step schedule
+    report_teacher_init_share(schedule)
+    out = capsys.readouterr().out
+    assert "22." in out and "WARNING" in out and "--momentum_teacher_end" in out
+    report_teacher_init_share(utils.cosine_scheduler(0.98, 0.98, 8, 37))
+    assert "WARNING" not in capsys.readouterr().out
+    assert np.isclose(teacher_init_share(np.full(296, 0.98)), 0.98**296)

@@ -25,6 +25,10 @@ PRETRAIN_PANELS = [
     ("per-stage loss", ["train_stage1", "train_stage2", "train_stage3", "train_stage4"]),
     ("teacher entropy", ["train_teacher_entropy"]),
     ("view retrieval (top-1)", ["train_retrieval"]),
+    (
+        "KL, teacher to student (loss minus entropy)",
+        ["train_kl", "train_kl_stage1", "train_kl_stage2", "train_kl_stage3", "train_kl_stage4"],
+    ),
     ("learning rate", ["train_lr"]),
     ("teacher temperature", ["train_teacher_temp"]),
 ]
