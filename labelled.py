@@ -195,31 +195,79 @@ class LoadCT:
             arr, affine = read_volume(data[key])
             if arr.ndim != 3:
                 raise ValueError(f"{data[key]}: expected a single-channel 3-D volume, got shape {arr.shape}")
-            arr = arr.astype(np.float32 if key == "image" else np.uint8)
-            out[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr))[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+            # in the file's memory order (Fortran for NIfTI): a C-order copy would be a slow transpose
+            arr = np.require(arr.astype(np.float32 if key == "image" else np.uint8), requirements="W")
+            if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+                arr = np.ascontiguousarray(arr)
+            out[key] = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
             out[f"{key}_path"] = data[key]
             out[f"{key}_input_grid"] = (arr.shape, affine)  # where a prediction goes back to
         return out
 
 
+class ResampleToSpacing:
+    """MONAI-style dictionary transform: `keys` (MetaTensors (1, x, y, z)) resampled to
+    `spacing` mm on the grid that MONAI's Spacing chooses (its affine and shape), images by
+    cubic B-spline with edge values beyond the border (the values of Spacing's mode 3 with its
+    "border" padding, to float32 rounding), labels by nearest neighbour (a label map keeps its
+    label set; nnU-Net's per-label linear resampling of label maps smooths boundaries only
+    when the label grid is coarser than the network's, which is not the case for CT at
+    0.6-1 mm going to the pretraining spacing). Separable (preprocessing/resample.py): no dense
+    coordinate grid, float32 blocks."""
+
+    def __init__(self, keys, spacing: float):
+        self.keys, self.spacing = list(keys), float(spacing)
+
+    def grid(self, shape, affine: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """(affine, shape) of the resampled grid, as MONAI's Spacing computes them."""
+        from monai.data.utils import compute_shape_offset, zoom_affine
+
+        new_affine = zoom_affine(affine, (self.spacing,) * 3, diagonal=False)
+        out_shape, offset = compute_shape_offset(list(shape), affine, new_affine, scale_extent=False)
+        new_affine[:3, 3] = offset[:3]
+        return new_affine, [int(n) for n in out_shape]
+
+    def __call__(self, data: dict) -> dict:
+        from monai.data import MetaTensor
+
+        from preprocessing.resample import resample_to_grid
+
+        out = dict(data)
+        for key in self.keys:
+            if key not in data:
+                continue
+            img = data[key]
+            affine = np.asarray(img.affine, dtype=np.float64)
+            new_affine, shape = self.grid(img.shape[1:], affine)
+            arr = resample_to_grid(img[0].numpy(), affine, new_affine, shape, order=3 if key == "image" else 0, mode="nearest")
+            out[key] = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(new_affine, dtype=torch.float64))
+        return out
+
+
 def preprocessing(spacing: float, keys=("image", "label"), grid_only: bool = False) -> list:
     """Read, reorient to the pretraining orientation, resample to `spacing` mm (cubic for
-    images, nearest for labels), clip to [-1024, 1024] HU and divide by 1024, put depth first:
-    (1, z, x, y), as the pretraining views were. With `grid_only` the last step,
-    `network_layout`, is left out: the items stay MetaTensors (1, x, y, z) whose affine is the
-    network's grid."""
-    from monai.transforms import Orientationd, ScaleIntensityRanged, Spacingd
+    images, nearest for labels: `ResampleToSpacing`), clip to [-1024, 1024] HU and divide by
+    1024, put depth first: (1, z, x, y), as the pretraining views were. With `grid_only` the
+    last step, `network_layout`, is left out: the items stay MetaTensors (1, x, y, z) whose
+    affine is the network's grid."""
+    from monai.transforms import Orientationd
 
     keys = list(keys)
-    modes = tuple(3 if k == "image" else "nearest" for k in keys)
     steps = [
         LoadCT(keys),
         Orientationd(keys, axcodes=PRETRAINING_AXCODES, labels=RAS_LABELS),  # (1, x, y, z) with x -> P, y -> L, z -> I
-        Spacingd(keys, pixdim=(spacing,) * 3, mode=modes),
+        ResampleToSpacing(keys, spacing),
     ]
     if "image" in keys:
-        steps.append(ScaleIntensityRanged("image", a_min=HU_RANGE[0], a_max=HU_RANGE[1], b_min=-1.0, b_max=1.0, clip=True))
+        steps.append(scale_hu)
     return steps if grid_only else steps + network_layout(keys)
+
+
+def scale_hu(data: dict) -> dict:
+    """The image clipped to HU_RANGE and divided by its bound (1024), in place: [-1, 1]."""
+    image = data["image"]
+    image.clamp_(*HU_RANGE).mul_(1.0 / HU_RANGE[1])
+    return data
 
 
 def network_layout(keys=("image", "label")) -> list:

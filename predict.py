@@ -82,15 +82,14 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch, overlap: float =
 def to_input_grid(labels_zxy: np.ndarray, grid_affine, input_grid: tuple, path: str) -> sitk.Image:
     """The label map (z, x, y) on the network's grid (`grid_affine`, of its (x, y, z) order)
     back on the input image's voxel grid (`input_grid`: shape and affine, as read), by nearest
-    neighbour, with the geometry of the file at `path` (read from its header)."""
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
+    neighbour (separable: the grids' axes are parallel), with the geometry of the file at
+    `path` (read from its header)."""
+    from preprocessing.resample import resample_to_grid
 
     shape, affine = input_grid
-    net = MetaTensor(torch.from_numpy(labels_zxy.transpose(1, 2, 0)[None].astype(np.float32)), affine=grid_affine)  # (1, x, y, z)
-    resampled = SpatialResample(mode="nearest")(net, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=shape)
-    out_xyz = resampled[0].numpy().round().astype(np.uint8)
-    result = sitk.GetImageFromArray(out_xyz.transpose(2, 1, 0))  # (x, y, z) -> SimpleITK's (z, y, x)
+    net_xyz = labels_zxy.astype(np.uint8, copy=False).transpose(1, 2, 0)  # (x, y, z), a view
+    out_xyz = resample_to_grid(net_xyz, np.asarray(grid_affine, dtype=np.float64), np.asarray(affine, dtype=np.float64), shape, order=0)
+    result = sitk.GetImageFromArray(np.ascontiguousarray(out_xyz.transpose(2, 1, 0)))  # (x, y, z) -> SimpleITK's (z, y, x)
     header = sitk.ImageFileReader()
     header.SetFileName(path)
     header.ReadImageInformation()

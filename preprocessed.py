@@ -27,12 +27,14 @@ import files
 import labelled
 from preprocessing.runner import JobResult, run_jobs, summarise
 
-VERSION = 1  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
+VERSION = 2  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
 LOCATIONS_PER_CLASS = 10000
-# peak memory of preprocessing one case, per voxel of its resampled grid: MONAI's spline
-# resampling builds a dense coordinate grid (measured: 8.1 GB for 512 x 512 x 300 at
-# 0.8 x 0.8 x 1.5 mm to 1 mm, 75.6M voxels; benchmarks/bench_finetune_data.py)
-BYTES_PER_OUTPUT_VOXEL = 112
+# peak memory of preprocessing one case beyond the process's own: a bound per voxel of its
+# resampled grid (the float32 input, its reoriented copy and the output, the label's), plus the
+# separable resampler's blocks (measured: 1.05 GB for 512 x 512 x 300 at 0.8 x 0.8 x 1.5 mm to
+# 1 mm, 75.6M voxels, 14 bytes a voxel; benchmarks/bench_resample.py)
+BYTES_PER_OUTPUT_VOXEL = 20
+BYTES_PER_CASE = 256 * 2**20
 
 
 def settings(spacing: float) -> dict:
@@ -42,7 +44,7 @@ def settings(spacing: float) -> dict:
         "spacing_mm": float(spacing),
         "orientation": labelled.PRETRAINING_AXCODES,
         "hu_range": list(labelled.HU_RANGE),
-        "image_interpolation": "cubic spline",
+        "image_interpolation": "cubic spline, edge values beyond the border (separable)",
         "label_interpolation": "nearest",
     }
 
@@ -162,7 +164,7 @@ def processes_for(cases: list[dict], spacing: float, workers: int) -> int:
     free = available_memory()
     if workers <= 1 or free is None or not cases:
         return max(1, workers)
-    need = max(output_voxels(c, spacing) for c in cases) * BYTES_PER_OUTPUT_VOXEL
+    need = max(output_voxels(c, spacing) for c in cases) * BYTES_PER_OUTPUT_VOXEL + BYTES_PER_CASE
     fit = max(1, int(free // need))
     if fit < workers:
         print(f"preprocessing with {fit} of {workers} processes: each may need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free")

@@ -119,7 +119,7 @@ def test_a_volume_from_the_cache_is_the_validation_input(task, tmp_path):
 def test_the_build_runs_no_more_processes_than_memory_holds(task, monkeypatch, capsys):
     voxels = preprocessed.output_voxels(task.cases[0], 2.0)
     assert voxels == 24 * 48 * 48  # 48 x 48 x 24 at 2 mm stays so
-    need = voxels * preprocessed.BYTES_PER_OUTPUT_VOXEL
+    need = voxels * preprocessed.BYTES_PER_OUTPUT_VOXEL + preprocessed.BYTES_PER_CASE
     monkeypatch.setattr(preprocessed, "available_memory", lambda: int(2.5 * need))
     assert preprocessed.processes_for(task.cases, 2.0, 4) == 2
     assert "with 2 of 4 processes" in capsys.readouterr().out
