@@ -117,6 +117,18 @@ CONFIGS = {
 # peak is, by 32 / 192 (the published global batch), so that the cosine still falls
 
 
+def paired_gap(a: list[float], b: list[float]) -> dict:
+    """The gap a - b paired by pretraining seed, and whether it may be claimed: only where the
+    mean paired gap exceeds twice its standard deviation (over seeds, ddof 1) and every seed's
+    gap has the same sign. Needs at least two seeds; NaN pairs are left out."""
+    gaps = np.array([x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))], dtype=np.float64)
+    if len(gaps) < 2:
+        return {"gaps": gaps.tolist(), "mean": math.nan, "std": math.nan, "holds": False}
+    mean, std = float(gaps.mean()), float(gaps.std(ddof=1))
+    same_sign = bool((gaps > 0).all() or (gaps < 0).all())
+    return {"gaps": gaps.tolist(), "mean": mean, "std": std, "holds": same_sign and abs(mean) > 2 * std}
+
+
 def run(cmd: list[str], log: str) -> None:
     """Run one step as a process of its own, its output in `log`; fail naming the log."""
     with open(log, "w") as f:

@@ -145,6 +145,228 @@ def dense_probe(fmap: torch.Tensor, labels: torch.Tensor, train: np.ndarray, num
     return [float(2 * inter[c] / total[c]) if total[c] > 0 else math.nan for c in range(1, num_classes)]
 
 
+# ============ label-efficiency probes: a converged linear head and k-NN on the coarse grid ============
+
+FEATURE_SETS = {"stage1": (0,), "stage2": (1,), "stage3": (2,), "stage4": (3,), "stages1-3": (0, 1, 2)}
+
+
+def stack_stages(maps: list[torch.Tensor], stages: tuple[int, ...]) -> torch.Tensor:
+    """The listed stage maps side by side on the grid of the first (trilinear upsampling)."""
+    size = maps[stages[0]].shape[2:]
+    parts = [maps[k] if maps[k].shape[2:] == size else F.interpolate(maps[k], size=size, mode="trilinear") for k in stages]
+    return torch.cat(parts, 1)
+
+
+def coarse_targets(labels: torch.Tensor, size, num_classes: int) -> torch.Tensor:
+    """Each class's share of every coarse voxel: (N, K, *size) from labels (N, D, H, W)."""
+    one_hot = F.one_hot(labels.long(), num_classes).permute(0, 4, 1, 2, 3).float()
+    return F.adaptive_avg_pool3d(one_hot, tuple(size))
+
+
+def voxel_rows(fmap: torch.Tensor, targets: torch.Tensor, patches: np.ndarray, limit: int, seed: int):
+    """(features (M, C), soft targets (M, K)) of the coarse voxels of `patches`, at most `limit`
+    of them: half drawn among voxels whose largest share is a foreground class (all of them when
+    fewer), the rest among the others."""
+    x = fmap[patches].permute(0, 2, 3, 4, 1).reshape(-1, fmap.shape[1])
+    t = targets[patches].permute(0, 2, 3, 4, 1).reshape(-1, targets.shape[1])
+    if len(x) <= limit:
+        return x, t
+    rng = np.random.default_rng(seed)
+    fg = np.flatnonzero(t.argmax(1).numpy() > 0)
+    bg = np.setdiff1d(np.arange(len(x)), fg)
+    keep_fg = rng.choice(fg, min(len(fg), limit // 2), replace=False)
+    keep_bg = rng.choice(bg, min(len(bg), limit - len(keep_fg)), replace=False)
+    keep = torch.from_numpy(np.sort(np.concatenate([keep_fg, keep_bg])))
+    return x[keep], t[keep]
+
+
+def fit_linear_head(x: torch.Tensor, t: torch.Tensor, l2: float = 1e-4, max_iter: int = 100):
+    """A linear classifier of soft targets `t` (M, K) on features `x` (M, C), trained to
+    convergence (L-BFGS, full batch, up to `max_iter` iterations, cross-entropy with a small L2
+    penalty); returns a function from (N, C, ...) feature maps to (N, K, ...) logits. Features
+    are standardised on `x`."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = ((x - mean) / std).double()
+    w = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(t.shape[1], dtype=torch.float64, requires_grad=True)
+    target = t.double()
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -(target * F.log_softmax(z @ w + b, 1)).sum(1).mean() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_, b_ = w.detach().float(), b.detach().float()
+
+    def head(fmap: torch.Tensor) -> torch.Tensor:
+        zmap = (fmap - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+        return torch.einsum("nc...,ck->nk...", zmap, w_) + b_.view(1, -1, 1, 1, 1)
+
+    return head
+
+
+def knn_head(x: torch.Tensor, t: torch.Tensor, k: int = 10, chunk: int = 4096, dims: int = 64):
+    """k-nearest-neighbour label transfer, no training: each voxel takes the mean soft target
+    of its `k` most similar (cosine, on standardised features projected on their first `dims`
+    principal axes) reference voxels; returns a function from feature maps to (N, K, ...) log
+    class shares."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std
+    basis = torch.linalg.svd(z[:: max(1, len(z) // 8192)], full_matrices=False).Vh[:dims].T if z.shape[1] > dims else None
+    ref = F.normalize(z @ basis if basis is not None else z, dim=1)
+    k = min(k, len(ref))
+
+    def head(fmap: torch.Tensor) -> torch.Tensor:
+        n, c, *grid = fmap.shape
+        q = (fmap.permute(0, 2, 3, 4, 1).reshape(-1, c) - mean) / std
+        q = F.normalize(q @ basis if basis is not None else q, dim=1)
+        votes = torch.cat([t[(q[i : i + chunk] @ ref.T).topk(k, dim=1).indices].mean(1) for i in range(0, len(q), chunk)])
+        return votes.clamp_min(1e-6).log().reshape(n, *grid, -1).permute(0, 4, 1, 2, 3)
+
+    return head
+
+
+def dice_of(head, fmap: torch.Tensor, labels: torch.Tensor, num_classes: int, batch: int = 16) -> list[float]:
+    """Dice per foreground class over all `labels` (N, D, H, W) of the head's coarse logits
+    upsampled (trilinearly) to the patch; NaN for a class absent from prediction and truth."""
+    inter, total = torch.zeros(num_classes), torch.zeros(num_classes)
+    with torch.no_grad():
+        for i in range(0, len(fmap), batch):
+            logits = F.interpolate(head(fmap[i : i + batch]), size=labels.shape[1:], mode="trilinear", align_corners=False)
+            pred, truth = logits.argmax(1), labels[i : i + batch]
+            for c in range(1, num_classes):
+                p, q = pred == c, truth == c
+                inter[c] += (p & q).sum()
+                total[c] += p.sum() + q.sum()
+    return [float(2 * inter[c] / total[c]) if total[c] > 0 else math.nan for c in range(1, num_classes)]
+
+
+def case_draws(pool: list[int], counts, draws: int, seed: int = 0) -> dict[int, list[list[int]]]:
+    """For each label count, `draws` different subsets of the pool's cases (one when the count is
+    the whole pool): the same for every encoder evaluated with the same seed."""
+    out = {}
+    for count in counts:
+        count = min(int(count), len(pool))
+        rng = np.random.default_rng([seed, count])
+        n = 1 if count == len(pool) else draws
+        out[count] = [sorted(rng.choice(pool, count, replace=False).tolist()) for _ in range(n)]
+    return out
+
+
+def intensity_maps(images: torch.Tensor, size) -> torch.Tensor:
+    """The no-network features of a coarse voxel: the mean and the mean square of the image
+    over it (N, 2, *size)."""
+    return torch.cat([F.adaptive_avg_pool3d(images, tuple(size)), F.adaptive_avg_pool3d(images * images, tuple(size))], 1)
+
+
+def histogram_features(images: torch.Tensor, bins: int = 32) -> np.ndarray:
+    """The no-network features of a patch for the presence probe: the share of its voxels in each
+    of `bins` equal intensity bins over [-1, 1] (N, bins)."""
+    flat = images.reshape(len(images), -1).clamp(-1, 1)
+    index = ((flat + 1) / 2 * bins).long().clamp_max(bins - 1)
+    return np.stack([np.bincount(row.numpy(), minlength=bins) / row.numel() for row in index]).astype(np.float64)
+
+
+def label_efficiency(
+    feature_maps: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    owner: np.ndarray,
+    held_out: list[int],
+    draws_by_count: dict[int, list[list[int]]],
+    num_classes: int,
+    limit: int = 10000,
+    seed: int = 0,
+) -> dict:
+    """Mean foreground Dice on the held-out cases' patches of a converged linear head and of k-NN
+    transfer, per feature set and label count, one value per draw of training cases:
+    {name: {"linear": {count: [...]}, "knn": {count: [...]}}}."""
+    test = np.isin(owner, held_out)
+    out = {}
+    for name, fmap in feature_maps.items():
+        targets = coarse_targets(labels, fmap.shape[2:], num_classes)
+        res = {"linear": {}, "knn": {}}
+        for count, subsets in draws_by_count.items():
+            res["linear"][count], res["knn"][count] = [], []
+            for d, subset in enumerate(subsets):
+                x, t = voxel_rows(fmap, targets, np.flatnonzero(np.isin(owner, subset)), limit, seed + d)
+                for kind, make in (("linear", fit_linear_head), ("knn", knn_head)):
+                    dice = dice_of(make(x, t), fmap[torch.from_numpy(np.flatnonzero(test))], labels[test], num_classes)
+                    res[kind][count].append(float(np.nanmean(dice)) if not all(math.isnan(v) for v in dice) else math.nan)
+        out[name] = res
+    return out
+
+
+def encoder_maps(
+    arch: str, checkpoint: str | None, images: torch.Tensor, seed: int, device="cpu", part: str = "teacher"
+) -> list[torch.Tensor]:
+    """The stage maps of `images` under a checkpoint's teacher (or student) backbone, or under the
+    random initialisation of `arch` drawn with `seed` (the seed-matched "none" encoder)."""
+    torch.manual_seed(seed)
+    backbone = create_model(arch)
+    if checkpoint:
+        load_pretrained_encoder(backbone, checkpoint, part=part)
+    return stage_maps(backbone.to(torch.device(device)), images, torch.device(device))
+
+
+def sweep(
+    cases,
+    class_names: list[str],
+    encoders: dict[str, list[torch.Tensor]] | None = None,
+    patch=(16, 64, 64),
+    per_case: int = 24,
+    counts=(1, 2, 4, 8),
+    draws: int = 3,
+    seed: int = 0,
+    min_present: float = 0.1,
+) -> dict:
+    """The label-efficiency tables of several encoders and of the no-network floor on the same
+    patches, held-out cases (every third) and case draws. `encoders`: name -> stage maps
+    (`encoder_maps`) of the patches that `sample_patches(cases, patch, per_case, seed)` draws;
+    None gives the no-network row alone. Presence AUC (secondary) is reported for classes
+    present in at least `min_present` of the patches."""
+    images, labels, owner = sample_patches(cases, tuple(patch), per_case, seed)
+    num_classes = len(class_names) + 1
+    cases_idx = np.unique(owner).tolist()
+    held_out = cases_idx[::3]
+    pool = [c for c in cases_idx if c not in held_out]
+    draws_by_count = case_draws(pool, counts, draws, seed)
+    share = torch.stack([(labels == c).float().mean((1, 2, 3)) for c in range(1, num_classes)], 1).numpy()
+    present = share >= PRESENT
+    scored = [k for k in range(len(class_names)) if present[:, k].mean() >= min_present]
+    result = {
+        "held_out_cases": held_out,
+        "draws": {str(c): v for c, v in draws_by_count.items()},
+        "auc_classes": [class_names[k] for k in scored],
+    }
+    stage1_grid, rows = None, {}
+    for name, maps in (encoders or {}).items():
+        sets = {fs: stack_stages(maps, st) for fs, st in FEATURE_SETS.items()}
+        stage1_grid = maps[0].shape[2:]
+        rows[name] = {
+            "dense": label_efficiency(sets, labels, owner, held_out, draws_by_count, num_classes, seed=seed),
+            "auc": {f"stage{k + 1}": _mean_auc(m.mean((2, 3, 4)).double().numpy(), present, owner, scored) for k, m in enumerate(maps)},
+        }
+    grid = stage1_grid or tuple(max(1, p // s) for p, s in zip(patch, (2, 4, 4)))
+    rows["no network"] = {
+        "dense": label_efficiency(
+            {"intensity": intensity_maps(images, grid)}, labels, owner, held_out, draws_by_count, num_classes, seed=seed
+        ),
+        "auc": {"histogram": _mean_auc(histogram_features(images), present, owner, scored)},
+    }
+    result["rows"] = rows
+    return result
+
+
+def _mean_auc(features: np.ndarray, present: np.ndarray, owner: np.ndarray, scored: list[int]) -> float:
+    if not scored:
+        return math.nan
+    aucs = linear_probe(features, present[:, scored], owner)
+    return float(np.nanmean(aucs))
+
+
 def run_probe(
     cases, class_names: list[str], arch: str, checkpoint: str | None, patch=(16, 64, 64), per_case: int = 24, seed: int = 0, device="cpu"
 ) -> list[dict]:

@@ -40,11 +40,14 @@ def checkpoint_arch(ckpt: dict) -> str | None:
     return arch if isinstance(arch, str) else None
 
 
-def teacher_backbone(ckpt: dict, path: str) -> dict[str, torch.Tensor]:
-    """The teacher's backbone tensors with the prefix stripped."""
-    state = {k[len(PREFIX) :]: v for k, v in ckpt["teacher"].items() if k.startswith(PREFIX)}
+def teacher_backbone(ckpt: dict, path: str, part: str = "teacher") -> dict[str, torch.Tensor]:
+    """The teacher's (or, with part="student", the student's) backbone tensors with the prefix
+    stripped."""
+    if part not in ckpt:
+        raise KeyError(f"{path!r} holds no {part!r} network (found {sorted(ckpt)[:8]})")
+    state = {k[len(PREFIX) :]: v for k, v in ckpt[part].items() if k.startswith(PREFIX)}
     if not state:
-        raise KeyError(f"{path!r}: the teacher has no '{PREFIX}*' keys; is this a DeSD checkpoint?")
+        raise KeyError(f"{path!r}: the {part} has no '{PREFIX}*' keys; is this a DeSD checkpoint?")
     return state
 
 
@@ -66,8 +69,11 @@ def check_layer1_shortcut(state: dict, expected: dict, path: str) -> None:
         )
 
 
-def load_pretrained_encoder(encoder: nn.Module, path: str, arch: str | None = None, partial: bool = False) -> tuple[int, int]:
-    """Copy the teacher backbone's tensors into `encoder`; returns (loaded, encoder total).
+def load_pretrained_encoder(
+    encoder: nn.Module, path: str, arch: str | None = None, partial: bool = False, part: str = "teacher"
+) -> tuple[int, int]:
+    """Copy the teacher backbone's tensors (the student's with part="student") into `encoder`;
+    returns (loaded, encoder total).
 
     `arch` (default: the encoder's `arch` attribute, which `create_model` sets) must equal the
     arch that the checkpoint's args name. Any shared name whose shape differs is refused. With
@@ -75,7 +81,7 @@ def load_pretrained_encoder(encoder: nn.Module, path: str, arch: str | None = No
     `partial=True` the shared ones load, the arch check is skipped, and the counts are printed.
     """
     ckpt = read_checkpoint(path)
-    state = teacher_backbone(ckpt, path)
+    state = teacher_backbone(ckpt, path, part)
     own = encoder.state_dict()
     arch = arch or getattr(encoder, "arch", None)
     stored = checkpoint_arch(ckpt)

@@ -40,3 +40,15 @@ def test_every_configuration_pretrains_with_arguments_main_desd_accepts(config, 
     # the schedule falls from its scaled peak and leaves the warm-up: no warning before the run
     main_desd.warn_about_schedule(args, None, cfg.batch, 1)
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_a_gap_is_claimed_only_when_it_exceeds_twice_its_spread_with_one_sign_for_every_seed():
+    from evaluate import paired_gap
+
+    held = paired_gap([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])  # gaps 0.10, 0.11, 0.09
+    assert held["holds"] and abs(held["mean"] - 0.10) < 1e-9 and abs(held["std"] - 0.01) < 1e-9
+    assert not paired_gap([0.50, 0.52, 0.40], [0.40, 0.41, 0.42])["holds"]  # one seed the other way
+    assert not paired_gap([0.50, 0.60, 0.41], [0.40, 0.41, 0.40])["holds"]  # same sign, but mean 0.10 < 2 x std (0.09)
+    assert paired_gap([0.3, 0.31, 0.32], [0.5, 0.5, 0.5])["holds"]  # a loss is claimed too, with its sign
+    assert not paired_gap([0.5], [0.4])["holds"]  # one seed: no spread, no claim
+    assert paired_gap([0.5, float("nan"), 0.52, 0.51], [0.4, 0.4, 0.41, 0.42])["gaps"] == pytest.approx([0.1, 0.11, 0.09])

@@ -49,3 +49,59 @@ def test_dense_probe_finds_a_class_written_into_one_channel():
     assert probe.dense_probe(fmap, labels, train, 2, seed=0)[0] > 0.95
     noise = torch.randn(8, 3, 4, 8, 8, generator=g)
     assert probe.dense_probe(noise, labels, train, 2, seed=0)[0] < 0.6
+
+
+def planted(n=12, seed=0, strength=3.0):
+    """Patches (N, D, H, W) of one foreground class and a coarse feature map (stride 2) whose
+    channel 0 carries that class's share of each coarse voxel."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(n, 4, 4, 4, generator=g) < 0.3).long()
+    labels = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)  # (n, 8, 8, 8)
+    fmap = torch.randn(n, 4, 4, 4, 4, generator=g) * 0.1
+    fmap[:, 0] += strength * coarse.float()
+    return fmap, labels
+
+
+def test_a_converged_linear_head_and_knn_find_a_class_written_into_one_channel():
+    fmap, labels = planted()
+    targets = probe.coarse_targets(labels, fmap.shape[2:], 2)
+    assert torch.allclose(targets[:, 1], (labels[:, ::2, ::2, ::2]).float())  # each coarse voxel is one class here
+    x, t = probe.voxel_rows(fmap, targets, np.arange(8), limit=10**6, seed=0)
+    test = torch.arange(8, 12)
+    assert probe.dice_of(probe.fit_linear_head(x, t), fmap[test], labels[test], 2)[0] > 0.9  # trilinear upsampling blurs edges
+    assert probe.dice_of(probe.knn_head(x, t, k=5), fmap[test], labels[test], 2)[0] > 0.9
+    noise = torch.randn_like(fmap)
+    xn, tn = probe.voxel_rows(noise, targets, np.arange(8), limit=10**6, seed=0)
+    assert probe.dice_of(probe.fit_linear_head(xn, tn), noise[test], labels[test], 2)[0] < 0.6
+    assert probe.dice_of(probe.knn_head(xn, tn, k=5), noise[test], labels[test], 2)[0] < 0.6
+
+
+def test_voxel_rows_keep_half_foreground_when_subsampling():
+    fmap, labels = planted(seed=1)
+    targets = probe.coarse_targets(labels, fmap.shape[2:], 2)
+    x, t = probe.voxel_rows(fmap, targets, np.arange(12), limit=200, seed=0)
+    assert x.shape == (200, 4) and int((t.argmax(1) > 0).sum()) == 100
+
+
+def test_case_draws_are_distinct_subsets_of_the_pool_and_the_same_for_every_encoder():
+    pool = [1, 2, 4, 5, 7, 8, 10, 11]
+    draws = probe.case_draws(pool, (1, 2, 4, 8), 3, seed=0)
+    assert [len(draws[c]) for c in (1, 2, 4, 8)] == [3, 3, 3, 1] and draws[8] == [pool]
+    assert all(len(s) == c and set(s) <= set(pool) for c in (1, 2, 4) for s in draws[c])
+    assert len({tuple(s) for s in draws[4]}) > 1
+    assert probe.case_draws(pool, (1, 2, 4, 8), 3, seed=0) == draws
+
+
+def test_the_no_network_features_see_intensity_and_nothing_else():
+    images = torch.zeros(2, 1, 4, 4, 4)
+    images[1] = 0.5
+    hist = probe.histogram_features(images, bins=4)
+    assert np.allclose(hist.sum(1), 1) and hist[0, 2] == 1 and hist[1, 3] == 1
+    maps = probe.intensity_maps(images, (2, 2, 2))
+    assert maps.shape == (2, 2, 2, 2, 2) and torch.allclose(maps[1, 0], torch.full((2, 2, 2), 0.5))
+
+
+def test_stages_stack_on_the_first_ones_grid():
+    maps = [torch.randn(2, 3, 4, 8, 8), torch.randn(2, 5, 2, 4, 4), torch.randn(2, 7, 1, 2, 2)]
+    stacked = probe.stack_stages(maps, (0, 1, 2))
+    assert stacked.shape == (2, 15, 4, 8, 8) and torch.equal(stacked[:, :3], maps[0])
