@@ -196,7 +196,7 @@ class LoadCT:
             if arr.ndim != 3:
                 raise ValueError(f"{data[key]}: expected a single-channel 3-D volume, got shape {arr.shape}")
             # in the file's memory order (Fortran for NIfTI): a C-order copy would be a slow transpose
-            arr = np.require(arr.astype(np.float32 if key == "image" else np.uint8), requirements="W")
+            arr = arr.astype(np.float32 if key == "image" else np.uint8)
             if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
                 arr = np.ascontiguousarray(arr)
             out[key] = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine, dtype=torch.float64))

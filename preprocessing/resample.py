@@ -53,13 +53,10 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
 
 
 def interpolation_matrix(positions: np.ndarray, n: int, order: int, mode: str) -> sparse.csr_matrix:
-    """(len(positions), n) sparse matrix whose rows interpolate samples (or, for order 3, spline
-    coefficients) at `positions`: 1, 2 or 4 taps per row, folded at the edges by `mode`."""
+    """(len(positions), n) sparse matrix whose rows interpolate samples (order 1) or spline
+    coefficients (order 3) at `positions`: 2 or 4 taps per row, folded at the edges by `mode`."""
     positions = np.asarray(positions, dtype=np.float64)
     rows = np.arange(len(positions))
-    if order == 0:
-        index = _extend(np.rint(positions).astype(np.int64), n, "nearest")
-        return sparse.csr_matrix((np.ones(len(positions)), (rows, index)), shape=(len(positions), n))
     floor = np.floor(positions)
     t = positions - floor
     if order == 1:
@@ -67,7 +64,7 @@ def interpolation_matrix(positions: np.ndarray, n: int, order: int, mode: str) -
     elif order == 3:
         taps, weights = floor[:, None] + np.arange(-1, 3), _cubic_weights(t)
     else:
-        raise ValueError(f"interpolation order {order} is not one of 0, 1, 3")
+        raise ValueError(f"interpolation order {order} is not 1 or 3 (order 0 is a gather: resample_axis)")
     index = _extend(taps.astype(np.int64), n, mode)
     m = sparse.coo_matrix((weights.ravel(), (np.repeat(rows, taps.shape[1]), index.ravel())), shape=(len(positions), n))
     return m.tocsr()  # taps folded onto one sample are summed
@@ -119,7 +116,7 @@ def resample_axes(volume: np.ndarray, positions: list, order: int = 3, mode: str
     positions = [np.asarray(positions[a], dtype=np.float64) for a in order_in_memory]
     ratio = [len(p) / n for p, n in zip(positions, out.shape)]
     for axis in sorted(range(out.ndim), key=lambda a: ratio[a]):
-        if order == 0 or not _is_identity(positions[axis], out.shape[axis]):
+        if not _is_identity(positions[axis], out.shape[axis]):  # every order reproduces the samples at integer positions
             out = resample_axis(out, axis, positions[axis], order, mode)
     out = np.ascontiguousarray(out if order == 0 else out.astype(np.float32, copy=False))
     return out.transpose(np.argsort(order_in_memory))
