@@ -26,13 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from augment import augment_intensity, probs_for_view, swap_in_plane
+from augment.intensity import augment_intensity, probs_for_view, swap_in_plane
+from preprocessing.network_input import HU_SCALE
 
 BASE_SCALE = (1.4, 1.8)  # base crop side / global crop side
 GLOBAL_SCALE = (0.8, 1.2)  # global view side / global crop side
 LOCAL_SCALE = (1.5, 2.0)  # local view side / local crop side
-HU_SCALE = 1024.0
 TO_FILE_ORDER = (0, 2, 1)  # a view's axis (z, x, y) -> the same axis in the file's slice order (z, y, x)
+
+
+OUTPUTS = ("views", "plain", "crops")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,13 @@ class ViewConfig:
     depth: int = 16
     local_crops_number: int = 0
     per_slice: bool = True
-    intensity: bool = True  # False: views without the intensity chain
-    crops_only: bool = False  # True: raw crops and their geometry; the training device makes the views (views_from_crops)
+    # what the worker returns: "views" (augmented), "plain" (views without the intensity chain),
+    # or "crops" (raw crops and their geometry; the training device makes the views, views_from_crops)
+    output: str = "views"
+
+    def __post_init__(self):
+        if self.output not in OUTPUTS:
+            raise ValueError(f"ViewConfig.output must be one of {OUTPUTS}, got {self.output!r}")
 
     @property
     def ncrops(self) -> int:
@@ -156,7 +164,7 @@ def _side(size: int, scale: tuple[float, float], limit: int, rng: np.random.Gene
 
 
 def crop_buffer_side(size: int, scale: tuple[float, float]) -> int:
-    """In-plane side of the buffers that hold a view kind's raw crops (crops_only): the
+    """In-plane side of the buffers that hold a view kind's raw crops (output "crops"): the
     largest crop side, plus one for the repeated edge."""
     return max(size, math.ceil(size * scale[1])) + 1
 
@@ -168,7 +176,7 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
     at least 96 in-plane at the end and 16 slices symmetrically) is never materialised: each
     view's block is read straight from the file at the base crop's offset.
 
-    With cfg.crops_only the worker stops after reading: it returns the raw crops, one int16
+    With cfg.output "crops" the worker stops after reading: it returns the raw crops, one int16
     (n, D, S, S) tensor for the global views and one for the local ones (see `read_crop`),
     and an int64 (views, 5) geometry: side along H, side along W, and flips of D, H and W.
     `views_from_crops` makes the same views from them on the training device.
@@ -182,9 +190,12 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
     base_w = _side(cfg.global_size, BASE_SCALE, pw, rng)
     h0 = int(rng.integers(0, ph - base_h + 1))
     w0 = int(rng.integers(0, pw - base_w + 1))
-    groups = [(2, cfg.global_size, GLOBAL_SCALE)] + [(cfg.local_crops_number, cfg.local_size, LOCAL_SCALE)] * bool(cfg.local_crops_number)
+    groups = [(2, cfg.global_size, GLOBAL_SCALE)]
+    if cfg.local_crops_number:
+        groups.append((cfg.local_crops_number, cfg.local_size, LOCAL_SCALE))
     kinds = [(size, scale) for n, size, scale in groups for _ in range(n)]  # one a view, global first
-    if cfg.crops_only:
+    crops = cfg.output == "crops"
+    if crops:
         out = [
             np.empty((n, cfg.depth, crop_buffer_side(size, scale), crop_buffer_side(size, scale)), np.int16) for n, size, scale in groups
         ]
@@ -199,7 +210,7 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
         flips = [axis for axis in range(3) if rng.random() < 0.8]
         block = ((y0, y0 + side_h), (x0, x0 + side_w), (z0, z0 + cfg.depth))
         target = out[0][k] if k < 2 else out[1][k - 2]
-        if cfg.crops_only:
+        if crops:
             read_crop(volume, *block, out=target)
             geometry[k] = (side_h, side_w, 0 in flips, 1 in flips, 2 in flips)
             continue
@@ -210,13 +221,13 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
             torch.ops.aten.upsample_bilinear2d.out(view[None], [size, size], False, None, None, out=target[None])
         else:
             target.copy_(view)
-    if cfg.crops_only:
+    if crops:
         return [torch.from_numpy(part) for part in out], torch.from_numpy(geometry)
     # back to (D, H, W) on the way out of the chain, while the views are in the cache (every
     # step of the chain treats the two in-plane axes alike)
     probs = [[probs_for_view(0), probs_for_view(1)], probs_for_view(2)]
     for k, part in enumerate(out):
-        out[k] = augment_intensity(part, probs[k], g, cfg.per_slice, swap_hw=True) if cfg.intensity else swap_in_plane(part)
+        out[k] = augment_intensity(part, probs[k], g, cfg.per_slice, swap_hw=True) if cfg.output == "views" else swap_in_plane(part)
     return [v[None] for part in out for v in part]
 
 
@@ -237,7 +248,7 @@ def _sample_grid(geometry: torch.Tensor, size: int, side: int) -> torch.Tensor:
 
 
 def views_from_crops(crops: list[torch.Tensor], geometry: torch.Tensor, cfg: ViewConfig) -> list[torch.Tensor]:
-    """The views of a batch from the workers' raw crops (cfg.crops_only): crops (B, n, D, S, S)
+    """The views of a batch from the workers' raw crops (cfg.output "crops"): crops (B, n, D, S, S)
     per view group and geometry (B, views, 5), on any device -> a list of (B, 1, D, size,
     size) float32 views, global first, without the intensity chain.
 
@@ -260,7 +271,7 @@ def views_from_crops(crops: list[torch.Tensor], geometry: torch.Tensor, cfg: Vie
 class SSLDataset(Dataset):
     """Patches named by a list file. Indexed by (index, epoch) pairs (see EpochSampler);
     returns (views, number of unreadable patches replaced to make this sample), views being
-    what `make_views` returns: the list of views, or (crops, geometry) with cfg.crops_only."""
+    what `make_views` returns: the list of views, or (crops, geometry) with cfg.output "crops"."""
 
     def __init__(self, data_path: str, list_path: str, cfg: ViewConfig, seed: int = 0, skip_bad_patches: bool = False):
         self.paths = read_list(data_path, list_path)
@@ -291,14 +302,11 @@ class SSLDataset(Dataset):
 
 def keep_freed_memory() -> bool:
     """Make glibc's allocator keep freed memory for reuse instead of returning it to the
-    system (Linux only; elsewhere a no-op that returns False).
-
-    A sample's views and their intermediates are fresh 1-2 MB buffers. By default glibc
-    maps each one anew and unmaps it when freed, so every sample touches fresh pages:
-    about 900 page faults a sample here, some 20% of a worker's time on this project's
-    virtual machines (benchmarks/bench_loader.py). Raising the mmap and trim thresholds keeps
-    the memory in the heap, where the next sample reuses it. The cost is that a worker holds
-    on to its peak working set (tens of MB)."""
+    system (Linux only; elsewhere a no-op that returns False). A sample's views and their
+    intermediates are fresh 1-2 MB buffers, which glibc would otherwise map anew and unmap per
+    sample, so that every sample pays page faults; with the mmap and trim thresholds raised the
+    next sample reuses the heap. A worker then holds on to its peak working set (tens of MB);
+    docs/performance.md gives the measured effect."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -341,7 +349,7 @@ class EpochSampler(Sampler):
 
 def collate(batch: list[tuple]) -> tuple:
     """Stack each view position: a list of (B, 1, D, H, W) tensors, and the replaced count.
-    Raw crops (crops_only) stack per view group, with their geometry: ((crops, geometry),
+    Raw crops (output "crops") stack per view group, with their geometry: ((crops, geometry),
     count), crops (B, n, D, S, S) and geometry (B, views, 5). In a loader worker the stacks
     are made in shared memory (default_collate), so handing them to the training process
     copies nothing."""

@@ -5,7 +5,7 @@ One command runs the whole experiment:
    and generates a separate labelled set (other phantoms) at the same physical scale;
 2. pretrains two encoders of the same arch, budget and seed: DeSD (stage weights 0.25 each)
    and DINO (`--stage_weights 0 0 0 1`); the third encoder is a random initialisation;
-3. probes the three (probe.py: per stage, a linear probe of organ presence and a frozen dense
+3. probes the three (downstream/probe.py: per stage, a linear probe of organ presence and a frozen dense
    probe);
 4. fine-tunes each with 1, 2 and 4 labelled training cases and with all of them, over several
    seeds, with the same budget and at the pretraining spacing, and scores every run by Dice on
@@ -35,10 +35,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import probe
 import utils
+from downstream import cache, metrics, patches, probe
+from models.pretrained import load_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENCODERS = ("desd", "dino", "none")
@@ -47,20 +47,11 @@ STAGE_WEIGHTS = {"desd": ("0.25", "0.25", "0.25", "0.25"), "dino": ("0", "0", "0
 
 @dataclasses.dataclass
 class Config:
-    """One experiment's size. The CPU configuration is chosen for its hour on 2 cores, where a
-    pretraining step of res3d10 on 8 patches of 2 x 64 x 64 x 16 takes about 1.5 s: the
-    smallest depth (res3d10); a 2 mm grid (the same anatomy as at 1 mm in 8x fewer voxels, so
-    a view covers 128 x 128 x 32 mm); batch 8; out_dim 256 (small heads; at batch 8 a larger
-    output is not filled anyway); AdamW at a peak learning rate of 3.1e-3 (lr 0.1 x 8 / 256);
-    batch norms in the heads; the teacher temperature held at 0.02 and teacher momentum 0.99:
-    in 100-step trials (benchmarks/results/evidence_cpu/README.md) a teacher at 0.04 fell into
-    the uniform collapse (loss at ln(out_dim)) and a learning rate of 1.6e-2 diverged, while
-    this recipe's loss fell to 0.87 ln(out_dim) with a teacher entropy of half its maximum.
-    Every recipe tried, this one included, learns for about 100 steps and then drifts back,
-    its loss and teacher entropy rising with retrieval flat (250-step trials of a teacher at
-    0.01, momentum 0.996 and a third of the learning rate, same README), so 8 epochs of the 303
-    unlabelled patches (296 steps) per encoder leave room in the hour for fine-tuning. Fine-tuning: 30 steps of
-    4 patches per run, 36 runs (3 encoders x 4 label counts x 3 seeds)."""
+    """One experiment's size: data, pretraining recipe, probes and fine-tuning. `cpu` fits an
+    hour on 2 cores (res3d10 on a 2 mm grid, so that a 64 x 64 x 16 view covers 128 x 128 x 32 mm;
+    batch 8; out_dim 256; 8 epochs of the unlabelled patches per encoder; 36 fine-tuning runs of
+    30 steps); `gpu` (in CONFIGS) is sized for one H100/H200. How the recipe was chosen, and what it
+    does and does not show, is in docs/evidence.md."""
 
     arch: str = "res3d10"
     spacing: float = 2.0
@@ -178,7 +169,7 @@ def pretrain(cfg: Config, name: str, data: str, out: str) -> str:
     """One pretraining; returns its checkpoint. Skipped when it already finished."""
     folder = os.path.join(out, f"pretrain_{name}")
     ckpt = os.path.join(folder, "checkpoint.pth")
-    if os.path.isfile(ckpt) and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["epoch"] >= cfg.epochs:
+    if os.path.isfile(ckpt) and load_checkpoint(ckpt, mmap=True).get("epoch", 0) >= cfg.epochs:
         return ckpt
     run([sys.executable, "main_desd.py", *pretrain_command(cfg, name, data, folder)], os.path.join(out, f"pretrain_{name}.log"))
     return ckpt
@@ -188,32 +179,19 @@ def pretrain(cfg: Config, name: str, data: str, out: str) -> str:
 
 
 def crop_batch(cases, patch, n: int, rng: np.random.Generator):
-    """n patches with foreground oversampling as fine-tuning does: two in three centred on a
-    voxel of a class drawn uniformly among those the case holds."""
-    images, labels = [], []
-    for _ in range(n):
-        img, lab = cases[int(rng.integers(len(cases)))]
-        pad = [(0, max(0, p - s)) for p, s in zip(patch, img.shape)]
-        img, lab = np.pad(img, pad), np.pad(lab, pad)
-        present = [c for c in np.unique(lab) if c > 0]
-        if present and rng.random() < 2 / 3:
-            fg = np.argwhere(lab == present[int(rng.integers(len(present)))])
-            centre = fg[int(rng.integers(len(fg)))]
-            start = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, img.shape)]
-        else:
-            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(img.shape, patch)]
-        region = tuple(slice(a, a + p) for a, p in zip(start, patch))
+    """n training patches of (image, label, locations) cases as fine-tuning draws them (two in
+    three centred on foreground), each flipped along a random set of axes."""
+    images, labels, _ = patches.sample(cases, patch, n, fg_share=2 / 3, rng=rng)
+    for i in range(n):
         flips = [a for a in range(3) if rng.random() < 0.5]
-        images.append(np.flip(img[region], flips))
-        labels.append(np.flip(lab[region], flips))
-    return torch.from_numpy(np.ascontiguousarray(np.stack(images)))[:, None], torch.from_numpy(np.ascontiguousarray(np.stack(labels)))
+        images[i], labels[i] = np.flip(images[i], flips), np.flip(labels[i], flips)
+    return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
 
 
 def fine_tune(cfg: Config, train_cases, test_cases, num_classes: int, checkpoint: str | None, seed: int, device) -> list[float]:
     """Train a segmentation network for cfg.ft_iters iterations; per-class Dice on the test cases."""
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
-    from monai.metrics import compute_dice
 
     from models import create_model
     from models.pretrained import load_pretrained_encoder
@@ -221,6 +199,7 @@ def fine_tune(cfg: Config, train_cases, test_cases, num_classes: int, checkpoint
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    train_cases = [(img, lab, cache.foreground_locations(lab, rng)) for img, lab in train_cases]
     model = Res3DSegmentation(create_model(cfg.arch), num_classes)
     if checkpoint:
         load_pretrained_encoder(model.encoder, checkpoint)
@@ -242,10 +221,8 @@ def fine_tune(cfg: Config, train_cases, test_cases, num_classes: int, checkpoint
         for img, lab in test_cases:
             x = torch.from_numpy(img)[None, None].to(device)
             logits = sliding_window_inference(x, cfg.ft_patch, 4, model, overlap=cfg.sw_overlap, mode="gaussian")
-            pred = F.one_hot(logits.argmax(1), num_classes).permute(0, 4, 1, 2, 3)
-            truth = F.one_hot(torch.from_numpy(lab.astype(np.int64))[None].to(device), num_classes).permute(0, 4, 1, 2, 3)
-            scores.append(compute_dice(pred, truth, include_background=False, ignore_empty=True).float().cpu())
-    per_class = torch.nanmean(torch.cat(scores), 0)
+            scores.append(metrics.case_scores(logits.argmax(1)[0].cpu(), torch.from_numpy(lab), num_classes, tolerance=None)[0])
+    per_class = torch.nanmean(torch.stack(scores), 0)
     return [float(v) for v in per_class]
 
 

@@ -3,7 +3,7 @@ Dice, the 95th-percentile Hausdorff distance and the normalised surface Dice on 
 validation volumes.
 
 Data: a labelled set in the Medical Segmentation Decathlon layout or nnU-Net v2's (see
-labelled.py), checked for integrity before any training (`python labelled.py --data_dir ...`
+downstream/labelled.py), checked for integrity before any training (`python -m downstream.labelled --data_dir ...`
 runs the check alone). Every image and label is reoriented to the pretraining patches'
 anatomical orientation, resampled to `--spacing` mm (cubic for images, nearest for labels),
 clipped to [-1024, 1024] HU and divided by 1024, and put depth first: a network input is
@@ -35,18 +35,14 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-import labelled
-import preprocessed
 import utils
+from downstream import cache, labelled, metrics, patches
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import last_stage_shape
@@ -146,26 +142,14 @@ def patch_augmentation() -> Compose:
     )
 
 
-def masked_dice_ce(logits: torch.Tensor, label: torch.Tensor, ignore: int | None) -> torch.Tensor:
-    """Dice + cross-entropy, leaving out the voxels labelled `ignore` (nnU-Net's ignore label)."""
-    if ignore is None:
-        return DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
-    target = label[:, 0].long()
-    keep = target != ignore
-    target = torch.where(keep, target, torch.zeros_like(target))
-    ce = F.cross_entropy(logits, target, reduction="none")[keep].mean()
-    probs = F.softmax(logits, 1) * keep[:, None]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3) * keep[:, None]
-    dims = (0, 2, 3, 4)
-    dice = 1 - (2 * (probs * onehot).sum(dims) + 1e-5) / (probs.sum(dims) + onehot.sum(dims) + 1e-5)
-    return ce + dice.mean()
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, num_classes: int, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+def evaluate(
+    model: torch.nn.Module, loader, num_classes: int, args: argparse.Namespace, device: torch.device, ignore: int | None = None
+) -> dict[str, list[float]]:
     """Per-class Dice, HD95 and NSD (mm, background excluded) over whole volumes, by
     sliding-window inference; each process scores its share of the cases and the scores of
-    all processes are pooled. A class absent from a case's truth is left out of its means."""
+    all processes are pooled. A class absent from a case's truth is left out of its means, and
+    voxels labelled `ignore` out of every score."""
     model.eval()
     spacing = getattr(args, "spacing", 1.0)
     tolerance = getattr(args, "nsd_tolerance", 2.0)
@@ -174,16 +158,8 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, args: argparse.Na
         image, label = batch["image"].to(device), batch["label"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
             logits = sliding_window_inference(image, args.patch_size, args.sw_batch_size, model, overlap=args.sw_overlap, mode="gaussian")
-        pred = F.one_hot(logits.argmax(1), num_classes).permute(0, 4, 1, 2, 3)
-        truth = F.one_hot(label[:, 0].long().clamp(0, num_classes - 1), num_classes).permute(0, 4, 1, 2, 3)
-        dice = compute_dice(pred, truth, include_background=False, ignore_empty=True).float().cpu()  # (1, classes - 1)
-        absent = truth[:, 1:].flatten(2).sum(-1).cpu() == 0
-        predicted_empty = pred[:, 1:].flatten(2).sum(-1).cpu() == 0
-        hd = compute_hausdorff_distance(pred, truth, include_background=False, percentile=95, spacing=spacing).float().cpu()
-        nsd = compute_surface_dice(pred, truth, [tolerance] * (num_classes - 1), include_background=False, spacing=spacing).float().cpu()
-        hd[absent | predicted_empty | ~torch.isfinite(hd)] = math.nan  # undefined without both surfaces
-        nsd[absent] = math.nan
-        scores.append(torch.stack([dice, hd, nsd], 1))
+        for pred, truth in zip(logits.argmax(1), label[:, 0]):
+            scores.append(metrics.case_scores(pred, truth, num_classes, ignore, spacing, tolerance)[None])
     scores = torch.cat(scores)
     if utils.is_dist():
         gathered = [None] * utils.get_world_size()
@@ -192,22 +168,6 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, args: argparse.Na
     model.train()
     means = torch.nanmean(scores, dim=0)  # (3, classes - 1)
     return {name: [float(v) for v in means[i]] for i, name in enumerate(("dice", "hd95", "nsd"))}
-
-
-def dice_table(columns: dict[str, list[float]], names: list[str]) -> str:
-    """Per-class values of one or more runs (or metrics), side by side; None prints as nan."""
-    width = max(len(n) for n in [*names, "mean"]) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{c:>14}" for c in columns)]
-    values = {k: [math.nan if x is None else x for x in v] for k, v in columns.items()}
-    for i, name in enumerate(names):
-        lines.append(f"{name:<{width}}" + "".join(f"{v[i]:>14.4f}" for v in values.values()))
-    lines.append(f"{'mean':<{width}}" + "".join(f"{mean_or_nan(v):>14.4f}" for v in values.values()))
-    return "\n".join(lines)
-
-
-def mean_or_nan(values) -> float:
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    return float(np.mean(v)) if v else math.nan
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -231,11 +191,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--weight_decay must be finite and non-negative, got {args.weight_decay}")
 
 
-def settings_of(args) -> dict:
-    values = vars(args) if isinstance(args, argparse.Namespace) else args
-    return {k: (list(values[k]) if isinstance(values.get(k), list | tuple) else values.get(k)) for k in RUN_SETTINGS}
-
-
 def check_rerun(args: argparse.Namespace) -> dict | None:
     """The finished result of an earlier run with these settings (None: train). Refuses a folder
     whose run had other settings, naming each, unless --restart, which clears that run."""
@@ -244,11 +199,7 @@ def check_rerun(args: argparse.Namespace) -> dict | None:
         return None
     with open(args_path) as f:
         before = json.load(f)
-    differ = [
-        f"{k} {settings_of(before)[k]!r} (now {settings_of(args)[k]!r})"
-        for k in RUN_SETTINGS
-        if settings_of(before)[k] != settings_of(args)[k]
-    ]
+    differ = utils.setting_differences(before, args, RUN_SETTINGS)
     if differ and not args.restart:
         raise ValueError(
             f"{args.output_dir!r} holds a run with other settings: {'; '.join(differ)}. Use another --output_dir, or --restart True "
@@ -270,6 +221,53 @@ def check_rerun(args: argparse.Namespace) -> dict | None:
     return None
 
 
+def build_data(args: argparse.Namespace, device: torch.device):
+    """The labelled set (checked for integrity first), its split, the cache built for this
+    process's share, and the training and validation loaders."""
+    data = labelled.read_dataset(args.data_dir)
+    problems = labelled.check_integrity(data)
+    if problems:
+        raise ValueError(f"{args.data_dir}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
+    train_cases, val_cases = labelled.split_cases(data.cases, args.split_file, args.fold, args.val_fraction, args.seed)
+    if args.train_fraction < 1.0:
+        keep = max(1, int(round(args.train_fraction * len(train_cases))))
+        train_cases = [train_cases[i] for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train_cases))[:keep])]
+    cache_dir = args.preprocessed_dir or cache.default_dir(args.data_dir, args.spacing)
+    records = cache.build(train_cases + val_cases, args.spacing, cache_dir, args.num_workers, args.rank, args.world_size)
+    train_records, val_records = records[: len(train_cases)], records[len(train_cases) :]
+    train_ds = patches.PatchDataset(train_records, args.patch_size, args.samples_per_volume, args.pos_ratio, patch_augmentation())
+    sampler = DistributedSampler(train_ds, args.world_size, args.rank, shuffle=True, seed=args.seed) if args.world_size > 1 else None
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    val_share = val_records[args.rank :: args.world_size]  # each process validates its share
+    val_loader = DataLoader(patches.VolumeDataset(val_share), batch_size=1, num_workers=min(args.num_workers, 2))
+    print(f"Data: {data.layout} layout, {len(train_cases)} training and {len(val_cases)} validation cases, classes {data.class_names}.")
+    return data, train_loader, val_loader
+
+
+def build_model(args: argparse.Namespace, num_classes: int, device: torch.device):
+    """The segmentation network, its encoder from --pretrained or from scratch, on the device
+    (wrapped for DDP where the world is larger than 1), and the unwrapped module."""
+    model = Res3DSegmentation(create_model(args.arch), num_classes)
+    if args.pretrained:
+        shared, total = load_pretrained_encoder(model.encoder, args.pretrained, partial=args.partial_load)
+        print(f"Loaded {shared} of {total} encoder tensors from the teacher in {args.pretrained}")
+    else:
+        print("Encoder initialised from scratch.")
+    model = model.to(device)
+    model_without_ddp = model
+    if args.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    return model, model_without_ddp
+
+
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     device = utils.init_distributed_mode(args)
@@ -280,7 +278,9 @@ def main(args: argparse.Namespace) -> dict:
     if finished is not None:
         print(f"{args.output_dir} holds a finished run with these settings; its result (nothing was changed):")
         print(
-            dice_table({"Dice": finished["dice"], "HD95 mm": finished.get("hd95", []), "NSD": finished.get("nsd", [])}, finished["classes"])
+            metrics.dice_table(
+                {"Dice": finished["dice"], "HD95 mm": finished.get("hd95", []), "NSD": finished.get("nsd", [])}, finished["classes"]
+            )
         )
         return finished
     if utils.is_main_process():
@@ -294,52 +294,19 @@ def main(args: argparse.Namespace) -> dict:
         utils.save_atomic_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
 
     # ============ preparing data ... ============
-    data = labelled.read_dataset(args.data_dir)
-    problems = labelled.check_integrity(data)
-    if problems:
-        raise ValueError(f"{args.data_dir}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
-    train_cases, val_cases = labelled.split_cases(data.cases, args.split_file, args.fold, args.val_fraction, args.seed)
-    if args.train_fraction < 1.0:
-        keep = max(1, int(round(args.train_fraction * len(train_cases))))
-        train_cases = [train_cases[i] for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train_cases))[:keep])]
-    num_classes, class_names = data.num_classes, data.class_names
-    cache_dir = args.preprocessed_dir or preprocessed.default_dir(args.data_dir, args.spacing)
-    records = preprocessed.build(train_cases + val_cases, args.spacing, cache_dir, args.num_workers, args.rank, args.world_size)
-    train_records, val_records = records[: len(train_cases)], records[len(train_cases) :]
-    train_ds = preprocessed.PatchDataset(train_records, args.patch_size, args.samples_per_volume, args.pos_ratio, patch_augmentation())
-    sampler = DistributedSampler(train_ds, args.world_size, args.rank, shuffle=True, seed=args.seed) if args.world_size > 1 else None
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=args.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    val_share = val_records[args.rank :: args.world_size]  # each process validates its share
-    val_loader = DataLoader(preprocessed.VolumeDataset(val_share), batch_size=1, num_workers=min(args.num_workers, 2))
-    print(f"Data: {data.layout} layout, {len(train_cases)} training and {len(val_cases)} validation cases, classes {class_names}.")
+    data, train_loader, val_loader = build_data(args, device)
 
     # ============ building the network ... ============
-    model = Res3DSegmentation(create_model(args.arch), num_classes)
-    if args.pretrained:
-        shared, total = load_pretrained_encoder(model.encoder, args.pretrained, partial=args.partial_load)
-        print(f"Loaded {shared} of {total} encoder tensors from the teacher in {args.pretrained}")
-    else:
-        print("Encoder initialised from scratch.")
-    model = model.to(device)
-    model_without_ddp = model
-    if args.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    model, model_without_ddp = build_model(args, data.num_classes, device)
+    num_classes, class_names = data.num_classes, data.class_names
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     iters = len(train_loader) if args.max_iters_per_epoch <= 0 else min(len(train_loader), args.max_iters_per_epoch)
     lr_schedule = utils.cosine_scheduler(args.lr, args.lr * 0.01, args.epochs, iters)
 
     to_restore = {"epoch": 0, "best_mean_dice": -1.0}
-    utils.restart_from_checkpoint(
-        os.path.join(args.output_dir, "checkpoint.pth"), run_variables=to_restore, model=model_without_ddp, optimizer=optimizer
-    )
+    ckpt_path, ckpt = utils.load_latest_checkpoint(args.output_dir)
+    if ckpt is not None:
+        utils.restore(ckpt, ckpt_path, run_variables=to_restore, model=model_without_ddp, optimizer=optimizer)
     best = to_restore["best_mean_dice"]
     history = []
 
@@ -347,8 +314,8 @@ def main(args: argparse.Namespace) -> dict:
     start, done_iters = time.time(), 0
     total_iters = (args.epochs - to_restore["epoch"]) * iters
     for epoch in range(to_restore["epoch"], args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
         model.train()
         losses = []
         for it, batch in enumerate(train_loader):
@@ -359,7 +326,7 @@ def main(args: argparse.Namespace) -> dict:
             image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
                 logits = model(image).float()
-            loss = masked_dice_ce(logits, label, data.ignore)
+            loss = metrics.masked_dice_ce(logits, label, data.ignore)
             if not bool(torch.isfinite(utils.all_reduce_mean(loss.detach())).item()):
                 print(
                     f"Loss is not finite at epoch {epoch}, iteration {it} (cases {batch.get('image_path', '?')}): stopping; "
@@ -381,14 +348,14 @@ def main(args: argparse.Namespace) -> dict:
         mean_loss = float(utils.all_reduce_mean(torch.stack(losses).mean()).item())
         record = {"epoch": epoch, "train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1:
-            metrics = evaluate(model_without_ddp, val_loader, num_classes, args, device)
-            record.update({f"dice_{n}": d for n, d in zip(class_names, metrics["dice"])}, mean_dice=mean_or_nan(metrics["dice"]))
-            record.update({f"hd95_{n}": d for n, d in zip(class_names, metrics["hd95"])})
-            record.update({f"nsd_{n}": d for n, d in zip(class_names, metrics["nsd"])})
+            scores = evaluate(model_without_ddp, val_loader, num_classes, args, device, data.ignore)
+            record.update({f"dice_{n}": d for n, d in zip(class_names, scores["dice"])}, mean_dice=metrics.mean_or_nan(scores["dice"]))
+            record.update({f"hd95_{n}": d for n, d in zip(class_names, scores["hd95"])})
+            record.update({f"nsd_{n}": d for n, d in zip(class_names, scores["nsd"])})
             if record["mean_dice"] > best and utils.is_main_process():
                 best = record["mean_dice"]
                 utils.save_atomic(
-                    {"model": model_without_ddp.state_dict(), "epoch": epoch + 1, "dice": metrics["dice"], "args": vars(args),
+                    {"model": model_without_ddp.state_dict(), "epoch": epoch + 1, "dice": scores["dice"], "args": vars(args),
                      "num_classes": num_classes, "classes": class_names},
                     os.path.join(args.output_dir, "best.pth"),
                 )  # fmt: skip
@@ -425,7 +392,7 @@ def main(args: argparse.Namespace) -> dict:
             }
         )
         utils.save_atomic_json(result, os.path.join(args.output_dir, "dice.json"))
-        print(dice_table({"Dice": result["dice"], "HD95 mm": result["hd95"], "NSD": result["nsd"]}, class_names))
+        print(metrics.dice_table({"Dice": result["dice"], "HD95 mm": result["hd95"], "NSD": result["nsd"]}, class_names))
     if utils.is_dist():
         dist.barrier()
         dist.destroy_process_group()

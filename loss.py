@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
+from models.res3d import STAGE_NAMES
 
 
 class DeSDLoss(nn.Module):

@@ -33,15 +33,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import files
-import native_chain
 import utils
-from augment import augment_views
+from augment import native_chain
+from augment.intensity import augment_views
 from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
 from loss import STAGE_NAMES, DeSDLoss, view_retrieval
 from models import DeSDStudent, DeSDTeacher, create_model, list_models
 from models.pretrained import PREFIX, check_layer1_shortcut
 from models.res3d import last_stage_shape
+from preprocessing import files
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -275,17 +275,7 @@ STATE_SETTINGS = ("arch", "out_dim", "stage_weights", "use_bn_in_head", "norm_la
 def check_resumable(ckpt: dict, path: str, args: argparse.Namespace) -> None:
     """Refuse to resume a checkpoint whose run had other state-shaping settings, naming each,
     or one of a BasicBlock net without the reference's layer1 shortcut."""
-    stored = ckpt.get("args") or {}
-    stored = stored if isinstance(stored, dict) else vars(stored)
-
-    def norm(v):
-        return [float(x) for x in v] if isinstance(v, list | tuple) else v
-
-    differ = [
-        f"{k} {norm(stored[k])} (this run: {norm(getattr(args, k))})"
-        for k in STATE_SETTINGS
-        if k in stored and norm(stored[k]) != norm(getattr(args, k))
-    ]
+    differ = utils.setting_differences(ckpt.get("args") or {}, args, STATE_SETTINGS)
     if differ:
         raise ValueError(
             f"{path!r} is a run with other settings: {'; '.join(differ)}. Resume with the same settings, "
@@ -319,6 +309,83 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     utils.settle_vector_math()  # before any arithmetic: see its docstring
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
+    set_up_run(args, device)
+
+    # ============ preparing data ... ============
+    loader, sampler, iters_per_epoch = build_loader(args, device)
+    print(f"Data loaded: there are {len(loader.dataset)} patches, {iters_per_epoch} iterations per epoch.")
+
+    # ============ building student and teacher networks ... ============
+    nets = build_networks(args, device)
+    print(
+        f"Student and teacher are built: both {args.arch}, {sum(p.numel() for p in nets['student_without_ddp'].parameters()) / 1e6:.1f}M student parameters."
+    )
+
+    # ============ preparing loss, optimizer and schedulers ... ============
+    desd_loss = DeSDLoss(
+        args.out_dim,
+        loader.dataset.cfg.ncrops,
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+        stage_weights=tuple(args.stage_weights),
+    ).to(device)
+    optimizer, fp16_scaler = build_optimizer(args, nets["student_without_ddp"])
+    schedules = build_schedules(args, iters_per_epoch // args.accum_iter)
+    print("Loss, optimizer and schedulers ready.")
+
+    # ============ optionally resume training ... ============
+    start_epoch, start_iter = resume(
+        args,
+        student=nets["student_without_ddp"],
+        teacher=nets["teacher"],
+        optimizer=optimizer,
+        fp16_scaler=fp16_scaler,
+        desd_loss=desd_loss,
+    )
+
+    run = TrainingRun(
+        args=args,
+        device=device,
+        loader=loader,
+        **nets,
+        desd_loss=desd_loss,
+        optimizer=optimizer,
+        fp16_scaler=fp16_scaler,
+        **schedules,
+        iters_per_epoch=iters_per_epoch,
+        trend=CollapseTrend(args.out_dim),
+    )
+    writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
+    start_time = time.time()
+    print("Starting DeSD training !")
+    for epoch in range(start_epoch, args.epochs):
+        first = start_iter if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, start=first * args.batch_size_per_gpu)
+
+        # ============ training one epoch of DeSD ... ============
+        train_stats = train_one_epoch(run, epoch, first)
+
+        # ============ writing logs ... ============
+        save_checkpoint(run, epoch + 1, 0)
+        if utils.is_main_process() and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            save_checkpoint(run, epoch + 1, 0, f"checkpoint{epoch:04}.pth")
+        if utils.is_main_process():
+            write_logs(run, epoch, train_stats, writer)
+    if writer is not None:
+        writer.close()
+    total_time = time.time() - start_time
+    print(f"Training time {time.strftime('%H:%M:%S', time.gmtime(total_time))}")
+    if utils.is_main_process():
+        print(f"Teacher checkpoint: {os.path.abspath(os.path.join(args.output_dir, 'checkpoint.pth'))} (key 'teacher')")
+    if utils.is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def set_up_run(args: argparse.Namespace, device: torch.device) -> None:
+    """The start-up lines and args.json on rank 0; the device's math settings; the autocast dtype."""
     if utils.is_main_process():
         print(utils.git_sha())
         precision = "bf16" if args.use_bf16 else ("fp16" if args.use_fp16 and device.type == "cuda" else "fp32")
@@ -339,15 +406,16 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     if args.use_fp16 and not args.use_bf16 and device.type != "cuda" and utils.is_main_process():
         print("note: --use_fp16 applies on CUDA only; training in float32 on the CPU")
 
-    # ============ preparing data ... ============
+
+def build_loader(args: argparse.Namespace, device: torch.device) -> tuple[torch.utils.data.DataLoader, EpochSampler, int]:
+    """The views' loader, its sampler, and the iterations of an epoch (a multiple of --accum_iter)."""
     cfg = ViewConfig(
         global_size=args.global_crop_size,
         local_size=args.local_crop_size,
         depth=args.crop_depth,
         local_crops_number=args.local_crops_number,
         per_slice=not args.augment_per_volume,
-        intensity=not args.augment_on_device,
-        crops_only=args.augment_on_device,
+        output="crops" if args.augment_on_device else "views",
     )
     dataset = SSLDataset(args.data_path, args.list_path, cfg, seed=args.seed, skip_bad_patches=args.skip_bad_patches)
     if len(dataset) < args.batch_size_per_gpu * args.world_size:
@@ -374,13 +442,15 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     iters_per_epoch -= iters_per_epoch % args.accum_iter
     if iters_per_epoch == 0:
         raise ValueError(f"an epoch has fewer than --accum_iter {args.accum_iter} batches")
-    steps_per_epoch = iters_per_epoch // args.accum_iter
-    if cfg.intensity:  # built here once, before the workers start (they load it)
-        chain = "compiled (native/intensity.c)" if native_chain.library() is not None else "torch (no C compiler)"
+    if cfg.output == "views":  # built here once, before the workers start (they load it)
+        chain = "compiled (augment/intensity.c)" if native_chain.library() is not None else "torch (no C compiler)"
         print(f"Intensity augmentation in the loader workers: {chain}.")
-    print(f"Data loaded: there are {len(dataset)} patches, {iters_per_epoch} iterations per epoch.")
+    return loader, sampler, iters_per_epoch
 
-    # ============ building student and teacher networks ... ============
+
+def build_networks(args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
+    """Student and teacher on the device, the student wrapped for DDP where the world is larger
+    than 1, and the forwards the loop calls (compiled with --compile)."""
     student = DeSDStudent(create_model(args.arch), args.out_dim, args.use_bn_in_head, args.norm_last_layer)
     if args.use_bn_in_head and args.world_size > 1 and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -394,32 +464,32 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     student_fwd, teacher_fwd = student, teacher
     if args.compile:
         student_fwd, teacher_fwd = torch.compile(student), torch.compile(teacher)
-    print(
-        f"Student and teacher are built: both {args.arch}, {sum(p.numel() for p in student_without_ddp.parameters()) / 1e6:.1f}M student parameters."
-    )
+    return {
+        "student": student,
+        "teacher": teacher,
+        "student_without_ddp": student_without_ddp,
+        "student_fwd": student_fwd,
+        "teacher_fwd": teacher_fwd,
+    }
 
-    # ============ preparing loss ... ============
-    desd_loss = DeSDLoss(
-        args.out_dim,
-        cfg.ncrops,
-        args.warmup_teacher_temp,
-        args.teacher_temp,
-        args.warmup_teacher_temp_epochs,
-        args.epochs,
-        stage_weights=tuple(args.stage_weights),
-    ).to(device)
 
-    # ============ preparing optimizer ... ============
-    params_groups = utils.get_params_groups(student_without_ddp)
+def build_optimizer(args: argparse.Namespace, student: nn.Module) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+    """DINO's parameter groups (no weight decay on biases and norms) under --optimizer, and the
+    fp16 gradient scaler where fp16 autocast runs. Learning rate and weight decay are set per
+    step from the schedules."""
+    params_groups = utils.get_params_groups(student)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params_groups)
     elif args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params_groups, lr=0, momentum=0.9)
     else:
         optimizer = utils.LARS(params_groups)
-    fp16_scaler = torch.amp.GradScaler("cuda") if args.amp_dtype == torch.float16 else None
+    return optimizer, torch.amp.GradScaler("cuda") if args.amp_dtype == torch.float16 else None
 
-    # ============ init schedulers ... ============
+
+def build_schedules(args: argparse.Namespace, steps_per_epoch: int) -> dict[str, np.ndarray]:
+    """Per optimiser step: the learning rate (peak by the linear scaling rule), the weight decay
+    and the teacher momentum, with the warnings about them."""
     global_batch = args.batch_size_per_gpu * args.world_size * args.accum_iter
     lr_schedule = utils.cosine_scheduler(
         args.lr * global_batch / 256.0,  # linear scaling rule
@@ -432,9 +502,12 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, args.momentum_teacher_end, args.epochs, steps_per_epoch)
     report_teacher_init_share(momentum_schedule)
-    print("Loss, optimizer and schedulers ready.")
+    return {"lr_schedule": lr_schedule, "wd_schedule": wd_schedule, "momentum_schedule": momentum_schedule}
 
-    # ============ optionally resume training ... ============
+
+def resume(args: argparse.Namespace, **objects) -> tuple[int, int]:
+    """Restore the named objects from the output folder's checkpoint that got furthest, if any,
+    after checking it is a run of the same settings; (epoch, iteration) to start from."""
     to_restore = {"epoch": 0, "iteration": 0}
     if utils.is_main_process():
         files.remove_stale_partials(args.output_dir)
@@ -443,62 +516,28 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
     ckpt_path, ckpt = utils.load_latest_checkpoint(args.output_dir)
     if ckpt is not None:
         check_resumable(ckpt, ckpt_path, args)
-        utils.restore(
-            ckpt,
-            ckpt_path,
-            run_variables=to_restore,
-            student=student_without_ddp,
-            teacher=teacher,
-            optimizer=optimizer,
-            fp16_scaler=fp16_scaler,
-            desd_loss=desd_loss,
-        )
+        utils.restore(ckpt, ckpt_path, run_variables=to_restore, **objects)
         del ckpt
-    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
-    if start_iter:
-        print(f"Resuming at epoch {start_epoch}, iteration {start_iter}")
+    if to_restore["iteration"]:
+        print(f"Resuming at epoch {to_restore['epoch']}, iteration {to_restore['iteration']}")
+    return to_restore["epoch"], to_restore["iteration"]
 
-    run = TrainingRun(
-        args, device, loader, student, teacher, student_without_ddp, student_fwd, teacher_fwd, desd_loss, optimizer, fp16_scaler,
-        lr_schedule, wd_schedule, momentum_schedule, iters_per_epoch, CollapseTrend(args.out_dim),
-    )  # fmt: skip
-    writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
-    start_time = time.time()
-    print("Starting DeSD training !")
-    for epoch in range(start_epoch, args.epochs):
-        first = start_iter if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, start=first * args.batch_size_per_gpu)
 
-        # ============ training one epoch of DeSD ... ============
-        train_stats = train_one_epoch(run, epoch, first)
-
-        # ============ writing logs ... ============
-        save_checkpoint(run, epoch + 1, 0)
-        if utils.is_main_process() and args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            save_checkpoint(run, epoch + 1, 0, f"checkpoint{epoch:04}.pth")
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if utils.is_main_process():
-            log_path = os.path.join(args.output_dir, "log.txt")
-            utils.append_json_line(log_path, log_stats)
-            utils.plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
-            if writer is not None:
-                for key, value in train_stats.items():
-                    writer.add_scalar(key, value, epoch)
-                writer.flush()
-            if epoch > 0:  # every run starts near ln(out_dim)
-                warn_if_collapsing(train_stats, args.out_dim)
-            trend = run.trend.warning()
-            if trend:
-                print(trend)
+def write_logs(run: TrainingRun, epoch: int, train_stats: dict, writer) -> None:
+    """Rank 0 after an epoch: a JSON line in log.txt, curves.png, TensorBoard, the collapse warnings."""
+    args = run.args
+    log_path = os.path.join(args.output_dir, "log.txt")
+    utils.append_json_line(log_path, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+    utils.plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
     if writer is not None:
-        writer.close()
-    total_time = time.time() - start_time
-    print(f"Training time {time.strftime('%H:%M:%S', time.gmtime(total_time))}")
-    if utils.is_main_process():
-        print(f"Teacher checkpoint: {os.path.abspath(os.path.join(args.output_dir, 'checkpoint.pth'))} (key 'teacher')")
-    if utils.is_dist():
-        dist.barrier()
-        dist.destroy_process_group()
+        for key, value in train_stats.items():
+            writer.add_scalar(key, value, epoch)
+        writer.flush()
+    if epoch > 0:  # every run starts near ln(out_dim)
+        warn_if_collapsing(train_stats, args.out_dim)
+    trend = run.trend.warning()
+    if trend:
+        print(trend)
 
 
 @dataclasses.dataclass

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import files
-import labelled
+from downstream import labelled
 from models import create_model
+from models.pretrained import load_checkpoint
 from models.segmentation import Res3DSegmentation
+from preprocessing import files
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -37,7 +38,7 @@ def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
     ckpt_path = os.path.join(path, "best.pth") if os.path.isdir(path) else path
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"{ckpt_path!r} does not exist: give a fine-tuning output folder or its best.pth")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path, needs=("model", "num_classes"), expected="a fine-tuning checkpoint (best.pth of finetune.py)")
     args = ckpt.get("args")
     if args is None:
         args_path = os.path.join(os.path.dirname(ckpt_path), "args.json")

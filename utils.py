@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import files
-from files import pid_alive
+from models.pretrained import load_checkpoint
+from preprocessing import files
+from preprocessing.files import pid_alive
 
 # ============ command line ============
 
@@ -75,14 +76,10 @@ VECTOR_MATH_FUNCTIONS = (
 
 def settle_vector_math() -> None:
     """Call each CPU vector math function once on one thread, then once across all intra-op
-    threads, before any training arithmetic.
-
-    MKL's vector math chooses its code path on first use. Measured on this project's CI
-    machines (2 vCPUs with AVX-512, torch 2.13, MKL 2024.2): when that first use was a call
-    split across threads (the sqrt of the first AdamW step after a resume: 21,952 elements,
-    one half per thread), the calling thread's half came out a few ulps off in about one run
-    in three, and a resumed run was no longer bit-identical to an uninterrupted one. With the
-    functions settled here first, every later call gave the same bits."""
+    threads, before any training arithmetic. MKL's vector math chooses its code path on first
+    use; a first use split across threads can leave one thread's half a few ulps off, and a
+    resumed run would then not be bit-identical to an uninterrupted one on the CPU
+    (docs/reliability.md)."""
     small, large = torch.full((64,), 0.5), torch.full((1 << 15,), 0.5)
     for name in VECTOR_MATH_FUNCTIONS:
         fn = getattr(torch, name)
@@ -317,14 +314,6 @@ def save_atomic_json(obj, path: str) -> None:
     files.write_atomic(path, write, fsync=True)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint in torch.load's safe mode, naming the file when it is unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated: {err}") from err
-
-
 # checkpoint files that failed to load in this process: never rotated into `.prev` (see save_atomic)
 UNREADABLE: set[str] = set()
 
@@ -348,10 +337,10 @@ def load_latest_checkpoint(output_dir: str, name: str = "checkpoint.pth") -> tup
     positions = []
     for path in candidates:
         try:
-            positions.append((checkpoint_position(torch.load(path, map_location="cpu", weights_only=True, mmap=True)), path))
-        except Exception as err:
+            positions.append((checkpoint_position(load_checkpoint(path, mmap=True)), path))
+        except (RuntimeError, KeyError) as err:
             UNREADABLE.add(os.path.abspath(path))
-            print(f"WARNING: checkpoint {path!r} is unreadable or truncated: {err}; trying the others", flush=True)
+            print(f"WARNING: {err}; trying the others", flush=True)
     # furthest first; at equal positions the main file, then `.prev`, then numbered ones
     rank = {name: 0, f"{stem}.prev.pth": 1}
     positions.sort(key=lambda p: (-p[0][0], -p[0][1], rank.get(os.path.basename(p[1]), 2), p[1]))
@@ -364,6 +353,24 @@ def load_latest_checkpoint(output_dir: str, name: str = "checkpoint.pth") -> tup
     if candidates:
         raise RuntimeError(f"no readable checkpoint in {output_dir!r} (tried {[os.path.basename(c) for c in candidates]})")
     return None, None
+
+
+def setting_differences(stored, args, names) -> list[str]:
+    """ "name stored (this run: current)" for each of `names` that the stored arguments of an
+    earlier run (a dict or a Namespace) hold with another value than `args`: the answer to "is
+    this the same run?" for both trainers. Sequences compare by value (a stored list equals a
+    tuple, 1 equals 1.0); a name the earlier run did not store is not compared."""
+    stored = stored if isinstance(stored, dict) else vars(stored)
+    current = args if isinstance(args, dict) else vars(args)
+
+    def norm(v):
+        return [float(x) if isinstance(x, int | float) and not isinstance(x, bool) else x for x in v] if isinstance(v, list | tuple) else v
+
+    return [
+        f"{k} {norm(stored[k])} (this run: {norm(current.get(k))})"
+        for k in names
+        if k in stored and norm(stored[k]) != norm(current.get(k))
+    ]
 
 
 def restore(ckpt: dict, path: str, run_variables: dict | None = None, **objects) -> None:
@@ -383,14 +390,6 @@ def restore(ckpt: dict, path: str, run_variables: dict | None = None, **objects)
         for key in run_variables:
             if key in ckpt:
                 run_variables[key] = ckpt[key]
-
-
-def restart_from_checkpoint(path: str, run_variables: dict | None = None, **objects) -> bool:
-    """Restore named objects from the file at `path` if it exists (see `restore`)."""
-    if not os.path.isfile(path):
-        return False
-    restore(load_checkpoint(path), path, run_variables, **objects)
-    return True
 
 
 class RunLock:
@@ -522,11 +521,83 @@ def append_json_line(path: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+# ============ curves ============
+
+PRETRAIN_PANELS = [
+    ("loss", ["train_loss"]),
+    ("per-stage loss", ["train_stage1", "train_stage2", "train_stage3", "train_stage4"]),
+    ("teacher entropy", ["train_teacher_entropy"]),
+    ("view retrieval (top-1)", ["train_retrieval"]),
+    (
+        "KL, teacher to student (loss minus entropy)",
+        ["train_kl", "train_kl_stage1", "train_kl_stage2", "train_kl_stage3", "train_kl_stage4"],
+    ),
+    ("learning rate", ["train_lr"]),
+    ("teacher temperature", ["train_teacher_temp"]),
+]
+
+
+def read_log(path: str) -> list[dict]:
+    """The JSON lines of a log.txt; a line cut short by a crash is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def panels_for(records: list[dict]) -> list[tuple[str, list[str]]]:
+    keys = set().union(*records) if records else set()
+    if "train_stage1" in keys:
+        return [(title, [k for k in ks if k in keys]) for title, ks in PRETRAIN_PANELS if any(k in keys for k in ks)]
+    dice = sorted(k for k in keys if k.startswith("dice_")) + (["mean_dice"] if "mean_dice" in keys else [])
+    return [(t, ks) for t, ks in [("loss", ["train_loss"]), ("learning rate", ["lr"]), ("Dice", dice)] if ks]
+
+
+def plot_logs(paths: list[str], out: str, labels: list[str] | None = None) -> str:
+    """Draw the runs' curves into `out` (PNG), written under a temporary name then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_log(p) for p in paths]
+    labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in paths]
+    panels = panels_for([r for run in runs for r in run])
+    cols = min(3, max(1, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.0 * rows), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for n, (run, label) in enumerate(zip(runs, labels)):
+            for k, key in enumerate(keys):
+                points = [(r.get("epoch", i), r[key]) for i, r in enumerate(run) if isinstance(r.get(key), int | float)]
+                if points:
+                    name = label if len(keys) == 1 else f"{label} {key.replace('train_', '').replace('dice_', '')}"
+                    ax.plot(*zip(*points), styles[n % len(styles)], color=f"C{k if len(keys) > 1 else n}", label=name, marker=".")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        if title == "learning rate" and any(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+            ax.set_yscale("log")  # a run at lr 0 (a frozen test run) stays linear
+        ax.grid(alpha=0.3)
+        if len(runs) > 1 or len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    try:
+        files.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
+    return out
+
+
 def plot_curves(log_path: str, out: str) -> None:
     """Redraw a run's curves.png from its log.txt; a failure to plot only warns."""
     try:
-        from tools.plot_log import plot_logs
-
         plot_logs([log_path], out)
     except Exception as err:  # plotting must never stop a run
         print(f"WARNING: could not draw {out}: {err}")

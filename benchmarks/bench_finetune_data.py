@@ -69,29 +69,28 @@ def vmhwm_mib() -> float:
 
 def phase(args) -> dict:
     """One measurement in this process; returns its figures."""
-    import labelled
-    import preprocessed
+    from downstream import cache, labelled, patches
 
     data = labelled.read_dataset(args.task)
     cases = data.cases[: args.n]
-    cache = os.path.join(args.root, "cache")
+    folder = os.path.join(args.root, "cache")
     if args.phase == "build":
-        before = {c["id"] for c in cases if preprocessed.read_meta(cache, c, args.spacing) is not None}
+        before = {c["id"] for c in cases if cache.read_meta(folder, c, args.spacing) is not None}
         start = time.perf_counter()
-        preprocessed.build(cases, args.spacing, cache, workers=1)
+        cache.build(cases, args.spacing, folder, workers=1)
         built = len(cases) - len(before)
         return {
             "s_per_case": round((time.perf_counter() - start) / built, 1) if built else None,
             "built": built,
             "peak_rss_mib": round(peak_rss_mib()),
         }
-    records = preprocessed.build(cases, args.spacing, cache, workers=1)  # all cached: only reads the records
+    records = cache.build(cases, args.spacing, folder, workers=1)  # all cached: only reads the records
     import torch
     from monai.data import DataLoader
 
     if args.phase == "train":
 
-        class Measured(preprocessed.PatchDataset):
+        class Measured(patches.PatchDataset):
             def __getitem__(self, i):
                 items = super().__getitem__(i)
                 for item in items:
@@ -112,7 +111,7 @@ def phase(args) -> dict:
             "worker_peak_rss_mib": round(worker_peak),
             "peak_rss_mib": round(peak_rss_mib()),
         }
-    loader = DataLoader(preprocessed.VolumeDataset(records), batch_size=1, num_workers=1)
+    loader = DataLoader(patches.VolumeDataset(records), batch_size=1, num_workers=1)
     start, count = time.perf_counter(), 0
     for item in loader:
         assert item["image"].shape[2:] == tuple(records[count]["shape"])

@@ -21,8 +21,8 @@ import time
 import torch
 from common import make_patch_set, report  # noqa: I001
 
-import native_chain
-from augment import augment_views
+from augment import native_chain
+from augment.intensity import augment_views
 from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory, views_from_crops
 
 
@@ -49,7 +49,7 @@ def samples_per_second_workers(ds: SSLDataset, n: int, workers: int, batch: int 
         next(it)
     start, count = time.perf_counter(), 0
     for views, _ in it:
-        count += len(views[1] if isinstance(views, tuple) else views[0])  # crops_only: (crops, geometry)
+        count += len(views[1] if isinstance(views, tuple) else views[0])  # output "crops": (crops, geometry)
         if count >= n:
             break
     return count / (time.perf_counter() - start)
@@ -95,7 +95,7 @@ def main() -> None:
         list_path = make_patch_set(args.root, args.patches, ext)
         modes = [("read+crop+augment (compiled chain)", ViewConfig(), True)] * compiled + [
             ("read+crop+augment (torch chain)", ViewConfig(), False),
-            ("raw crops (views+augment on device)", ViewConfig(intensity=False, crops_only=True), compiled),
+            ("raw crops (views+augment on device)", ViewConfig(output="crops"), compiled),
         ]
         for mode, cfg, use_compiled in modes:
             native_chain._library = library if use_compiled else False  # forked workers inherit the choice
@@ -105,7 +105,7 @@ def main() -> None:
             rows.append({"format": ext, "worker does": mode, "1 process": round(single, 1), f"{args.workers} workers": round(multi, 1)})
     native_chain._library = library
     torch.set_num_threads(torch.get_num_threads() if args.aug_device == "cuda" else 1)
-    aug = device_aug_seconds_per_sample(SSLDataset(args.root, list_path, ViewConfig(intensity=False, crops_only=True)), args.aug_device)
+    aug = device_aug_seconds_per_sample(SSLDataset(args.root, list_path, ViewConfig(output="crops")), args.aug_device)
     rows.append(
         {"format": "-", "worker does": f"(views + augmentation batched on {args.aug_device}, 1 thread)", "1 process": round(1 / aug, 1)}
     )

@@ -59,7 +59,7 @@ def former_preprocessing(spacing: float) -> list:
     """`labelled.preprocessing` as it was, with MONAI's Spacingd."""
     from monai.transforms import Orientationd, ScaleIntensityRanged, Spacingd
 
-    import labelled
+    from downstream import labelled
 
     keys = ["image", "label"]
     return [
@@ -102,7 +102,7 @@ def phase(args) -> dict:
     if args.phase in ("build_former", "build_current"):
         from monai.transforms import Compose
 
-        import labelled
+        from downstream import labelled
 
         steps = former_preprocessing(1.0) if args.phase == "build_former" else labelled.preprocessing(1.0)
         start = time.perf_counter()
@@ -127,8 +127,8 @@ def phase(args) -> dict:
     elif args.phase == "predict":
         from monai.transforms import Compose
 
-        import labelled
         import predict
+        from downstream import labelled
         from models import create_model
         from models.segmentation import Res3DSegmentation
 

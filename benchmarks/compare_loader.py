@@ -4,8 +4,9 @@ so that both see the same machine (a shared machine's speed drifts between runs)
     git worktree add /tmp/old <commit>
     python benchmarks/compare_loader.py /tmp/old .     # A = the old code, B = this checkout
 
-Each checkout's dataset.py and augment.py are loaded under their own names (the rest, such as
-native_chain.py, comes from this checkout). Prints CPU milliseconds a sample (collated into
+Each checkout's dataset.py and intensity chain (augment/intensity.py, or augment.py in older
+checkouts) are loaded under their own names (the rest, such as augment/native_chain.py, comes
+from this checkout). Prints CPU milliseconds a sample (collated into
 batches of 32, as a worker does) for the full path and without the intensity chain, as a JSON
 line and a table.
 """
@@ -26,14 +27,25 @@ def load(folder: str, name: str):
     """folder's dataset module, importing folder's augment module."""
 
     def module(file: str):
-        spec = importlib.util.spec_from_file_location(f"{name}_{file}", os.path.join(folder, f"{file}.py"))
+        key = f"{name}_{file.replace(os.sep, '_')}"
+        spec = importlib.util.spec_from_file_location(key, os.path.join(folder, file))
         loaded = importlib.util.module_from_spec(spec)
-        sys.modules[f"{name}_{file}"] = loaded
+        sys.modules[key] = loaded
         spec.loader.exec_module(loaded)
         return loaded
 
-    sys.modules["augment"] = module("augment")  # what folder's dataset.py imports
-    return module("dataset")
+    if os.path.isfile(os.path.join(folder, "augment", "intensity.py")):
+        sys.modules["augment.intensity"] = module(os.path.join("augment", "intensity.py"))  # what dataset.py imports
+    else:
+        sys.modules["augment"] = module("augment.py")
+    return module("dataset.py")
+
+
+def view_config(module, intensity: bool):
+    """The checkout's ViewConfig with or without the intensity chain (older ones take `intensity`)."""
+    if "output" in module.ViewConfig.__dataclass_fields__:
+        return module.ViewConfig(output="views" if intensity else "plain")
+    return module.ViewConfig(intensity=intensity)
 
 
 def main() -> None:
@@ -50,7 +62,7 @@ def main() -> None:
     list_path = make_patch_set(args.root, args.patches, ".nii")
     rows = []
     for mode in ("full", "no intensity chain"):
-        datasets = [m.SSLDataset(args.root, list_path, m.ViewConfig(intensity=mode == "full")) for m in modules]
+        datasets = [m.SSLDataset(args.root, list_path, view_config(m, mode == "full")) for m in modules]
         for m, ds in zip(modules, datasets):
             m.collate([ds[(0, 0)]])  # warm-up
         seconds = [0.0, 0.0]

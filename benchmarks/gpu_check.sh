@@ -1,5 +1,5 @@
 #!/bin/bash
-# One prepared run on a lent GPU machine (see README, Performance): the training-step figures,
+# One prepared run on a lent GPU machine (see docs/performance.md): the training-step figures,
 # the loader with 8 workers and the augmentation on the GPU, and two short end-to-end runs that
 # show whether the training loop waits for data. Results go to $OUT (or ./gpu_results).
 # Needs nibabel and MONAI: carried as wheels in .whl/ when the machine has none.

@@ -4,7 +4,7 @@ Every pilot pretrains res3d10 on the generated DeepLesion of `make evaluate` (th
 configuration's data: 2 mm grid, 303 patches) at batch 8 with 48 x 48 x 16 views for 8 epochs
 (296 steps) in fp32 (a bf16 trial of adamw_3e-4 stopped on a non-finite loss in its third epoch:
 bf16_trial/), then probes its teacher and a seed-matched random initialisation of the same arch
-with probe.py on the generated labelled set. A recipe passes the gate only if, over the second
+with downstream/probe.py on the generated labelled set. A recipe passes the gate only if, over the second
 half of its epochs,
 - the teacher entropy does not rise (by more than 1% of ln(out_dim) from the first epoch of
   the half to the last),
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 import evaluate
-import probe
 import utils
+from downstream import probe
 
 BATCH, VIEW, EPOCHS, OUT_DIM = 8, 48, 8, 256
 COMMON = [

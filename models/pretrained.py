@@ -20,17 +20,27 @@ PREFIX = "module.backbone."
 LAYER1_SHORTCUT = ("layer1.0.downsample.0.weight", "layer1.0.downsample.1.weight", "layer1.0.downsample.1.bias")
 
 
-def read_checkpoint(path: str) -> dict:
-    """A DeSD checkpoint in safe mode (argparse.Namespace allowed for the released format)."""
+def load_checkpoint(path: str, needs: tuple[str, ...] = (), expected: str = "a checkpoint", mmap: bool = False) -> dict:
+    """Any checkpoint of the project, or the released DeSD file, in torch.load's safe mode
+    (argparse.Namespace allowed for the released format; never with the safety off). Names the
+    file when it is unreadable or truncated, holds no dict, or lacks one of the `needs` keys
+    (then saying that it is not `expected`)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        raise RuntimeError(f"cannot read checkpoint {path!r} in safe mode: {err}") from err
-    if not isinstance(ckpt, dict) or "teacher" not in ckpt:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise KeyError(f"{path!r} holds no 'teacher' entry (found {keys}); expected a DeSD pretraining checkpoint")
+        raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated (read in safe mode): {err}") from err
+    if not isinstance(ckpt, dict):
+        raise KeyError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dictionary; expected {expected}")
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise KeyError(f"{path!r} holds no {' or '.join(map(repr, missing))} entry (found {sorted(ckpt)[:8]}); expected {expected}")
     return ckpt
+
+
+def read_checkpoint(path: str) -> dict:
+    """A DeSD pretraining checkpoint (ours or the released format)."""
+    return load_checkpoint(path, needs=("teacher",), expected="a DeSD pretraining checkpoint")
 
 
 def checkpoint_arch(ckpt: dict) -> str | None:
@@ -49,11 +59,6 @@ def teacher_backbone(ckpt: dict, path: str, part: str = "teacher") -> dict[str, 
     if not state:
         raise KeyError(f"{path!r}: the {part} has no '{PREFIX}*' keys; is this a DeSD checkpoint?")
     return state
-
-
-def read_teacher_backbone(path: str) -> dict[str, torch.Tensor]:
-    """The teacher's backbone tensors from a DeSD checkpoint, with the prefix stripped."""
-    return teacher_backbone(read_checkpoint(path), path)
 
 
 def check_layer1_shortcut(state: dict, expected: dict, path: str) -> None:

@@ -15,8 +15,6 @@ decoder.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -87,6 +85,7 @@ DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     200: (Bottleneck, (3, 24, 36, 3)),
 }
 
+STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")  # the names of the four stages in logs, losses and probes
 STAGE_PLANES = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 
@@ -156,23 +155,43 @@ def last_stage_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return d, h, w
 
 
-def _constructor(depth: int) -> Callable[..., Res3D]:
+def _build(depth: int, **kwargs) -> Res3D:
     block, layers = DEPTHS[depth]
-
-    def build(**kwargs) -> Res3D:
-        model = Res3D(block, layers, **kwargs)
-        model.arch = f"res3d{depth}"  # compared with a checkpoint's arch when weights are loaded
-        return model
-
-    build.__name__ = f"res3d{depth}"
-    build.__doc__ = f"3D ResNet-{depth} ({block.__name__}, blocks {layers})."
-    return build
+    model = Res3D(block, layers, **kwargs)
+    model.arch = f"res3d{depth}"  # compared with a checkpoint's arch when weights are loaded
+    return model
 
 
-res3d10 = _constructor(10)
-res3d18 = _constructor(18)
-res3d34 = _constructor(34)
-res3d50 = _constructor(50)
-res3d101 = _constructor(101)
-res3d152 = _constructor(152)
-res3d200 = _constructor(200)
+def res3d10(**kwargs) -> Res3D:
+    """3D ResNet-10 (BasicBlock, blocks 1, 1, 1, 1)."""
+    return _build(10, **kwargs)
+
+
+def res3d18(**kwargs) -> Res3D:
+    """3D ResNet-18 (BasicBlock, blocks 2, 2, 2, 2)."""
+    return _build(18, **kwargs)
+
+
+def res3d34(**kwargs) -> Res3D:
+    """3D ResNet-34 (BasicBlock, blocks 3, 4, 6, 3)."""
+    return _build(34, **kwargs)
+
+
+def res3d50(**kwargs) -> Res3D:
+    """3D ResNet-50 (Bottleneck, blocks 3, 4, 6, 3, the paper's)."""
+    return _build(50, **kwargs)
+
+
+def res3d101(**kwargs) -> Res3D:
+    """3D ResNet-101 (Bottleneck, blocks 3, 4, 23, 3)."""
+    return _build(101, **kwargs)
+
+
+def res3d152(**kwargs) -> Res3D:
+    """3D ResNet-152 (Bottleneck, blocks 3, 8, 36, 3)."""
+    return _build(152, **kwargs)
+
+
+def res3d200(**kwargs) -> Res3D:
+    """3D ResNet-200 (Bottleneck, blocks 3, 24, 36, 3)."""
+    return _build(200, **kwargs)

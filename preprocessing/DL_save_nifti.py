@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from files import remove_stale_partials, write_atomic
+from preprocessing.files import remove_stale_partials, write_atomic
 from preprocessing.runner import JobResult, run_jobs, spacing_warnings, summarise
 
 HU_OFFSET = 32768

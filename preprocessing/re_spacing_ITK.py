@@ -33,11 +33,11 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from files import remove_stale_partials, write_atomic
+from preprocessing.files import remove_stale_partials, write_atomic
+from preprocessing.network_input import HU_RANGE
 from preprocessing.resample import edge_aligned_positions, resample_axes
 from preprocessing.runner import JobResult, nifti_problem, run_jobs, spacing_warnings, summarise
 
-HU_RANGE = (-1024, 1024)
 MAX_SIDE = 1024  # a resampled axis longer than this is seldom a CT sub-volume
 
 

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import SimpleITK as sitk
 
-from files import remove_stale_partials, write_atomic
+from preprocessing.files import remove_stale_partials, write_atomic
 from preprocessing.runner import JobResult, nifti_problem, run_jobs, summarise
 
 TILE, STRIDE, MAX_ROWS = 24, 12, 320

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from files import write_atomic
 from preprocessing.DL_save_nifti import CSV_COLUMNS, HU_OFFSET, nih_affine
+from preprocessing.files import write_atomic
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 TRUNK_MM = 460.0  # lung apex (z = 0) to pelvis

@@ -1,14 +1,10 @@
-"""Shared fixtures: tiny patch sets written the way the preprocessing writes them."""
+"""Shared fixtures; shared helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tools.tiny_data import TINY_TRAIN_ARGS, write_cube_task, write_patches  # noqa: F401 - the tests import them from here
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import write_patches
 
 
 @pytest.fixture
@@ -16,11 +12,13 @@ def patch_root(tmp_path):
     return write_patches(str(tmp_path / "data"))
 
 
-def run_main_desd(argv: list[str]) -> None:
-    """Run main_desd in this process with the given command line."""
-    import argparse
+@pytest.fixture
+def compiled_chain():
+    """The compiled intensity chain, built on first use by a test that needs it (not at
+    collection); the test is skipped where no C compiler can build it."""
+    from augment import native_chain
 
-    import main_desd
-
-    parser = argparse.ArgumentParser("DeSD", parents=[main_desd.get_args_parser()])
-    main_desd.train_desd(parser.parse_args(argv))
+    library = native_chain.library()
+    if library is None:
+        pytest.skip("no C compiler: the compiled chain cannot be built here")
+    return library

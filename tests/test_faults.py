@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 import utils
-from tests.conftest import ROOT, TINY_TRAIN_ARGS, run_main_desd, write_patches
+from tests.helpers import ROOT, TINY_TRAIN_ARGS, free_port, run_main_desd, write_patches
 
 
 def desd_command(root, out, *extra):
@@ -143,7 +143,7 @@ def test_corrupt_patch_stops_training_with_its_path_or_is_replaced_when_asked(tm
 def test_torchrun_restarts_a_killed_worker_from_the_latest_checkpoint(tmp_path):
     root = write_patches(str(tmp_path / "data"), n=16)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29547", "--nnodes", "1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--nnodes", "1",
            "main_desd.py", "--data_path", root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "2", "--save_every_iters", "1"]  # fmt: skip
     started = time.time()
     with open(tmp_path / "run.log", "wb") as log:

@@ -11,7 +11,7 @@ import finetune
 from models import create_model
 from models.pretrained import load_pretrained_encoder
 from models.segmentation import Res3DSegmentation
-from tests.conftest import TINY_TRAIN_ARGS, run_main_desd, write_cube_task
+from tests.helpers import TINY_TRAIN_ARGS, free_port, run_main_desd, write_cube_task
 
 
 @pytest.mark.parametrize("shape", [(16, 64, 64), (13, 50, 70), (20, 33, 97)])
@@ -161,7 +161,7 @@ def test_a_rerun_of_a_finished_run_prints_its_result_and_touches_nothing_and_oth
     assert finetune.main(tiny_args(tmp_path)) == first
     assert "holds a finished run with these settings" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
-    with pytest.raises(ValueError, match=r"other settings: lr 0.0003 \(now 0.001\)"):
+    with pytest.raises(ValueError, match=r"other settings: lr 0.0003 \(this run: 0.001\)"):
         finetune.main(tiny_args(tmp_path, "--lr", "1e-3"))
     finetune.main(tiny_args(tmp_path, "--lr", "1e-3", "--restart", "True"))
     assert json.loads((tmp_path / "out" / "args.json").read_text())["lr"] == 1e-3
@@ -193,7 +193,7 @@ def test_a_broken_dataset_lists_its_problems_and_the_command_exits_non_zero(tmp_
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     write_cube_task(str(tmp_path / "task"), n=3)
     lab = nib.load(tmp_path / "task" / "labelsTr" / "c1.nii.gz")
@@ -219,10 +219,10 @@ def test_two_process_fine_tuning_through_torchrun(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     write_cube_task(str(tmp_path / "task"), n=6)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", "finetune.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "finetune.py",
            "--data_dir", str(tmp_path / "task"), "--output_dir", str(tmp_path / "out"), "--arch", "res3d10", "--spacing", "2",
            "--patch_size", "16", "64", "64", "--epochs", "2", "--num_workers", "0", "--device", "cpu", "--batch_size", "1"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -236,7 +236,7 @@ def test_an_nnunet_v2_dataset_of_mha_files_with_an_ignore_label_and_a_fold_fine_
     import SimpleITK as sitk
 
     import predict
-    from tests.test_labelled import write_nnunet
+    from tests.helpers import write_nnunet
 
     root = write_nnunet(str(tmp_path / "Dataset001_Tiny"), n=4, ending=".mha", ignore=True)
     label = tmp_path / "Dataset001_Tiny" / "labelsTr" / "liver_000.mha"

@@ -6,55 +6,10 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-import labelled
-
-NIH = np.array([[0, -0.8, 0, 0], [-0.8, 0, 0, 0], [0, 0, -2.0, 0], [0, 0, 0, 1]])  # DeepLesion's ('P', 'L', 'I')
-
-
-def volume(seed=0, shape=(20, 18, 12)):
-    rng = np.random.default_rng(seed)
-    img = rng.normal(0, 100, shape).astype(np.int16)
-    lab = np.zeros(shape, np.uint8)
-    lab[4:10, 3:9, 2:6] = 1
-    lab[12:16, 10:15, 6:10] = 2
-    return img, lab
-
-
-def write_msd(root, n=3, labels=None):
-    os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
-    os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
-    training = []
-    for i in range(n):
-        img, lab = volume(i)
-        nib.save(nib.Nifti1Image(img, NIH), os.path.join(root, "imagesTr", f"case{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(lab, NIH), os.path.join(root, "labelsTr", f"case{i}.nii.gz"))
-        training.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
-    meta = {"labels": labels or {"0": "background", "1": "liver", "2": "tumour"}, "modality": {"0": "CT"}, "training": training}
-    with open(os.path.join(root, "dataset.json"), "w") as f:
-        json.dump(meta, f)
-    return root
-
-
-def write_nnunet(root, n=3, ending=".nii.gz", ignore=False):
-    os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
-    os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
-    for i in range(n):
-        img, lab = volume(i)
-        for arr, path in ((img, f"imagesTr/liver_{i:03d}_0000{ending}"), (lab, f"labelsTr/liver_{i:03d}{ending}")):
-            if ending in labelled.NIFTI:
-                nib.save(nib.Nifti1Image(arr, NIH), os.path.join(root, path))
-            else:
-                im = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
-                im.SetSpacing((0.8, 0.8, 2.0))
-                sitk.WriteImage(im, os.path.join(root, path))
-    labels = {"background": 0, "liver": 1, "tumour": 2, **({"ignore": 3} if ignore else {})}
-    meta = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n, "file_ending": ending}
-    with open(os.path.join(root, "dataset.json"), "w") as f:
-        json.dump(meta, f)
-    return root
+from downstream import labelled
+from tests.helpers import NIH, volume, write_msd, write_nnunet
 
 
 def test_msd_and_nnunet_v2_layouts_give_the_same_cases_and_classes(tmp_path):

@@ -1,4 +1,4 @@
-"""The compiled CPU intensity chain (native_chain.py, native/intensity.c) against the torch
+"""The compiled CPU intensity chain (augment/native_chain.py, augment/intensity.c) against the torch
 chain it reproduces, and the fallback where it cannot be built."""
 
 import os
@@ -10,12 +10,11 @@ import pytest
 import torch
 from scipy import stats
 
-import augment
-import native_chain
-from augment import GLOBAL_1, GLOBAL_2, LOCAL, apply_intensity, draw_intensity_params
+from augment import intensity, native_chain
+from augment.intensity import GLOBAL_1, GLOBAL_2, LOCAL, apply_intensity, draw_intensity_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_library = pytest.mark.skipif(native_chain.library() is None, reason="no C compiler: the compiled chain cannot be built here")
+needs_library = pytest.mark.usefixtures("compiled_chain")  # built when such a test runs, not at collection
 
 
 def draws(shape, per_slice, seed=1):
@@ -32,7 +31,7 @@ def draws(shape, per_slice, seed=1):
 def test_compiled_chain_equals_the_torch_chain(per_slice, shape, swap_hw):
     x, params, noise = draws(shape, per_slice)
     x_before = x.clone()
-    expected = augment.apply_intensity_torch(x, params, noise.clone())
+    expected = intensity.apply_intensity_torch(x, params, noise.clone())
     out = apply_intensity(x, params, noise.clone(), swap_hw=swap_hw, native=True)
     if swap_hw:
         assert out.is_contiguous() and out.shape == (*shape[:2], shape[3], shape[2])
@@ -49,7 +48,7 @@ def test_compiled_chain_takes_every_transform_both_ways():
     for on in (True, False):
         p = dict(params, blur_on=torch.tensor([[on] * 16, [False] * 16]), gamma_on=torch.full_like(params["gamma_on"], on))
         p["noise_std"] = p["noise_std"] * torch.tensor([[1.0], [0.0]])  # the constant view stays constant
-        expected = augment.apply_intensity_torch(x, p, noise.clone())
+        expected = intensity.apply_intensity_torch(x, p, noise.clone())
         out = apply_intensity(x, p, noise.clone(), native=True)
         assert torch.isfinite(out).all() and torch.allclose(out, expected, atol=5e-5)
         assert (out[1].flatten(1).amax(1) == out[1].flatten(1).amin(1)).all()
@@ -62,7 +61,7 @@ def test_without_a_compiler_the_torch_chain_runs(monkeypatch):
         assert native_chain.library() is None
     x, params, noise = draws((2, 4, 16, 16), True)
     out = apply_intensity(x, params, noise.clone(), swap_hw=True)
-    assert torch.equal(out, augment.apply_intensity_torch(x, params, noise.clone()).transpose(-1, -2).contiguous())
+    assert torch.equal(out, intensity.apply_intensity_torch(x, params, noise.clone()).transpose(-1, -2).contiguous())
     with pytest.raises(RuntimeError, match="unavailable"):
         apply_intensity(x, params, noise.clone(), native=True)
 
@@ -88,7 +87,7 @@ def _splitmix64(state: int) -> tuple[int, int]:
 
 
 def _xoshiro128plus_lanes(n: int, stream: int, key: int, lanes: int = 8) -> list[int]:
-    """The published algorithms, one generator at a time, interleaved as native/intensity.c
+    """The published algorithms, one generator at a time, interleaved as augment/intensity.c
     documents: word j from generator j % lanes."""
     seed, states = key ^ (stream * 0xD1B54A32D192ED03) % 2**64, []
     for _ in range(lanes):
@@ -151,7 +150,7 @@ def test_processes_building_at_once_each_get_a_whole_library(tmp_path):
     source.parent.mkdir()
     source.write_bytes(open(native_chain.SOURCE, "rb").read())
     code = (
-        "import ctypes, sys, native_chain; native_chain.SOURCE = sys.argv[1]; "
+        "import ctypes, sys; from augment import native_chain; native_chain.SOURCE = sys.argv[1]; "
         "path = native_chain._build(); ctypes.CDLL(path).desd_normal_room; print(path)"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +174,7 @@ def test_compiled_chain_refuses_what_it_cannot_take():
 @needs_library
 def test_loading_the_library_leaves_the_floating_point_environment_alone():
     code = (
-        "import numpy as np, torch, native_chain\n"
+        "import numpy as np, torch\nfrom augment import native_chain\n"
         "assert native_chain.library() is not None\n"
         "print(float(np.float32(1e-38) / np.float32(100)), (torch.tensor(1e-38) / 100).item())\n"
     )

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 

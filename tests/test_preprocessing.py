@@ -12,34 +12,7 @@ from preprocessing import DL_save_nifti as s1
 from preprocessing import re_spacing_ITK as s2
 from preprocessing import splitting_to_patches as s3
 from preprocessing import synthetic_deeplesion as syn
-
-
-def write_series(root, folder, indices, spacing="0.8, 0.8, 2.5", shape=(20, 24), seed=0, extra_rows=()):
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "Images_png", folder), exist_ok=True)
-    slices = {}
-    for i in indices:
-        hu = rng.integers(-1000, 1500, size=shape).astype(np.int16)
-        Image.fromarray((hu.astype(np.int32) + 32768).astype(np.uint16)).save(os.path.join(root, "Images_png", folder, f"{i:03d}.png"))
-        slices[i] = hu
-    csv_path = os.path.join(root, "DL_info.csv")
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=s1.CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        p, st, se = (int(x) for x in folder.split("_"))
-        for sp in (spacing, *extra_rows):
-            w.writerow(
-                {
-                    "File_name": f"{folder}_{indices[0]:03d}.png",
-                    "Patient_index": p,
-                    "Study_index": st,
-                    "Series_ID": se,
-                    "Spacing_mm_px_": sp,
-                }
-            )
-    return slices
+from tests.helpers import make_volume, prepare_split_input, write_series
 
 
 def test_png_value_minus_32768_is_hounsfield_int16(tmp_path):
@@ -87,13 +60,6 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(tmp_path, capsys):
     assert "000004_01_01" in err and "not a 16-bit" in err
     assert "000005_01_01" in err and "no usable row in DL_info.csv" in err
     assert os.listdir(os.path.join(root, "Images_nifti")) == ["000001_01_01_001-002.nii.gz"]
-
-
-def make_volume(path, arr_zyx, spacing, origin=(3.0, -2.0, 7.0)):
-    img = sitk.GetImageFromArray(arr_zyx)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    sitk.WriteImage(img, path)
 
 
 def test_resampling_gives_reference_sizes_an_edge_aligned_grid_and_clipping(tmp_path):
@@ -189,14 +155,6 @@ def test_central_80_percent_kept_only_above_320_rows():
     assert cropped.shape == (2, 320, 280)
     assert cropped[0, 0, 0] == vol[0, 40, 35]
     assert s3.central_crop(vol[:, :320]).shape == (2, 320, 350)
-
-
-def prepare_split_input(tmp_path, n=3):
-    src = tmp_path / "Images_nifti_spacing"
-    src.mkdir(parents=True)
-    for i, depth in enumerate([10, 30, 40][:n]):
-        make_volume(str(src / f"00000{i}_01_01_001-0{depth}.nii.gz"), np.full((depth, 330, 340), i, np.int16), (1.0, 1.0, 1.0))
-    return str(tmp_path)
 
 
 def test_list_names_exactly_the_written_patches_and_a_rerun_writes_nothing(tmp_path, capsys):

@@ -13,7 +13,10 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from tests.test_preprocessing import make_volume, prepare_split_input, s1, s2, s3, write_series
+from preprocessing import DL_save_nifti as s1
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
+from tests.helpers import make_volume, prepare_split_input, write_series
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,7 +206,7 @@ def test_gzip_trailer_check_accepts_what_nibabel_and_simpleitk_write(tmp_path):
 
 
 def test_a_zombie_owner_counts_as_gone():
-    from files import pid_alive
+    from preprocessing.files import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 10

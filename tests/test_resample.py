@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage as ndi
 
 from preprocessing.resample import axis_map, edge_aligned_positions, resample_axes, resample_to_grid
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def smooth(shape, seed=0):
@@ -87,7 +87,7 @@ def test_the_fine_tuning_preprocessing_matches_monais_spacing_it_replaces(tmp_pa
     the same grid, to 1e-3 of the HU range."""
     from monai.transforms import Compose, Orientationd, ScaleIntensityRanged, Spacingd
 
-    import labelled
+    from downstream import labelled
 
     image = smooth((40, 36, 20)) * 2
     label = (image > 200).astype(np.uint8) + (image > 500)
@@ -114,7 +114,7 @@ def test_the_fine_tuning_preprocessing_matches_monais_spacing_it_replaces(tmp_pa
 
 MEASURE = r"""
 import json, sys
-import preprocessed
+from downstream import cache
 
 def rss(key):
     for line in open("/proc/self/status"):
@@ -122,14 +122,14 @@ def rss(key):
             return int(line.split()[1]) * 1024
 
 case = json.loads(sys.argv[1])
-import labelled  # everything the build imports, before the baseline
+from downstream import labelled  # everything the build imports, before the baseline
 from monai.transforms import Compose
 before = rss("VmRSS:")
 import os
 os.makedirs(sys.argv[2], exist_ok=True)
-result = preprocessed.preprocess_case(case, 1.0, sys.argv[2])
+result = cache.preprocess_case(case, 1.0, sys.argv[2])
 assert result.error is None, result.error
-print(json.dumps({"increase": rss("VmHWM:") - before, "voxels": preprocessed.output_voxels(case, 1.0)}))
+print(json.dumps({"increase": rss("VmHWM:") - before, "voxels": cache.output_voxels(case, 1.0)}))
 """
 
 
@@ -137,7 +137,7 @@ print(json.dumps({"increase": rss("VmHWM:") - before, "voxels": preprocessed.out
 def test_one_case_builds_within_the_memory_the_build_plans_for(tmp_path):
     """A CT-sized case (256 x 256 x 150 at 0.8 x 0.8 x 1.5 mm) preprocessed in a process of its
     own: its peak RSS grows by no more than the bound that `processes_for` schedules with."""
-    import preprocessed
+    from downstream import cache
 
     rng = np.random.default_rng(0)
     image = rng.integers(-1000, 400, (256, 256, 150)).astype(np.int16)
@@ -150,7 +150,7 @@ def test_one_case_builds_within_the_memory_the_build_plans_for(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    bound = measured["voxels"] * preprocessed.BYTES_PER_OUTPUT_VOXEL + preprocessed.BYTES_PER_CASE
+    bound = measured["voxels"] * cache.BYTES_PER_OUTPUT_VOXEL + cache.BYTES_PER_CASE
     assert measured["increase"] < bound, (measured, bound)
     assert os.path.isfile(tmp_path / "cache" / "i.json")
 

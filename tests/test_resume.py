@@ -15,7 +15,7 @@ import torch
 import main_desd
 import utils
 from models import create_model
-from tests.conftest import TINY_TRAIN_ARGS, run_main_desd, write_patches
+from tests.helpers import TINY_TRAIN_ARGS, run_main_desd, write_patches
 
 
 def tiny_run(root, out, *extra):

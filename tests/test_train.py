@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import create_model
-from tests.conftest import ROOT, TINY_TRAIN_ARGS, run_main_desd, write_patches
+from tests.helpers import ROOT, TINY_TRAIN_ARGS, free_port, run_main_desd, write_patches
 
 
 def tiny_run(root, out, *extra):
@@ -110,7 +110,7 @@ def test_unknown_arch_is_refused_by_the_command_line(patch_root, tmp_path):
 def test_two_process_gloo_run_through_torchrun(tmp_path):
     root = write_patches(str(tmp_path / "data"), n=8)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "main_desd.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "main_desd.py",
            "--data_path", root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "1", "--max_iters_per_epoch", "2",
            "--use_bn_in_head", "True"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -171,7 +171,7 @@ def test_only_rank_0_prints_and_other_ranks_keep_their_warnings(capsys):
 
 
 def test_plot_log_draws_several_runs_over_each_other(tmp_path):
-    from tools.plot_log import panels_for, plot_logs
+    from utils import panels_for, plot_logs
 
     for name, shift in (("desd", 0.0), ("dino", 0.5)):
         (tmp_path / name).mkdir()

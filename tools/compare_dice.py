@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from finetune import dice_table
+from downstream.metrics import dice_table
 
 
 def main(argv: list[str]) -> int:

@@ -11,8 +11,8 @@ Per stage it reports
   trained on the training cases' patches and scored by Dice on the held-out cases' patches.
 A JSON line per stage and a table; deterministic for a seed, on the CPU or CUDA.
 
-    python probe.py --data_dir data/Task03_Liver --checkpoint snapshots/desd/checkpoint.pth --arch res3d50
-    python probe.py --data_dir data/Task03_Liver --random --arch res3d50      # the baseline
+    python -m downstream.probe --data_dir data/Task03_Liver --checkpoint snapshots/desd/checkpoint.pth --arch res3d50
+    python -m downstream.probe --data_dir data/Task03_Liver --random --arch res3d50      # the baseline
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 import utils
+from downstream import patches
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
+from models.res3d import STAGE_NAMES
 
 PRESENT = 0.01  # an organ is "in the patch" when it covers at least this share of its voxels
 
@@ -39,7 +41,7 @@ def load_cases(data_dir: str, spacing: float) -> tuple[list[tuple[np.ndarray, np
     the pretraining orientation, and the class names (background excluded)."""
     from monai.transforms import Compose
 
-    import labelled
+    from downstream import labelled
 
     data = labelled.read_dataset(data_dir)
     transform = Compose(labelled.preprocessing(spacing))
@@ -53,18 +55,11 @@ def load_cases(data_dir: str, spacing: float) -> tuple[list[tuple[np.ndarray, np
 def sample_patches(cases, patch: tuple[int, int, int], per_case: int, seed: int):
     """`per_case` patches of each case at uniform random positions (zero-padded where the case is
     smaller): images (N, 1, D, H, W), labels (N, D, H, W) and the case index of each."""
-    rng = np.random.default_rng(seed)
-    images, labels, owner = [], [], []
-    for c, (img, lab) in enumerate(cases):
-        pad = [(0, max(0, p - s)) for p, s in zip(patch, img.shape)]
-        img, lab = np.pad(img, pad), np.pad(lab, pad)
-        for _ in range(per_case):
-            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(img.shape, patch)]
-            region = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            images.append(img[region])
-            labels.append(lab[region])
-            owner.append(c)
-    return torch.from_numpy(np.stack(images))[:, None], torch.from_numpy(np.stack(labels)).long(), np.array(owner)
+    anywhere = np.zeros((0, 4), np.int32)
+    images, labels, owner = patches.sample(
+        [(img, lab, anywhere) for img, lab in cases], patch, per_case, 0.0, np.random.default_rng(seed), per_case=True
+    )
+    return torch.from_numpy(images)[:, None], torch.from_numpy(labels).long(), owner
 
 
 @torch.no_grad()
@@ -147,7 +142,7 @@ def dense_probe(fmap: torch.Tensor, labels: torch.Tensor, train: np.ndarray, num
 
 # ============ label-efficiency probes: a converged linear head and k-NN on the coarse grid ============
 
-FEATURE_SETS = {"stage1": (0,), "stage2": (1,), "stage3": (2,), "stage4": (3,), "stages1-3": (0, 1, 2)}
+FEATURE_SETS = {**{name: (k,) for k, name in enumerate(STAGE_NAMES)}, "stages1-3": (0, 1, 2)}
 
 
 def stack_stages(maps: list[torch.Tensor], stages: tuple[int, ...]) -> torch.Tensor:
@@ -347,7 +342,7 @@ def sweep(
         stage1_grid = maps[0].shape[2:]
         rows[name] = {
             "dense": label_efficiency(sets, labels, owner, held_out, draws_by_count, num_classes, seed=seed),
-            "auc": {f"stage{k + 1}": _mean_auc(m.mean((2, 3, 4)).double().numpy(), present, owner, scored) for k, m in enumerate(maps)},
+            "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), present, owner, scored) for k, m in enumerate(maps)},
         }
     grid = stage1_grid or tuple(max(1, p // s) for p, s in zip(patch, (2, 4, 4)))
     rows["no network"] = {

@@ -23,8 +23,9 @@ import zlib
 
 import numpy as np
 
-import files
-import labelled
+from downstream import labelled
+from preprocessing import files
+from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES
 from preprocessing.runner import JobResult, run_jobs, summarise
 
 VERSION = 2  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
@@ -42,8 +43,8 @@ def settings(spacing: float) -> dict:
     return {
         "version": VERSION,
         "spacing_mm": float(spacing),
-        "orientation": labelled.PRETRAINING_AXCODES,
-        "hu_range": list(labelled.HU_RANGE),
+        "orientation": PRETRAINING_AXCODES,
+        "hu_range": list(HU_RANGE),
         "image_interpolation": "cubic spline, edge values beyond the border (separable)",
         "label_interpolation": "nearest",
     }
@@ -195,101 +196,3 @@ def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, f
             raise RuntimeError(f"{cache_dir}: case {case['id']} is not cached after preprocessing (was it changed meanwhile?)")
         records.append(meta)
     return records
-
-
-# ============ reading ============
-
-
-def crop(path: str, start, size) -> np.ndarray:
-    """The box [start, start + size) of the array stored at `path`, read through a memory map
-    that is dropped again; parts outside the array are zero (the padding SpatialPad adds)."""
-    arr = np.load(path, mmap_mode="r")
-    out = np.zeros(tuple(size), dtype=arr.dtype)
-    src, dst = [], []
-    for s, n, dim in zip(start, size, arr.shape):
-        lo, hi = max(s, 0), min(s + n, dim)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[tuple(dst)] = arr[tuple(src)]
-    del arr
-    return out
-
-
-def patch_start(centre, shape, size) -> list[int]:
-    """The corner of a `size` box around `centre` moved inside `shape`; a box larger than an
-    axis is centred on it (and padded by `crop`)."""
-    start = []
-    for c, dim, n in zip(centre, shape, size):
-        start.append((dim - n) // 2 if n >= dim else int(np.clip(c - n // 2, 0, dim - n)))
-    return start
-
-
-class PatchDataset:
-    """Training patches from the cache, `samples_per_volume` per visit of a case. A patch is
-    centred on a foreground voxel with probability pos_ratio / (pos_ratio + 1) (of a class
-    drawn uniformly among those the case holds, then a voxel of it, as nnU-Net samples), and
-    anywhere in the volume otherwise. Items are lists of {"image", "label"} (1, z, x, y) tensors,
-    augmented by `augment` (a MONAI dictionary transform), flattened into batches by MONAI's
-    list_data_collate. Each loader worker draws from its own generator, seeded by torch per
-    worker and epoch."""
-
-    def __init__(self, records: list[dict], patch_size, samples_per_volume: int, pos_ratio: float, augment=None):
-        self.records, self.patch = records, [int(n) for n in patch_size]
-        self.samples, self.pos_share = samples_per_volume, pos_ratio / (pos_ratio + 1.0)
-        self.augment = augment
-        self._rng, self._seed = None, None
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def rng(self) -> np.random.Generator:
-        import torch
-
-        seed = torch.initial_seed()  # differs per worker and per epoch of a seeded DataLoader
-        if self._seed != seed:
-            self._rng, self._seed = np.random.default_rng(seed), seed
-        return self._rng
-
-    def centre(self, record: dict, locations: np.ndarray, rng: np.random.Generator) -> list[int]:
-        if len(locations) and rng.random() < self.pos_share:
-            classes = np.unique(locations[:, 0])
-            rows = locations[locations[:, 0] == rng.choice(classes)]
-            return [int(v) for v in rows[rng.integers(len(rows)), 1:]]
-        return [int(rng.integers(dim)) for dim in record["shape"]]
-
-    def __getitem__(self, i: int) -> list[dict]:
-        import torch
-
-        record, rng = self.records[i], self.rng()
-        locations = np.load(record["locations"])
-        out = []
-        for _ in range(self.samples):
-            start = patch_start(self.centre(record, locations, rng), record["shape"], self.patch)
-            item = {
-                "image": torch.from_numpy(crop(record["image"], start, self.patch))[None],
-                "label": torch.from_numpy(crop(record["label"], start, self.patch))[None],
-                "image_path": record["source"],
-            }
-            out.append(self.augment(item) if self.augment is not None else item)
-        return out
-
-
-class VolumeDataset:
-    """Whole preprocessed volumes for validation: {"image" float32, "label" uint8} of shape
-    (1, z, x, y), read from the cache (no resampling at each validation)."""
-
-    def __init__(self, records: list[dict]):
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        import torch
-
-        record = self.records[i]
-        return {
-            "image": torch.from_numpy(np.load(record["image"]))[None],
-            "label": torch.from_numpy(np.load(record["label"]))[None],
-            "image_path": record["source"],
-        }

@@ -1,9 +1,9 @@
-"""The CPU intensity chain compiled from native/intensity.c: augment.apply_intensity's
+"""The CPU intensity chain compiled from augment/intensity.c: intensity.apply_intensity's
 arithmetic, fused so that each slice goes through every step while it sits in the cache.
-A loader worker spends most of its time in this chain; see README, Performance.
+A loader worker spends most of its time in this chain; see docs/performance.md.
 
 The library is built on first use with the system C compiler ($CC, else `cc`) into
-native/build/ (or ~/.cache/desd/ where the checkout is read-only): one file per source,
+augment/build/ (or ~/.cache/desd/ where the checkout is read-only): one file per source,
 compiler, flags and CPU, written under a temporary name and renamed, so processes that start
 together do not trip over each other. Where no compiler works, `library()` returns None after
 one warning and the torch chain runs instead. DESD_NATIVE=0 turns the library off.
@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "intensity.c")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "intensity.c")
 # -ffast-math lets the compiler use the C library's vector log and exp; -march=native the
 # CPU's widest vectors (the library is built per CPU), dropped where the compiler refuses it
 FLAG_SETS = (["-O3", "-ffast-math", "-march=native"], ["-O3", "-ffast-math"])
@@ -118,9 +118,9 @@ def _required() -> ctypes.CDLL:
 def apply_intensity(
     x: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Tensor | None, swap_hw: bool = False, key: int = 0
 ) -> torch.Tensor:
-    """augment.apply_intensity on the CPU with the compiled chain: x (B, D, H, W) float32,
-    params as `augment.draw_intensity_params` returns them, and standard normal noise of x's
-    shape, or None to draw it here under `key` (a 64-bit integer; see native/intensity.c).
+    """intensity.apply_intensity on the CPU with the compiled chain: x (B, D, H, W) float32,
+    params as `intensity.draw_intensity_params` returns them, and standard normal noise of x's
+    shape, or None to draw it here under `key` (a 64-bit integer; see augment/intensity.c).
     A given noise tensor's memory takes the result: (B, D, H, W), or (B, D, W, H) with
     swap_hw."""
     lib = _required()

@@ -15,7 +15,7 @@ that NIH's affine gives DeepLesion (docs/method.md, section 3). Then depth is mo
 network input is (1, z, x, y) with z running to inferior, x to posterior and y to the patient's
 left, as in pretraining, whatever the orientation the file was stored in.
 
-    python labelled.py --data_dir data/Dataset003_Liver      # the integrity check alone
+    python -m downstream.labelled --data_dir data/Dataset003_Liver      # the integrity check alone
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-PRETRAINING_AXCODES = "PLI"  # nibabel codes of the DeepLesion patches (NIH's affine)
+from preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES
+
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis codes name the direction an axis runs to, as nibabel's do
-HU_RANGE = (-1024.0, 1024.0)
 NIFTI = (".nii", ".nii.gz")
 
 
@@ -264,9 +264,9 @@ def preprocessing(spacing: float, keys=("image", "label"), grid_only: bool = Fal
 
 
 def scale_hu(data: dict) -> dict:
-    """The image clipped to HU_RANGE and divided by its bound (1024), in place: [-1, 1]."""
+    """The image clipped to HU_RANGE and divided by HU_SCALE, in place: [-1, 1]."""
     image = data["image"]
-    image.clamp_(*HU_RANGE).mul_(1.0 / HU_RANGE[1])
+    image.clamp_(*HU_RANGE).mul_(1.0 / HU_SCALE)
     return data
 
 
