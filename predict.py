@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -62,7 +63,42 @@ def find_images(path: str) -> list[str]:
     images = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(IMAGE_ENDINGS) and not f.startswith("."))
     if not images:
         raise FileNotFoundError(f"no image ({', '.join(IMAGE_ENDINGS)}) in {path!r}")
+    stems = {files.split_ending(os.path.basename(p))[0]: p for p in images}
+    # nnU-Net's channels: X_0001 beside X_0000 is a second channel of case X, not a case of its own
+    channels = [
+        p for stem, p in stems.items() if re.search(r"_\d{4}$", stem) and not stem.endswith("_0000") and f"{stem[:-5]}_0000" in stems
+    ]
+    if channels:
+        raise ValueError(
+            f"{path!r} holds images of a second channel ({', '.join(os.path.basename(p) for p in channels[:5])}"
+            f"{', ...' if len(channels) > 5 else ''}): the model takes one channel (CT, nnU-Net's _0000)"
+        )
     return images
+
+
+def output_path(image: str, out_dir: str) -> str:
+    """Where the label map of `image` goes: named after the case (nnU-Net's _0000 dropped), in
+    the image's format."""
+    stem, ext = files.split_ending(os.path.basename(image))
+    if stem.endswith("_0000"):  # nnU-Net's channel suffix: the prediction is named after the case
+        stem = stem[: -len("_0000")]
+    return os.path.join(out_dir, stem + ext)
+
+
+def check_outputs(images: list[str], out_dir: str) -> None:
+    """Refuse, before any work, outputs that would replace an input (the same path, or the same
+    file under another name) or each other, naming both files."""
+    inputs = {os.path.realpath(p): p for p in images}
+    seen: dict[str, str] = {}
+    for image in images:
+        out = output_path(image, out_dir)
+        real = os.path.realpath(out)
+        if real in inputs or (os.path.exists(out) and any(os.path.samefile(out, p) for p in images)):
+            other = inputs.get(real, out)
+            raise ValueError(f"the label map of {image!r} would be written over the input {other!r}: give another --output")
+        if real in seen:
+            raise ValueError(f"{image!r} and {seen[real]!r} would both be written to {out!r}: predict them into separate folders")
+        seen[real] = image
 
 
 @torch.no_grad()
@@ -110,14 +146,8 @@ def predict_file(model, run_args: dict, path: str, out_dir: str, tta: bool, over
     probs = segment(model, image[None].to(device), tuple(run_args["patch_size"]), overlap, tta)
     labels_zxy = probs.argmax(1)[0].cpu().numpy()
     result = to_input_grid(labels_zxy, grid_affine, item["image_input_grid"], path)
-    name = os.path.basename(path)
-    for ending in IMAGE_ENDINGS:
-        if name.endswith(ending):
-            stem, ext = name[: -len(ending)], ending
-            break
-    if stem.endswith("_0000"):  # nnU-Net's channel suffix: the prediction is named after the case
-        stem = stem[: -len("_0000")]
-    out = os.path.join(out_dir, stem + ext)
+    out = output_path(path, out_dir)
+    ext = files.split_ending(out)[1]
     files.write_atomic(out, lambda tmp: sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz")))
     return out
 
@@ -134,10 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     model, run_args = load_model(args.model, device)
     images = find_images(args.input)
+    check_outputs(images, args.output)
     os.makedirs(args.output, exist_ok=True)
+    failed = []
     for path in tqdm(images, desc="predict", unit="image"):
-        predict_file(model, run_args, path, args.output, args.tta, args.overlap, device)
-    print(f"{len(images)} label maps in {args.output}")
+        try:
+            predict_file(model, run_args, path, args.output, args.tta, args.overlap, device)
+        except Exception as err:  # one bad image does not stop the others; each is named at the end
+            failed.append(f"{path}: {type(err).__name__}: {err}")
+            print(f"ERROR: {failed[-1]}", file=sys.stderr, flush=True)
+    print(f"{len(images) - len(failed)} label maps in {args.output}")
+    if failed:
+        print(f"{len(failed)} image(s) could not be predicted:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

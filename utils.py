@@ -273,11 +273,10 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     """EMA of the student's parameters into the teacher's, paired by name (the teacher has a
     subset: the backbone and the last-stage head). Names missing from the student raise."""
     student_params = dict(student.named_parameters())
-    names, t_params, s_params = [], [], []
+    t_params, s_params = [], []
     for name, p in teacher.named_parameters():
         if name not in student_params:
             raise KeyError(f"teacher parameter {name!r} has no student counterpart")
-        names.append(name)
         t_params.append(p.data)
         s_params.append(student_params[name].detach().data)
     torch._foreach_mul_(t_params, momentum)

@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from preprocessing.files import split_ending
 from preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis codes name the direction an axis runs to, as nibabel's do
@@ -48,7 +49,6 @@ class LabelledSet:
     ignore: int | None = None
     layout: str = "msd"
     file_ending: str = ".nii.gz"
-    test_images: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -61,7 +61,7 @@ class LabelledSet:
 
 
 def _ext_of(path: str) -> str:
-    return ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+    return split_ending(path)[1]
 
 
 def read_dataset(data_dir: str) -> LabelledSet:
@@ -98,7 +98,6 @@ def read_dataset(data_dir: str) -> LabelledSet:
             name = os.path.basename(case["image"])
             case["id"] = name[: -len(_ext_of(name))]
             cases.append(case)
-        test = [os.path.normpath(os.path.join(data_dir, p if isinstance(p, str) else p["image"])) for p in meta.get("test", [])]
     elif "file_ending" in meta or "channel_names" in meta:
         layout, ending = "nnunetv2", meta.get("file_ending", ".nii.gz")
         channels = meta.get("channel_names", {"0": "CT"})
@@ -114,8 +113,6 @@ def read_dataset(data_dir: str) -> LabelledSet:
         ]
         if "numTraining" in meta and meta["numTraining"] != len(cases):
             raise ValueError(f"{path}: numTraining is {meta['numTraining']}, but {label_dir} holds {len(cases)} labels ending in {ending}")
-        ts = os.path.join(data_dir, "imagesTs")
-        test = sorted(os.path.join(ts, f) for f in os.listdir(ts) if f.endswith(f"_0000{ending}")) if os.path.isdir(ts) else []
     else:
         raise ValueError(f"{path}: neither a 'training' list (MSD) nor 'file_ending'/'channel_names' (nnU-Net v2)")
     for case in cases:
@@ -124,7 +121,7 @@ def read_dataset(data_dir: str) -> LabelledSet:
                 raise FileNotFoundError(f"{path}: {key} of case {case['id']} ({case[key]!r}) does not exist")
     if len(cases) < 2:
         raise ValueError(f"{path}: needs at least 2 labelled cases (one to train, one to validate), found {len(cases)}")
-    return LabelledSet(os.path.abspath(data_dir), cases, classes, ignore, layout, ending, test)
+    return LabelledSet(root=os.path.abspath(data_dir), cases=cases, classes=classes, ignore=ignore, layout=layout, file_ending=ending)
 
 
 # ============ splits ============

@@ -62,15 +62,14 @@ def teacher_backbone(ckpt: dict, path: str, part: str = "teacher") -> dict[str, 
 
 
 def check_layer1_shortcut(state: dict, expected: dict, path: str) -> None:
-    """Refuse a BasicBlock state that lacks the first stage's projection shortcut, which
-    every reference network has: it was written by this project before its res3d10/18/34 got
-    that shortcut, and computes another function than the reference's."""
+    """Refuse a BasicBlock state that lacks the first stage's projection shortcut, which every
+    reference network has at every depth: such weights compute another function."""
     missing = [k for k in LAYER1_SHORTCUT if k in expected and k not in state]
     if missing and "layer1.0.conv1.weight" in state and "layer1.0.conv3.weight" not in state:
         raise ValueError(
-            f"{path!r} lacks {', '.join(missing)}: it holds a BasicBlock net (res3d10/18/34) written by an earlier version of this "
-            "project, whose first stage had no projection shortcut. The reference's networks, and this project's now, have one at "
-            "every depth, so these weights compute another function; pretrain again with the current code."
+            f"{path!r} lacks {', '.join(missing)}: it holds a BasicBlock net (res3d10/18/34) whose first stage has no projection "
+            "shortcut. The reference's networks, and this project's, have one at every depth (docs/method.md, section 4), so these "
+            "weights compute another function; pretrain again with this code."
         )
 
 

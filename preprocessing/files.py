@@ -15,14 +15,21 @@ import re
 import shutil
 from collections.abc import Callable
 
+TWO_FILE_ENDINGS = (".mhd", ".nhdr")  # a header naming a data file beside it (.raw, .zraw, ...)
 PARTIAL = re.compile(r"^\..*\.partial(\d+)(\.nii\.gz|\.[^.]*)?$")
+
+
+def split_ending(name: str) -> tuple[str, str]:
+    """(stem, ending) of a file name, `.nii.gz` counted as one ending: the project's one rule."""
+    ending = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    return name[: len(name) - len(ending)], ending
 
 
 def partial_name(path: str) -> str:
     """The temporary name beside `path`, hidden and naming the writing process."""
     folder, name = os.path.split(path)
-    ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    return os.path.join(folder, f".{name[: len(name) - len(ext)]}.partial{os.getpid()}{ext}")
+    stem, ext = split_ending(name)
+    return os.path.join(folder, f".{stem}.partial{os.getpid()}{ext}")
 
 
 def previous_name(path: str) -> str:
@@ -36,32 +43,51 @@ def write_atomic(path: str, write: Callable[[str], None], keep_previous: bool = 
     the file already at `path` as it was and says so, naming a full disk where that is the
     cause (torch.save reports one only as "unexpected pos"). `fsync` flushes the data to disk
     before the rename, for files a power cut must not lose (checkpoints). With `keep_previous`
-    the replaced file is kept as `previous_name(path)`."""
+    the replaced file is kept as `previous_name(path)`. A format of two files (TWO_FILE_ENDINGS)
+    is written into a hidden temporary folder under the final names, then moved out data file
+    first and header last, so that no file of the result keeps a temporary name."""
     tmp = partial_name(path)
-    try:
+    if path.endswith(TWO_FILE_ENDINGS):
+        os.makedirs(tmp)
+        target = os.path.join(tmp, os.path.basename(path))
         try:
-            write(tmp)
-            if fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        except (OSError, RuntimeError) as err:
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
-            raise OSError(
-                errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
-                f"could not write {path!r}{': the disk is full' if full else ''} ({err}); "
-                f"{free / 2**20:.0f} MiB free there. "
-                f"{'The file already there is unchanged.' if os.path.exists(path) else 'Nothing was written.'}",
-            ) from err
+            _write_reporting(path, target, write, fsync)
+            header = os.path.basename(path)
+            for name in sorted(os.listdir(tmp), key=lambda n: n == header):  # the header last
+                os.replace(os.path.join(tmp, name), os.path.join(os.path.dirname(os.path.abspath(path)), name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    try:
+        _write_reporting(path, tmp, write, fsync)
         if keep_previous and os.path.exists(path):
             os.replace(path, previous_name(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_reporting(path: str, tmp: str, write: Callable[[str], None], fsync: bool) -> None:
+    """write(tmp), flushed to disk with `fsync`; a failure is reported for `path`, naming a
+    full disk where that is the cause."""
+    try:
+        write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except (OSError, RuntimeError) as err:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+        raise OSError(
+            errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
+            f"could not write {path!r}{': the disk is full' if full else ''} ({err}); "
+            f"{free / 2**20:.0f} MiB free there. "
+            f"{'The file already there is unchanged.' if os.path.exists(path) else 'Nothing was written.'}",
+        ) from err
 
 
 def pid_alive(pid: int) -> bool:
@@ -91,7 +117,11 @@ def remove_stale_partials(folder: str) -> int:
         m = PARTIAL.match(f)
         if m and not pid_alive(int(m.group(1))):
             try:
-                os.remove(os.path.join(folder, f))
+                path = os.path.join(folder, f)
+                if os.path.isdir(path):  # a two-file format's temporary folder
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
                 removed += 1
             except FileNotFoundError:  # its owner renamed it meanwhile
                 pass

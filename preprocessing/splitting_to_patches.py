@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import SimpleITK as sitk
 
-from preprocessing.files import remove_stale_partials, write_atomic
+from preprocessing.files import remove_stale_partials, split_ending, write_atomic
 from preprocessing.runner import JobResult, nifti_problem, run_jobs, summarise
 
 TILE, STRIDE, MAX_ROWS = 24, 12, 320
@@ -57,7 +57,7 @@ def split_volume(volume: np.ndarray) -> list[np.ndarray]:
 
 
 def stem_of(name: str) -> str:
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+    return split_ending(name)[0]
 
 
 def patch_names(name: str, depth: int, ext: str) -> list[str]:

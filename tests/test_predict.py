@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -60,3 +61,59 @@ def test_a_dataset_folder_predicts_its_imagests_in_a_rotated_geometry(trained, t
     ref = sitk.ReadImage(str(task / "imagesTs" / "x_0000.nii.gz"))
     assert out.GetSize() == ref.GetSize() and np.allclose(out.GetDirection(), ref.GetDirection())
     assert np.allclose(out.GetOrigin(), ref.GetOrigin())
+
+
+def _msd_folder(trained, folder):
+    """Two MSD-style images (no _0000) in `folder`, as a user's imagesTr holds them."""
+    os.makedirs(folder)
+    for case in ("c2", "c3"):
+        shutil.copy(trained / "task" / "imagesTr" / f"{case}.nii.gz", folder / f"{case}.nii.gz")
+    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+
+def test_an_output_folder_that_is_the_input_folder_is_refused_before_any_work(trained, tmp_path, capsys):
+    folder = tmp_path / "images"
+    before = _msd_folder(trained, folder)
+    with pytest.raises(ValueError, match=r"c2.nii.gz' would be written over the input .*c2.nii.gz"):
+        predict.main(["--model", str(trained / "out"), "--input", str(folder), "--output", str(folder), "--device", "cpu"])
+    assert {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))} == before  # every input as it was
+    link = tmp_path / "link"
+    os.symlink(folder, link)  # the same folder under another name
+    with pytest.raises(ValueError, match="would be written over the input"):
+        predict.main(["--model", str(trained / "out"), "--input", str(folder), "--output", str(link), "--device", "cpu"])
+
+
+def test_two_inputs_with_one_output_name_and_a_second_channel_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("x_0000.nii.gz", "x.nii.gz"):
+        (tmp_path / "a" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"would both be written to .*x.nii.gz"):
+        predict.check_outputs(predict.find_images(str(tmp_path / "a")), str(tmp_path / "out"))
+    (tmp_path / "b").mkdir()
+    for name in ("x_0000.nii.gz", "x_0001.nii.gz", "case_0001.nii.gz"):
+        (tmp_path / "b" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"second channel \(x_0001.nii.gz\)"):  # case_0001 alone is a case, not a channel
+        predict.find_images(str(tmp_path / "b"))
+
+
+def test_a_bad_image_is_named_the_others_are_predicted_and_the_exit_status_says_so(trained, tmp_path, capsys):
+    folder = tmp_path / "images"
+    _msd_folder(trained, folder)
+    (folder / "broken.nii.gz").write_bytes(b"not a volume")
+    status = predict.main(["--model", str(trained / "out"), "--input", str(folder), "--output", str(tmp_path / "p"), "--device", "cpu"])
+    assert status == 1
+    assert sorted(os.listdir(tmp_path / "p")) == ["c2.nii.gz", "c3.nii.gz"]
+    err = capsys.readouterr().err
+    assert "1 image(s) could not be predicted" in err and "broken.nii.gz" in err
+
+
+def test_a_two_file_prediction_keeps_no_temporary_name_and_survives_the_clean_up(trained, tmp_path):
+    from preprocessing import files
+
+    image = sitk.ReadImage(str(trained / "task" / "imagesTr" / "c3.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "c3.mhd"))
+    assert predict.main(["--model", str(trained / "out"), "--input", str(tmp_path / "c3.mhd"), "--output", str(tmp_path / "p")]) == 0
+    written = sorted(os.listdir(tmp_path / "p"))
+    assert written == ["c3.mhd", "c3.raw"] or written == ["c3.mhd", "c3.zraw"]
+    files.remove_stale_partials(str(tmp_path / "p"))
+    assert sitk.ReadImage(str(tmp_path / "p" / "c3.mhd")).GetSize() == image.GetSize()  # its data file is the one it names
