@@ -28,7 +28,7 @@ from preprocessing import files
 from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES
 from preprocessing.runner import JobResult, run_jobs, summarise
 
-VERSION = 2  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
+VERSION = 3  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
 LOCATIONS_PER_CLASS = 10000
 # peak memory of preprocessing one case beyond the process's own: a bound per voxel of its
 # resampled grid (the float32 input, its reoriented copy and the output, the label's), plus the

@@ -79,8 +79,14 @@ def read_dataset(data_dir: str) -> LabelledSet:
     if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD: index -> name
         classes = {int(k): str(v) for k, v in labels.items()}
     else:  # nnU-Net v2 (and MSD files written the other way round): name -> index
+        regions = [k for k, v in labels.items() if isinstance(v, list | tuple)]
+        if regions:
+            raise ValueError(
+                f"{path}: region-based labels ({', '.join(regions)} map to lists of values, nnU-Net's 'regions') are not supported; "
+                "give one integer per class"
+            )
         try:
-            classes = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list | tuple)}
+            classes = {int(v): str(k) for k, v in labels.items()}
         except (TypeError, ValueError):
             raise ValueError(f"{path}: 'labels' must map indices to names or names to integer indices, got {labels}") from None
         for name, index in list(classes.items()):
@@ -115,7 +121,13 @@ def read_dataset(data_dir: str) -> LabelledSet:
             raise ValueError(f"{path}: numTraining is {meta['numTraining']}, but {label_dir} holds {len(cases)} labels ending in {ending}")
     else:
         raise ValueError(f"{path}: neither a 'training' list (MSD) nor 'file_ending'/'channel_names' (nnU-Net v2)")
+    seen: dict[str, dict] = {}
     for case in cases:
+        if case["id"] in seen:
+            raise ValueError(
+                f"{path}: two cases named {case['id']!r} ({seen[case['id']]['image']} and {case['image']}); case names must be unique"
+            )
+        seen[case["id"]] = case
         for key in ("image", "label"):
             if not os.path.isfile(case[key]):
                 raise FileNotFoundError(f"{path}: {key} of case {case['id']} ({case[key]!r}) does not exist")
@@ -175,6 +187,27 @@ def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
     return arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK's LPS to nibabel's and MONAI's RAS
 
 
+LABEL_TOLERANCE = 1e-3  # a stored label value within this of an integer is that integer (float files)
+
+
+def label_values(arr: np.ndarray, path: str) -> np.ndarray:
+    """A label map as uint8 classes, read exactly: a float value within LABEL_TOLERANCE of an
+    integer is rounded to it (never truncated: 0.99998 is class 1); any other value, or one
+    outside 0-255, is refused naming the file and the value furthest off."""
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.asarray(arr, dtype=np.float64)
+        nearest = np.rint(arr)
+        off = np.nan_to_num(np.abs(arr - nearest), nan=np.inf)
+        if off.size and off.max() > LABEL_TOLERANCE:
+            raise ValueError(
+                f"{path}: label value {float(arr.flat[int(off.argmax())])!r} is not a class index (integers within {LABEL_TOLERANCE} expected)"
+            )
+        arr = nearest
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"{path}: label values {arr.min():g} .. {arr.max():g} outside 0-255; is this an image rather than a label map?")
+    return arr.astype(np.uint8)
+
+
 class LoadCT:
     """MONAI-style dictionary transform: read `keys` with `read_volume` into MetaTensors of
     shape (1, x, y, z) with their affine (images float32, labels uint8)."""
@@ -193,7 +226,7 @@ class LoadCT:
             if arr.ndim != 3:
                 raise ValueError(f"{data[key]}: expected a single-channel 3-D volume, got shape {arr.shape}")
             # in the file's memory order (Fortran for NIfTI): a C-order copy would be a slow transpose
-            arr = arr.astype(np.float32 if key == "image" else np.uint8)
+            arr = arr.astype(np.float32) if key == "image" else label_values(arr, data[key])
             if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
                 arr = np.ascontiguousarray(arr)
             out[key] = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
@@ -296,43 +329,73 @@ def _orientation(path: str) -> tuple[tuple, tuple, tuple]:
     return tuple(h.GetSize()), tuple(h.GetSpacing()), nib.aff2axcodes(affine)
 
 
+ORIGIN_TOLERANCE_MM = 1e-3  # plus 1e-5 of the coordinate, as numpy's allclose
+DIRECTION_TOLERANCE = 1e-4  # per direction cosine
+UNDECLARED_SHOWN = 10  # undeclared label values listed per file
+
+
+def _geometry(path: str) -> dict:
+    """Shape, spacing, origin and direction from the file's header (SimpleITK's reading of
+    every format alike, so that image and label compare in one convention), and axis codes."""
+    h = _header(path)
+    if h.GetNumberOfComponents() != 1 or h.GetDimension() != 3:
+        raise ValueError(f"{h.GetDimension()}-D with {h.GetNumberOfComponents()} channels; expected one channel in 3-D (CT)")
+    shape, spacing, codes = _orientation(path)
+    return {"shape": shape, "spacing": spacing, "codes": codes, "origin": h.GetOrigin(), "direction": h.GetDirection()}
+
+
 def check_integrity(data: LabelledSet, spacing_tolerance: float = 1e-3) -> list[str]:
     """Every problem of the set, each naming its file: unreadable files, multi-channel images,
-    image and label of different shape, orientation or spacing, label values not declared."""
+    a label that is its image, image and label of different shape, orientation, spacing,
+    origin or direction (within the tolerances above, as nnU-Net's check compares them),
+    label values that are not integers or not declared (a bounded list)."""
     problems = []
     allowed = {0, *data.classes} | ({data.ignore} if data.ignore is not None else set())
     for case in data.cases:
+        if os.path.realpath(case["image"]) == os.path.realpath(case["label"]) or os.path.samefile(case["image"], case["label"]):
+            problems.append(f"{case['label']}: the label is the image file itself")
+            continue
         geometry = {}
         for key in ("image", "label"):
             path = case[key]
             try:
-                h = _header(path)
-                if h.GetNumberOfComponents() != 1 or h.GetDimension() != 3:
-                    problems.append(
-                        f"{path}: {h.GetDimension()}-D with {h.GetNumberOfComponents()} channels; expected one channel in 3-D (CT)"
-                    )
-                    continue
-                geometry[key] = _orientation(path)
+                geometry[key] = _geometry(path)
+            except ValueError as err:
+                problems.append(f"{path}: {err}")
             except Exception as err:
                 problems.append(f"{path}: unreadable ({str(err).strip().splitlines()[-1]})")
         if len(geometry) < 2:
             continue
-        (ishape, ispacing, icodes), (lshape, lspacing, lcodes) = geometry["image"], geometry["label"]
-        if ishape != lshape:
-            problems.append(f"{case['label']}: shape {lshape} differs from its image's {ishape}")
-        if icodes != lcodes:
-            problems.append(f"{case['label']}: orientation {''.join(lcodes)} differs from its image's {''.join(icodes)}")
-        if not np.allclose(ispacing, lspacing, rtol=spacing_tolerance, atol=spacing_tolerance):
-            problems.append(f"{case['label']}: spacing {lspacing} differs from its image's {ispacing}")
+        image, label = geometry["image"], geometry["label"]
+        if image["shape"] != label["shape"]:
+            problems.append(f"{case['label']}: shape {label['shape']} differs from its image's {image['shape']}")
+        if image["codes"] != label["codes"]:
+            problems.append(f"{case['label']}: orientation {''.join(label['codes'])} differs from its image's {''.join(image['codes'])}")
+        if not np.allclose(image["spacing"], label["spacing"], rtol=spacing_tolerance, atol=spacing_tolerance):
+            problems.append(f"{case['label']}: spacing {label['spacing']} differs from its image's {image['spacing']}")
+        if not np.allclose(image["origin"], label["origin"], atol=ORIGIN_TOLERANCE_MM):
+            shift = float(np.linalg.norm(np.subtract(label["origin"], image["origin"])))
+            problems.append(f"{case['label']}: origin {tuple(round(v, 3) for v in label['origin'])} is {shift:.3g} mm from its image's")
+        if not np.allclose(image["direction"], label["direction"], rtol=0, atol=DIRECTION_TOLERANCE):
+            cosines = np.clip(np.sum(np.reshape(image["direction"], (3, 3)) * np.reshape(label["direction"], (3, 3)), 0), -1, 1)
+            problems.append(
+                f"{case['label']}: direction differs from its image's (axes turned by up to {np.degrees(np.arccos(cosines.min())):.3g} degrees)"
+            )
         try:
-            values = set(np.unique(read_volume(case["label"])[0]).astype(int).tolist())
+            values = set(np.unique(label_values(read_volume(case["label"])[0], case["label"])).tolist())
+        except ValueError as err:
+            problems.append(str(err))
+            continue
         except Exception as err:
             problems.append(f"{case['label']}: unreadable ({err})")
             continue
-        if values - allowed:
-            problems.append(
-                f"{case['label']}: label values {sorted(values - allowed)} are not declared in dataset.json (declared {sorted(allowed)})"
+        undeclared = sorted(values - allowed)
+        if undeclared:
+            shown = ", ".join(map(str, undeclared[:UNDECLARED_SHOWN])) + (
+                f", ... ({len(undeclared)} in all)" if len(undeclared) > UNDECLARED_SHOWN else ""
             )
+            hint = "; is this an image rather than a label map?" if len(undeclared) > 2 * UNDECLARED_SHOWN else ""
+            problems.append(f"{case['label']}: label values [{shown}] are not declared in dataset.json (declared {sorted(allowed)}){hint}")
     return problems
 
 

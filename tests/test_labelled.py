@@ -119,3 +119,74 @@ def test_integrity_check_lists_every_problem_with_its_file(tmp_path):
     assert "liver_002.nii.gz: spacing" in text
     assert "liver_003_0000.nii.gz" in text and "channels" in text
     assert labelled.main(["--data_dir", root]) == 1
+
+
+def _relabel(root, case, array=None, affine=None):
+    """Rewrite one case's label with another array or affine (NIfTI)."""
+    path = os.path.join(root, "labelsTr", f"case{case}.nii.gz")
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) if array is None else array, img.affine if affine is None else affine), path)
+    return path
+
+
+def test_a_label_off_its_image_by_origin_or_direction_is_found(tmp_path):
+    root = write_msd(str(tmp_path / "t"))
+    shifted = NIH.copy()
+    shifted[:3, 3] += (20.0, 0.0, 0.0)  # 20 mm off along x
+    turn = np.radians(20)
+    rotation = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
+    rotated = NIH.copy()
+    rotated[:3, :3] = rotation @ NIH[:3, :3]  # still ('P', 'L', 'I'): the axis codes alone pass it
+    assert nib.aff2axcodes(rotated) == nib.aff2axcodes(NIH)
+    moved, turned = _relabel(root, 0, affine=shifted), _relabel(root, 1, affine=rotated)
+    problems = labelled.check_integrity(labelled.read_dataset(root))
+    assert any(p.startswith(moved) and "20 mm from its image's" in p for p in problems), problems
+    assert any(p.startswith(turned) and "direction differs" in p and "20 degrees" in p for p in problems), problems
+    assert not any(p.startswith(os.path.join(root, "labelsTr", "case2")) for p in problems)
+
+
+def test_float_labels_are_rounded_to_their_class_and_others_refused(tmp_path):
+    root = write_msd(str(tmp_path / "t"))
+    _, lab = volume(0)
+    stored = lab.astype(np.float32) - 2e-5 * (lab > 0)  # 0.99998 and 1.99998, as some writers store them
+    _relabel(root, 0, array=stored)
+    data = labelled.read_dataset(root)
+    assert labelled.check_integrity(data) == []
+    item = labelled.LoadCT(("label",))({"label": data.cases[0]["label"]})
+    assert np.array_equal(item["label"][0].numpy(), lab)  # never truncated to 0 and 1
+    _relabel(root, 1, array=lab.astype(np.float32) * 0.6)
+    problems = labelled.check_integrity(labelled.read_dataset(root))
+    assert any("case1.nii.gz: label value 0.6" in p and "not a class index" in p for p in problems), problems
+
+
+def test_a_label_that_is_the_image_and_undeclared_values_are_named_in_a_bounded_list(tmp_path):
+    root = write_msd(str(tmp_path / "t"))
+    meta = json.loads(open(os.path.join(root, "dataset.json")).read())
+    meta["training"][0]["label"] = meta["training"][0]["image"]
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    noisy = np.random.default_rng(0).integers(0, 200, volume(1)[1].shape).astype(np.uint8)
+    _relabel(root, 1, array=noisy)
+    problems = labelled.check_integrity(labelled.read_dataset(root))
+    assert any("case0.nii.gz: the label is the image file itself" in p for p in problems), problems
+    listing = next(p for p in problems if "case1.nii.gz" in p)
+    assert "(197 in all)" in listing and "is this an image" in listing and len(listing) < 400
+
+
+def test_region_labels_and_duplicate_case_names_are_refused_by_name(tmp_path):
+    root = write_nnunet(str(tmp_path / "nn"))
+    meta = json.loads(open(os.path.join(root, "dataset.json")).read())
+    meta["labels"]["whole"] = [1, 2]
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"region-based labels \(whole map to lists"):
+        labelled.read_dataset(root)
+    msd = write_msd(str(tmp_path / "msd"))
+    os.makedirs(os.path.join(msd, "more"))
+    os.replace(os.path.join(msd, "imagesTr", "case2.nii.gz"), os.path.join(msd, "more", "case1.nii.gz"))
+    meta = json.loads(open(os.path.join(msd, "dataset.json")).read())
+    meta["training"][2]["image"] = "./more/case1.nii.gz"
+    with open(os.path.join(msd, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="two cases named 'case1'"):
+        labelled.read_dataset(msd)
