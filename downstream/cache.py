@@ -10,13 +10,16 @@ Per case, in `<cache>/`:
 - `<id>.locations.npy`: int32 (n, 4) rows (class, z, x, y), up to `LOCATIONS_PER_CLASS`
   foreground voxels of each class, drawn once, where patches centred on foreground come from;
 - `<id>.json`, written last: shape, the classes present and the fingerprint. A case is reused
-  only when its fingerprint equals the current one: the preprocessing settings and version,
-  and the path, size and modification time of its image and label files. Any other case is
-  preprocessed again; an interrupted build leaves no `.json`, so it is redone.
+  only when its fingerprint equals the current one (the preprocessing settings and version,
+  and the path, size, modification time and a content sample of its image and label files)
+  and its arrays are what the record says (shape, dtype and file size from each `.npy`
+  header; object arrays are never loaded). Any other case is preprocessed again, naming the
+  damaged file; an interrupted build leaves no `.json`, so it is redone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zlib
@@ -50,12 +53,56 @@ def settings(spacing: float) -> dict:
     }
 
 
+SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 4096  # the fingerprint's content sample: the first 64 KiB and 16 blocks spread over the file
+
+
+def content_sample(path: str) -> str:
+    """A hash of the file's first 64 KiB (the header and more) and of 16 blocks of 4 KiB spread
+    evenly over the rest: an edit that keeps the size and the modification time still changes
+    it (for compressed files, any edit does), at the cost of reading about 130 KiB."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(16 * SAMPLE_BYTES))
+        for k in range(SAMPLE_BLOCKS):
+            f.seek(16 * SAMPLE_BYTES + (max(size - 17 * SAMPLE_BYTES, 0) * k) // max(SAMPLE_BLOCKS - 1, 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:32]
+
+
 def input_fingerprint(case: dict) -> dict:
+    """Per input file: its path, size, modification time and content sample."""
     fp = {}
     for key in ("image", "label"):
         st = os.stat(case[key])
-        fp[key] = [os.path.abspath(case[key]), st.st_size, st.st_mtime_ns]
+        fp[key] = [os.path.abspath(case[key]), st.st_size, st.st_mtime_ns, content_sample(case[key])]
     return fp
+
+
+def array_problem(path: str, shape=None, dtype=None, columns: int | None = None) -> str | None:
+    """Why the `.npy` at `path` is not the array its record says (None when it is), from its
+    header and size alone: a missing or cut-short file, another shape or dtype, or an object
+    array (a pickle, never loaded)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except (OSError, ValueError) as err:
+        return f"unreadable ({err})"
+    stored_shape, _, stored_dtype = header
+    if stored_dtype.hasobject:
+        return "holds Python objects (a pickle), which are never loaded"
+    if dtype is not None and stored_dtype != np.dtype(dtype):
+        return f"dtype {stored_dtype}, expected {np.dtype(dtype)}"
+    if shape is not None and list(stored_shape) != list(shape):
+        return f"shape {tuple(stored_shape)}, expected {tuple(shape)}"
+    if columns is not None and (len(stored_shape) != 2 or stored_shape[1] != columns):
+        return f"shape {tuple(stored_shape)}, expected (n, {columns})"
+    expected = offset + int(np.prod(stored_shape)) * stored_dtype.itemsize
+    if os.path.getsize(path) != expected:
+        return f"{os.path.getsize(path)} bytes, expected {expected} (cut short?)"
+    return None
 
 
 def default_dir(data_dir: str, spacing: float) -> str:
@@ -79,8 +126,16 @@ def read_meta(cache_dir: str, case: dict, spacing: float) -> dict | None:
         return None
     if meta.get("settings") != settings(spacing) or meta.get("inputs") != input_fingerprint(case):
         return None
-    if not all(os.path.isfile(p[k]) for k in ("image", "label", "locations")):
-        return None
+    expected = {
+        "image": (meta.get("shape"), np.float32, None),
+        "label": (meta.get("shape"), np.uint8, None),
+        "locations": (None, np.int32, 4),
+    }
+    for key, (shape, dtype, columns) in expected.items():
+        problem = array_problem(p[key], shape, dtype, columns)
+        if problem:
+            print(f"cache: {p[key]} {problem}; case {case['id']} is preprocessed again", flush=True)
+            return None
     return {**meta, **{k: p[k] for k in ("image", "label", "locations")}, "source": case["image"]}
 
 

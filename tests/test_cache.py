@@ -103,3 +103,39 @@ def test_a_parallel_build_after_torch_has_run_finishes(task, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "3"
+
+
+def test_a_cut_short_or_foreign_array_in_the_cache_is_redone_naming_it(task, tmp_path, capsys):
+    folder = tmp_path / "cache"
+    records = cache.build(task.cases, 2.0, str(folder))
+    image = folder / f"{task.cases[0]['id']}.image.npy"
+    with open(image, "r+b") as f:
+        f.truncate(os.path.getsize(image) // 2)  # a copy or a disk that gave out half-way
+    np.save(folder / f"{task.cases[1]['id']}.label.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    capsys.readouterr()
+    rebuilt = cache.build(task.cases, 2.0, str(folder))
+    out = capsys.readouterr().out
+    assert "2 written, 1 skipped" in out
+    assert f"{image} " in out and "cut short" in out and "a pickle" in out
+    for old, new in zip(records, rebuilt):
+        assert np.array_equal(np.load(old["image"]), np.load(new["image"])) and np.load(new["label"]).dtype == np.uint8
+
+
+def test_an_edit_that_keeps_size_and_time_is_seen(tmp_path, capsys):
+    write_cube_task(str(tmp_path / "task"), n=3)
+    meta = json.loads((tmp_path / "task" / "dataset.json").read_text())
+    label = tmp_path / "task" / "labelsTr" / "c1.nii"
+    img = nib.load(tmp_path / "task" / "labelsTr" / "c1.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.uint8), img.affine), label)  # uncompressed: an edit keeps the size
+    meta["training"][1]["label"] = "./labelsTr/c1.nii"
+    (tmp_path / "task" / "dataset.json").write_text(json.dumps(meta))
+    data = labelled.read_dataset(str(tmp_path / "task"))
+    cache.build(data.cases, 2.0, str(tmp_path / "cache"))
+    st = os.stat(label)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), label)
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(label).st_size == st.st_size and os.stat(label).st_mtime_ns == st.st_mtime_ns
+    capsys.readouterr()
+    records = cache.build(data.cases, 2.0, str(tmp_path / "cache"))
+    assert "1 written, 2 skipped" in capsys.readouterr().out
+    assert not np.load(records[1]["label"]).any()
