@@ -189,6 +189,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be a finite positive number, got {getattr(args, name)}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight_decay must be finite and non-negative, got {args.weight_decay}")
+    if args.lr > 0.1:
+        print(f"WARNING: --lr {args.lr:g} is far above what AdamW fine-tunes with (1e-4 to 1e-2): check it", flush=True)
 
 
 def check_rerun(args: argparse.Namespace) -> dict | None:
@@ -271,6 +273,18 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     device = utils.init_distributed_mode(args)
+    lock = None
+    if utils.is_main_process():  # one live run per output folder
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock = utils.RunLock(args.output_dir).acquire()
+    try:
+        return fine_tune(args, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
     utils.settle_vector_math()  # before any arithmetic: see its docstring
     torch.manual_seed(args.seed + args.rank)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -598,6 +598,9 @@ def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, name: str = "c
     utils.save_atomic(state, os.path.join(args.output_dir, name), keep_previous=name == "checkpoint.pth")
 
 
+PLAUSIBLE_PEAK_LR = {"adamw": 0.1, "sgd": 10.0}  # above these a peak learning rate is almost surely a typo (SGD and LARS alike)
+
+
 def warn_about_schedule(args: argparse.Namespace, lr_schedule: np.ndarray, global_batch: int, steps_per_epoch: int) -> None:
     """Learning-rate settings that make a run learn nothing, said before it starts."""
     peak = args.lr * global_batch / 256.0
@@ -608,6 +611,13 @@ def warn_about_schedule(args: argparse.Namespace, lr_schedule: np.ndarray, globa
         print(
             f"WARNING: the peak learning rate {peak:.3g} (--lr {args.lr} x {global_batch} / 256) is below --min_lr {args.min_lr}, "
             "which is not scaled: the cosine schedule rises instead of falling. Scale --min_lr with the batch too."
+        )
+    optimizer = getattr(args, "optimizer", "sgd")
+    plausible = PLAUSIBLE_PEAK_LR["adamw" if optimizer == "adamw" else "sgd"]
+    if peak > plausible:
+        print(
+            f"WARNING: the peak learning rate {peak:.3g} is above {plausible:g}, far beyond what {optimizer} trains with "
+            "(the published SGD peak is 0.225, DINO's AdamW 5e-4 at batch 256): check --lr"
         )
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} is longer than the run ({args.epochs} epochs): it never leaves the warm-up")

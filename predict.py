@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import utils
 from downstream import labelled
 from models import create_model
 from models.pretrained import load_checkpoint
@@ -166,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     images = find_images(args.input)
     check_outputs(images, args.output)
     os.makedirs(args.output, exist_ok=True)
+    lock = utils.RunLock(args.output, flag="--output").acquire()  # one live prediction per output folder
+    try:
+        return predict_all(model, run_args, images, args, device)
+    finally:
+        lock.release()
+
+
+def predict_all(model, run_args: dict, images: list[str], args: argparse.Namespace, device: torch.device) -> int:
+    """Every image in turn; one that fails is named and the others go on. Exit status 1 if any failed."""
     failed = []
     for path in tqdm(images, desc="predict", unit="image"):
         try:

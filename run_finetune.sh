@@ -6,7 +6,7 @@
 #   DATA_DIR [data/Task03_Liver]  PRETRAINED [snapshots/DeSD_res3d50/checkpoint.pth; empty: from scratch]
 #   OUTPUT_DIR [snapshots/finetune_res3d50_desd, or ..._scratch without PRETRAINED: each run its own folder]
 #   NPROC_PER_NODE [number of GPUs, or 1]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]
-#   MASTER_PORT [29501]  PYTHON [python]
+#   MASTER_PORT [a free port on one node; 29501 on several]  PYTHON [python]
 # Extra arguments are passed on to finetune.py, e.g. --train_fraction 0.1 --epochs 200
 set -e
 cd "$(dirname "$0")"
@@ -17,13 +17,20 @@ OUTPUT_DIR=${OUTPUT_DIR:-snapshots/finetune_res3d50_$([ -n "$PRETRAINED" ] && ec
 GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}
 DEVICE=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
+if [ -z "$MASTER_PORT" ]; then
+  if [ "${NNODES:-1}" -eq 1 ]; then
+    MASTER_PORT=$($PYTHON -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  else
+    MASTER_PORT=29501  # every node must name the same port
+  fi
+fi
 
 $PYTHON -m torch.distributed.run \
   --nproc_per_node="$NPROC_PER_NODE" \
   --nnodes="${NNODES:-1}" \
   --node_rank="${NODE_RANK:-0}" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" \
-  --master_port="${MASTER_PORT:-29501}" \
+  --master_port="$MASTER_PORT" \
   finetune.py \
   --data_dir "$DATA_DIR" \
   --output_dir "$OUTPUT_DIR" \

@@ -4,7 +4,8 @@
 # Settings from the environment (defaults in brackets):
 #   DATA_PATH [data/DeepLesion]  LIST_PATH [SSL_data_deeplesion.txt]  OUTPUT_DIR [snapshots/DeSD_res3d50]
 #   NPROC_PER_NODE [number of GPUs, or 1 process on the CPU when there is none]
-#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]
+#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]
+#   MASTER_PORT [a free port on one node, so that two runs on one machine do not collide; 29500 on several]
 #   MAX_RESTARTS [0]: torchrun restarts the workers this many times after a failure; each
 #                     restart resumes from OUTPUT_DIR/checkpoint.pth.
 #   PYTHON [python]
@@ -21,7 +22,13 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+if [ -z "$MASTER_PORT" ]; then
+  if [ "$NNODES" -eq 1 ]; then
+    MASTER_PORT=$($PYTHON -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  else
+    MASTER_PORT=29500  # every node must name the same port
+  fi
+fi
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 DEVICE=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
 mkdir -p "$OUTPUT_DIR"

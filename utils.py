@@ -396,8 +396,9 @@ class RunLock:
     its holder. Taken with O_EXCL; a lock whose holder is gone (same host, PID not alive) is
     taken over; one held by a live process, or by another host, is refused with its owner."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, flag: str = "--output_dir"):
         self.path = os.path.join(folder, "run.lock")
+        self.flag = flag  # the command's flag for another folder, named in the refusal
         self.held = False
 
     def acquire(self) -> RunLock:
@@ -416,7 +417,7 @@ class RunLock:
                     continue
                 raise RuntimeError(
                     f"{os.path.dirname(self.path)!r} is in use by another run (PID {owner.get('pid')} on {owner.get('host')}, "
-                    f"since {owner.get('started')}); use another --output_dir, or delete {self.path!r} if that run is gone"
+                    f"since {owner.get('started')}); use another {self.flag}, or delete {self.path!r} if that run is gone"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

@@ -19,6 +19,7 @@ Per case, in `<cache>/`:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -160,6 +161,8 @@ def preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
     except Exception as err:
         while err.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
             err = err.__cause__
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # the cache's disk, not the input
+            return JobResult(case["id"], error=f"{cache_dir}: the disk is full ({err})")
         return JobResult(case["id"], error=f"{case['image']}: {type(err).__name__}: {err}")
 
 
@@ -234,7 +237,14 @@ def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, f
     a complete cache. Fails naming every case that could not be preprocessed."""
     import functools
 
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write the preprocessed cache {cache_dir!r} ({err.strerror or err}): give a writable folder with --preprocessed_dir"
+        ) from None
     files.remove_stale_partials(cache_dir)
     order = cases[first::step] + [c for i, c in enumerate(cases) if i % step != first]
     todo = [c for c in order if read_meta(cache_dir, c, spacing) is None]

@@ -199,3 +199,18 @@ def test_preprocessing_killed_at_random_points_and_rerun_equals_an_uninterrupted
             b = sitk.GetArrayFromImage(sitk.ReadImage(str(killed / folder / name)))
             assert np.array_equal(a, b), f"{folder}/{name}"
     assert (clean / "SSL_data_deeplesion.txt").read_text() == (killed / "SSL_data_deeplesion.txt").read_text()
+
+
+@pytest.mark.parametrize("script", ["run_ssl.sh", "run_finetune.sh"])
+def test_the_launch_scripts_pick_a_free_port_on_one_node_and_a_shared_one_on_several(script, tmp_path):
+    fake = tmp_path / "python"  # runs the scripts' own python snippets; prints the torchrun command instead of running it
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo "$@"; exit 0; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out")}
+
+    def port(**extra):
+        out = subprocess.run(["sh", script], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, check=True).stdout
+        return int(out.split("--master_port=")[1].split()[0])
+
+    assert port() not in (29500, 29501) and port(MASTER_PORT="31234") == 31234
+    assert port(NNODES="2") in (29500, 29501)

@@ -264,3 +264,28 @@ def test_an_nnunet_v2_dataset_of_mha_files_with_an_ignore_label_and_a_fold_fine_
     out, ref = sitk.ReadImage(str(tmp_path / "pred" / "liver_009.mha")), sitk.ReadImage(test_image)
     assert out.GetSize() == ref.GetSize() and np.allclose(out.GetSpacing(), ref.GetSpacing())
     assert np.allclose(out.GetOrigin(), ref.GetOrigin()) and np.allclose(out.GetDirection(), ref.GetDirection())
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused_and_the_cache_names_an_unwritable_folder(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from downstream import cache, labelled
+
+    write_cube_task(str(tmp_path / "task"), n=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(json.dumps({"pid": holder.pid, "host": __import__("socket").gethostname(), "started": "now"}))
+        parser = argparse.ArgumentParser(parents=[finetune.get_args_parser()])
+        args = parser.parse_args(["--data_dir", str(tmp_path / "task"), "--output_dir", str(out), "--device", "cpu", "--lr", "5"])
+        with pytest.raises(RuntimeError, match=r"is in use by another run \(PID"):
+            finetune.main(args)
+        assert "WARNING: --lr 5 is far above" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match=r"cannot write the preprocessed cache .*--preprocessed_dir"):
+        cache.build(labelled.read_dataset(str(tmp_path / "task")).cases, 2.0, str(tmp_path / "file" / "cache"))

@@ -198,6 +198,10 @@ def test_schedule_warnings_name_an_unscaled_min_lr_a_tiny_peak_and_a_warm_up_lon
     assert "too small to learn" in capsys.readouterr().out
     main_desd.warn_about_schedule(argparse.Namespace(lr=0.3, min_lr=0.048, warmup_epochs=10, epochs=300), None, 192, 10)
     assert "WARNING" not in capsys.readouterr().out  # the published setting
+    main_desd.warn_about_schedule(argparse.Namespace(lr=1e30, min_lr=0.048, warmup_epochs=10, epochs=300), None, 192, 10)
+    assert "check --lr" in capsys.readouterr().out
+    main_desd.warn_about_schedule(argparse.Namespace(lr=1.0, min_lr=1e-6, warmup_epochs=1, epochs=7, optimizer="adamw"), None, 256, 10)
+    assert "far beyond what adamw trains with" in capsys.readouterr().out
 
 
 def test_kl_is_logged_per_stage_as_the_loss_minus_the_teacher_entropy(patch_root, tmp_path, capsys):
