@@ -13,6 +13,7 @@ sees exactly the views an uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import math
@@ -59,19 +60,33 @@ class ViewConfig:
 
 
 def read_list(data_path: str, list_path: str) -> list[str]:
-    """Entries of a list file (one path relative to data_path a line), all checked to exist."""
+    """Entries of a list file (one path relative to data_path a line), all checked to exist as
+    files. Blank lines, `#` comments and a byte-order mark are skipped; an entry listed twice is
+    kept (it is sampled twice as often) with a warning."""
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"data path {data_path!r} is not a directory")
     full = list_path if os.path.isabs(list_path) else os.path.join(data_path, list_path)
     if not os.path.isfile(full):
         raise FileNotFoundError(f"list file {full!r} does not exist (expected one patch path a line)")
-    with open(full) as f:
-        entries = [line.strip() for line in f if line.strip()]
-    if not entries:
+    with open(full, encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is not part of the first entry
+        numbered = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not numbered:
         raise ValueError(f"list file {full!r} is empty: run preprocessing/splitting_to_patches.py first")
-    for lineno, entry in enumerate(entries, 1):
-        if not os.path.isfile(os.path.join(data_path, entry)):
-            raise FileNotFoundError(f"list file {full!r}, entry {lineno}: {os.path.join(data_path, entry)!r} does not exist")
+    for lineno, entry in numbered:
+        path = os.path.join(data_path, entry)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"list file {full!r}, line {lineno}: {path!r} is a folder, not a patch file")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"list file {full!r}, line {lineno}: {path!r} does not exist")
+    entries = [e for _, e in numbered]
+    counts = collections.Counter(entries)
+    repeated = len(entries) - len(counts)
+    if repeated:
+        first = next(e for e, n in counts.items() if n > 1)
+        print(
+            f"WARNING: list file {full!r} names {repeated} entr{'y' if repeated == 1 else 'ies'} more than once (e.g. {first!r}); "
+            "each is sampled as often as it is listed"
+        )
     return [os.path.join(data_path, e) for e in entries]
 
 

@@ -274,6 +274,8 @@ def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     device = utils.init_distributed_mode(args)
     lock = None
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise NotADirectoryError(f"--output_dir {args.output_dir!r} is a file, not a folder")
     if utils.is_main_process():  # one live run per output folder
         os.makedirs(args.output_dir, exist_ok=True)
         lock = utils.RunLock(args.output_dir).acquire()

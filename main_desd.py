@@ -253,6 +253,8 @@ def validate_args(args: argparse.Namespace) -> None:
             )
     if not args.data_path:
         raise ValueError("--data_path is required (the folder that holds DL_patches_v2/ and the list file)")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise NotADirectoryError(f"--output_dir {args.output_dir!r} is a file, not a folder")
     positive = ("lr", "warmup_teacher_temp", "teacher_temp")
     non_negative = ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs", "warmup_teacher_temp_epochs")
     for name in positive + non_negative:
@@ -269,6 +271,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 # the stored arguments that shape a run's state: a resumed run must have the same
+# stored arguments a resume may change, with a warning: they change the schedules or the data, not the state's shape
+RESUME_NOTES = ("batch_size_per_gpu", "accum_iter", "data_path", "list_path")
 STATE_SETTINGS = ("arch", "out_dim", "stage_weights", "use_bn_in_head", "norm_last_layer", "optimizer", "local_crops_number")
 
 
@@ -276,6 +280,13 @@ def check_resumable(ckpt: dict, path: str, args: argparse.Namespace) -> None:
     """Refuse to resume a checkpoint whose run had other state-shaping settings, naming each,
     or one of a BasicBlock net without the reference's layer1 shortcut."""
     differ = utils.setting_differences(ckpt.get("args") or {}, args, STATE_SETTINGS)
+    changed = utils.setting_differences(ckpt.get("args") or {}, args, RESUME_NOTES)
+    if changed and utils.is_main_process():
+        print(
+            f"WARNING: resuming {path!r} with other settings: {'; '.join(changed)}. The schedules and the order of the patches "
+            "follow this run's settings from here on.",
+            flush=True,
+        )
     if differ:
         raise ValueError(
             f"{path!r} is a run with other settings: {'; '.join(differ)}. Resume with the same settings, "

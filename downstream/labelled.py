@@ -70,8 +70,11 @@ def read_dataset(data_dir: str) -> LabelledSet:
     path = os.path.join(data_dir, "dataset.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist: expected an MSD or nnU-Net v2 dataset folder")
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); is the file cut short?") from None
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise ValueError(f"{path}: no 'labels' mapping")
@@ -99,7 +102,9 @@ def read_dataset(data_dir: str) -> LabelledSet:
     if "training" in meta:
         layout, ending = "msd", ".nii.gz"
         cases = []
-        for entry in meta["training"]:
+        for n, entry in enumerate(meta["training"]):
+            if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+                raise ValueError(f"{path}: training entry {n} ({entry!r}) needs both 'image' and 'label'")
             case = {k: os.path.normpath(os.path.join(data_dir, entry[k])) for k in ("image", "label")}
             name = os.path.basename(case["image"])
             case["id"] = name[: -len(_ext_of(name))]
@@ -145,13 +150,23 @@ def split_cases(cases: list[dict], split_file: str = "", fold: int = 0, val_frac
     if not split_file:
         order = np.random.default_rng(seed).permutation(len(cases))
         n_val = max(1, int(round(val_fraction * len(cases))))
+        if n_val >= len(cases):
+            raise ValueError(
+                f"--val_fraction {val_fraction} of {len(cases)} cases leaves no case to train on; use a smaller fraction or more cases"
+            )
         return [cases[i] for i in sorted(order[n_val:])], [cases[i] for i in sorted(order[:n_val])]
-    with open(split_file) as f:
-        split = json.load(f)
+    try:
+        with open(split_file) as f:
+            split = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{split_file}: not valid JSON ({err})") from None
     if isinstance(split, list):  # splits_final.json
         if not 0 <= fold < len(split):
             raise ValueError(f"{split_file} holds {len(split)} folds; --fold {fold} is not one of them")
         split = split[fold]
+    if not isinstance(split, dict) or not {"train", "val"} <= set(split):
+        found = sorted(split) if isinstance(split, dict) else type(split).__name__
+        raise ValueError(f"{split_file}: expected keys 'train' and 'val' (found {found}), or nnU-Net's splits_final.json list of them")
     by_id = {c["id"]: c for c in cases}
     by_name = {os.path.basename(c["image"]): c for c in cases}
 

@@ -62,10 +62,17 @@ def read_series_spacing(csv_path: str) -> tuple[dict[str, str], list[str]]:
         line = raw[: err.start].count(b"\n") + 1
         text = raw.decode("latin-1")
         warnings.append(f"{csv_path}: not UTF-8 (first at line {line}); read as Latin-1")
+    if not text.strip():
+        raise ValueError(f"{csv_path}: the file is empty ({len(raw)} bytes); expected DeepLesion's DL_info.csv")
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [c for c in ("Patient_index", "Study_index", "Series_ID", "Spacing_mm_px_") if c not in (reader.fieldnames or [])]
+    reader.fieldnames = [name.strip() for name in reader.fieldnames or []]  # "Spacing_mm_px_ " as some editors save it
+    missing = [c for c in ("Patient_index", "Study_index", "Series_ID", "Spacing_mm_px_") if c not in reader.fieldnames]
     if missing:
-        raise ValueError(f"{csv_path}: missing columns {missing}; expected DeepLesion's DL_info.csv")
+        header = text.splitlines()[0]
+        hint = next(
+            (f"; its columns are separated by {sep!r}, not commas" for sep in (";", "\t") if sep in header and "," not in header), ""
+        )
+        raise ValueError(f"{csv_path}: missing columns {missing}{hint}; expected DeepLesion's DL_info.csv")
     spacing: dict[str, str] = {}
     conflicts: dict[str, set[str]] = {}
     seen: set[tuple] = set()
@@ -187,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or os.path.join(args.data_root, "Images_nifti")
     if not os.path.isdir(png_dir):
         raise SystemExit(f"PNG folder {png_dir!r} does not exist")
+    if os.path.isdir(csv_path):
+        raise SystemExit(f"CSV file {csv_path!r} is a folder; give DeepLesion's DL_info.csv with --csv")
     if not os.path.isfile(csv_path):
         raise SystemExit(f"CSV file {csv_path!r} does not exist")
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_partials(out_dir)
-    spacing, warnings = read_series_spacing(csv_path)
+    try:
+        spacing, warnings = read_series_spacing(csv_path)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     for w in warnings:
         print(f"WARNING {w}", file=sys.stderr)
     folders = sorted(d for d in os.listdir(png_dir) if os.path.isdir(os.path.join(png_dir, d)))

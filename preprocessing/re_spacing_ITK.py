@@ -63,8 +63,10 @@ def output_grid(image: sitk.Image, new_spacing: float = 1.0) -> tuple[list[int],
 def resample_volume(image: sitk.Image, new_spacing: float = 1.0, hu_range=HU_RANGE) -> sitk.Image:
     """Clip, then resample to `new_spacing` mm with cubic B-splines on the edge-aligned grid
     (separably, mirrored at the edges: the values of SimpleITK's B-spline and of the
-    reference's resize); int16 out, within the clipped input's range."""
-    arr = np.clip(sitk.GetArrayFromImage(image).astype(np.float32, copy=False), *hu_range)  # (z, y, x)
+    reference's resize); int16 out, within the clipped input's range. Non-finite voxels count as
+    the lower bound (air)."""
+    arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)  # (z, y, x)
+    arr = np.clip(np.nan_to_num(arr, copy=False, nan=hu_range[0], posinf=hu_range[1], neginf=hu_range[0]), *hu_range)
     low, high = float(arr.min()), float(arr.max())
     size, spacing, origin = output_grid(image, new_spacing)
     positions = [edge_aligned_positions(n, m) for n, m in zip(arr.shape, size[::-1])]
@@ -93,6 +95,20 @@ def resample_file(name: str, in_dir: str, out_dir: str, spacing: float = 1.0) ->
     if image.GetDimension() != 3:
         raise ValueError(f"{in_path}: expected a 3-D volume, got {image.GetDimension()}-D")
     result.warnings += geometry_warnings(in_path, image, spacing)
+    stored = nib.load(in_path)
+    if stored.get_data_dtype().kind == "f":  # ITK reads NaN voxels as 0 HU: find them with nibabel
+        bad = ~np.isfinite(np.asanyarray(stored.dataobj))  # (x, y, z), the file's voxel order
+        if bad.all():
+            raise ValueError(f"{in_path}: no finite voxel (all NaN or infinite)")
+        if bad.any():
+            result.warnings.append(f"{in_path}: {int(bad.sum())} NaN or infinite voxels, read as {HU_RANGE[0]:g} HU (air)")
+            voxels = sitk.GetArrayFromImage(image)  # (z, y, x)
+            voxels[bad.transpose(2, 1, 0)] = HU_RANGE[0]
+            fixed = sitk.GetImageFromArray(voxels)
+            fixed.CopyInformation(image)
+            image = fixed
+    if image.GetSize()[2] == 1:
+        result.warnings.append(f"{in_path}: a single slice; its patches will be almost all padding in depth")
     resampled = resample_volume(image, spacing)
     write_atomic(out_path, lambda tmp: sitk.WriteImage(resampled, tmp, useCompression=tmp.endswith(".gz")))
     result.written.append(name)

@@ -64,6 +64,9 @@ def patch_names(name: str, depth: int, ext: str) -> list[str]:
     return [f"{stem_of(name)}_dep{k}{ext}" for k in range(len(tile_starts(depth)))]
 
 
+SMALL_SIDE, SMALL_DEPTH = 96, 16  # the global view: a patch smaller than it is padded, warned about
+
+
 def split_file(name: str, in_dir: str, out_dir: str, ext: str) -> JobResult:
     result = JobResult(name=name)
     in_path = os.path.join(in_dir, name)
@@ -82,6 +85,12 @@ def split_file(name: str, in_dir: str, out_dir: str, ext: str) -> JobResult:
     if all(os.path.exists(os.path.join(out_dir, n)) for n in names):
         result.skipped.extend(names)
         return result
+    size = reader.GetSize()  # (x, y, z)
+    if min(size[:2]) < SMALL_SIDE or size[2] < SMALL_DEPTH:
+        result.warnings.append(
+            f"{in_path}: {size[0]} x {size[1]} x {size[2]} voxels, smaller than the views ({SMALL_SIDE} in-plane, {SMALL_DEPTH} slices): "
+            "its patches will be mostly padding"
+        )
     image = reader.Execute()
     tiles = split_volume(sitk.GetArrayFromImage(image).astype(np.int16))
     for patch_name, tile in zip(names, tiles):

@@ -142,8 +142,20 @@ def test_list_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         read_list(str(tmp_path), "list.txt")
     (tmp_path / "list.txt").write_text("DL_patches_v2/nope.nii.gz\n")
-    with pytest.raises(FileNotFoundError, match="entry 1.*nope.nii.gz"):
+    with pytest.raises(FileNotFoundError, match="line 1.*nope.nii.gz"):
         read_list(str(tmp_path), "list.txt")
+
+
+def test_list_files_skip_comments_and_a_byte_order_mark_and_name_folders_and_repeats(tmp_path, capsys):
+    root = write_patches(str(tmp_path / "d"), n=2)
+    names = open(os.path.join(root, "SSL_data_deeplesion.txt")).read().split()
+    listing = "\ufeff" + "# written by hand\n" + "\n".join([names[0], names[1], names[0]]) + "\n"
+    (tmp_path / "d" / "hand.txt").write_text(listing, encoding="utf-8")
+    assert read_list(root, "hand.txt") == [os.path.join(root, n) for n in (names[0], names[1], names[0])]
+    assert "names 1 entry more than once" in capsys.readouterr().out
+    (tmp_path / "d" / "hand.txt").write_text(names[0] + "\nDL_patches_v2\n")
+    with pytest.raises(IsADirectoryError, match="line 2: .*DL_patches_v2' is a folder"):
+        read_list(root, "hand.txt")
 
 
 def test_unreadable_patch_stops_by_default_and_is_replaced_when_asked(tmp_path):

@@ -190,3 +190,28 @@ def test_region_labels_and_duplicate_case_names_are_refused_by_name(tmp_path):
         json.dump(meta, f)
     with pytest.raises(ValueError, match="two cases named 'case1'"):
         labelled.read_dataset(msd)
+
+
+def test_a_cut_short_dataset_json_an_entry_without_label_and_odd_splits_are_named(tmp_path):
+    root = write_msd(str(tmp_path / "t"), n=4)
+    path = os.path.join(root, "dataset.json")
+    whole = open(path).read()
+    with open(path, "w") as f:
+        f.write(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"dataset.json: not valid JSON .*cut short"):
+        labelled.read_dataset(root)
+    meta = json.loads(whole)
+    del meta["training"][1]["label"]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"training entry 1 .* needs both 'image' and 'label'"):
+        labelled.read_dataset(root)
+    with open(path, "w") as f:
+        f.write(whole)
+    cases = labelled.read_dataset(root).cases
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"training": ["case0"], "val": ["case1"]}))
+    with pytest.raises(ValueError, match=r"expected keys 'train' and 'val' \(found \['training', 'val'\]\)"):
+        labelled.split_cases(cases, str(split))
+    with pytest.raises(ValueError, match=r"--val_fraction 0.99 of 4 cases leaves no case to train on"):
+        labelled.split_cases(cases, "", val_fraction=0.99)

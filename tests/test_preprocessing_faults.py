@@ -216,3 +216,49 @@ def test_a_zombie_owner_counts_as_gone():
         assert not pid_alive(child.pid) and pid_alive(os.getpid())
     finally:
         child.wait()
+
+
+def test_unusable_csv_files_are_named_with_their_problem_and_no_traceback(tmp_path):
+    root = tmp_path / "dl"
+    write_series(str(root), "000001_01_01", [1, 2])
+    csv_path = root / "DL_info.csv"
+    header = csv_path.read_text().splitlines()[0]
+    cases = {
+        "": "the file is empty",
+        header.replace(",", ";") + "\n": "separated by ';', not commas",
+    }
+    for text, message in cases.items():
+        csv_path.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            s1.main(["--data_root", str(root), "--workers", "1"])
+    csv_path.unlink()
+    csv_path.mkdir()
+    with pytest.raises(SystemExit, match="is a folder"):
+        s1.main(["--data_root", str(root), "--workers", "1"])
+
+
+def test_a_csv_header_with_trailing_spaces_is_read(tmp_path):
+    root = tmp_path / "dl"
+    write_series(str(root), "000001_01_01", [1, 2])
+    csv_path = root / "DL_info.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([",".join(f"{c} " for c in lines[0].split(",")), *lines[1:]]) + "\n")
+    assert s1.main(["--data_root", str(root), "--workers", "1"]) == 0
+    assert os.listdir(root / "Images_nifti") == ["000001_01_01_001-002.nii.gz"]
+
+
+def test_nan_voxels_all_nan_and_single_slice_volumes_are_warned_about_or_refused(tmp_path, capsys):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    arr = np.full((5, 40, 40), 40.0, np.float32)
+    arr[2, 3:6, 3:6] = np.nan
+    make_volume(str(src / "000001_01_01_001-005.nii.gz"), arr, (1.0, 1.0, 1.0))
+    make_volume(str(src / "000002_01_01_001-005.nii.gz"), np.full((5, 40, 40), np.nan, np.float32), (1.0, 1.0, 1.0))
+    make_volume(str(src / "000003_01_01_001-001.nii.gz"), np.zeros((1, 40, 40), np.int16), (1.0, 1.0, 1.0))
+    assert s2.main(["--in_dir", str(src), "--out_dir", str(dst), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "000001_01_01_001-005.nii.gz: 9 NaN or infinite voxels, read as -1024 HU (air)" in err
+    assert "000002_01_01_001-005.nii.gz: no finite voxel" in err and "000003_01_01_001-001.nii.gz: a single slice" in err
+    out = sitk.GetArrayFromImage(sitk.ReadImage(str(dst / "000001_01_01_001-005.nii.gz")))
+    assert out.min() >= -1024 and out[2, 4, 4] < 0  # the NaNs became air, not 0 HU
+    assert sorted(os.listdir(dst)) == ["000001_01_01_001-005.nii.gz", "000003_01_01_001-001.nii.gz"]

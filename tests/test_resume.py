@@ -75,6 +75,15 @@ def test_a_resumed_run_with_other_settings_is_refused_naming_each(patch_root, tm
     assert not (tmp_path / "out" / "run.lock").exists()  # released on the way out
 
 
+def test_a_resume_with_another_batch_size_or_list_file_says_so(capsys):
+    args = main_desd.get_args_parser().parse_args(["--arch", "res3d10", "--data_path", "x", "--batch_size_per_gpu", "4"])
+    stored = {**vars(args), "batch_size_per_gpu": 8, "list_path": "other.txt"}
+    state = {f"module.backbone.{k}": v for k, v in create_model("res3d10").state_dict().items()}
+    main_desd.check_resumable({"args": stored, "teacher": state}, "old.pth", args)
+    out = capsys.readouterr().out
+    assert "WARNING: resuming 'old.pth' with other settings: batch_size_per_gpu 8 (this run: 4); list_path other.txt" in out
+
+
 def test_a_basicblock_checkpoint_of_the_earlier_layout_is_refused_on_resume(tmp_path):
     args = main_desd.get_args_parser().parse_args(["--arch", "res3d10", "--data_path", "x"])
     state = {f"module.backbone.{k}": v for k, v in create_model("res3d10").state_dict().items() if "layer1.0.downsample" not in k}
