@@ -227,15 +227,18 @@ def build_data(args: argparse.Namespace, device: torch.device):
     """The labelled set (checked for integrity first), its split, the cache built for this
     process's share, and the training and validation loaders."""
     data = labelled.read_dataset(args.data_dir)
-    problems = labelled.check_integrity(data)
+    cache_dir = args.preprocessed_dir or cache.default_dir(args.data_dir, args.spacing)
+    known_good = cache.checked_cases(data.cases, args.spacing, cache_dir)  # unchanged since they passed: not read again
+    problems = labelled.check_integrity(data, known_good=known_good)
     if problems:
         raise ValueError(f"{args.data_dir}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
+    if known_good:
+        print(f"Integrity: {len(data.cases) - len(known_good)} case(s) checked, {len(known_good)} unchanged since their check.")
     train_cases, val_cases = labelled.split_cases(data.cases, args.split_file, args.fold, args.val_fraction, args.seed)
     if args.train_fraction < 1.0:
         keep = max(1, int(round(args.train_fraction * len(train_cases))))
         train_cases = [train_cases[i] for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train_cases))[:keep])]
-    cache_dir = args.preprocessed_dir or cache.default_dir(args.data_dir, args.spacing)
-    records = cache.build(train_cases + val_cases, args.spacing, cache_dir, args.num_workers, args.rank, args.world_size)
+    records = cache.build(train_cases + val_cases, args.spacing, cache_dir, args.num_workers, args.rank, args.world_size, checked=True)
     train_records, val_records = records[: len(train_cases)], records[len(train_cases) :]
     train_ds = patches.PatchDataset(train_records, args.patch_size, args.samples_per_volume, args.pos_ratio, patch_augmentation())
     sampler = DistributedSampler(train_ds, args.world_size, args.rank, shuffle=True, seed=args.seed) if args.world_size > 1 else None

@@ -117,7 +117,15 @@ def paths(cache_dir: str, case_id: str) -> dict[str, str]:
     return {"image": f"{base}.image.npy", "label": f"{base}.label.npy", "locations": f"{base}.locations.npy", "meta": f"{base}.json"}
 
 
-def read_meta(cache_dir: str, case: dict, spacing: float) -> dict | None:
+def checked_cases(cases: list[dict], spacing: float, cache_dir: str) -> set[str]:
+    """Ids of the cases whose cache record matches their files and holds a passed integrity
+    check: `labelled.check_integrity` need not read them again."""
+    if not os.path.isdir(cache_dir):
+        return set()
+    return {c["id"] for c in cases if (read_meta(cache_dir, c, spacing, quiet=True) or {}).get("integrity_checked")}
+
+
+def read_meta(cache_dir: str, case: dict, spacing: float, quiet: bool = False) -> dict | None:
     """The cached case's record if it is complete and its fingerprint matches, else None."""
     p = paths(cache_dir, case["id"])
     try:
@@ -135,7 +143,8 @@ def read_meta(cache_dir: str, case: dict, spacing: float) -> dict | None:
     for key, (shape, dtype, columns) in expected.items():
         problem = array_problem(p[key], shape, dtype, columns)
         if problem:
-            print(f"cache: {p[key]} {problem}; case {case['id']} is preprocessed again", flush=True)
+            if not quiet:
+                print(f"cache: {p[key]} {problem}; case {case['id']} is preprocessed again", flush=True)
             return None
     return {**meta, **{k: p[k] for k in ("image", "label", "locations")}, "source": case["image"]}
 
@@ -153,11 +162,13 @@ def foreground_locations(label: np.ndarray, rng: np.random.Generator) -> np.ndar
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
-def preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
-    """One case into the cache; skipped when its record already matches. A failure is
-    returned naming the case and its image, for the summary."""
+def preprocess_case(case: dict, spacing: float, cache_dir: str, checked: bool = False) -> JobResult:
+    """One case into the cache; skipped when its record already matches. `checked`: the case
+    passed the integrity check, which its record then keeps (`labelled.check_integrity` need not
+    read it again while the record matches). A failure is returned naming the case and its
+    image, for the summary."""
     try:
-        return _preprocess_case(case, spacing, cache_dir)
+        return _preprocess_case(case, spacing, cache_dir, checked)
     except Exception as err:
         while err.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
             err = err.__cause__
@@ -166,10 +177,23 @@ def preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
         return JobResult(case["id"], error=f"{case['image']}: {type(err).__name__}: {err}")
 
 
-def _preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
+def _write_meta(path: str, meta: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+
+    files.write_atomic(path, write)
+
+
+def _preprocess_case(case: dict, spacing: float, cache_dir: str, checked: bool) -> JobResult:
     from monai.transforms import Compose
 
-    if read_meta(cache_dir, case, spacing) is not None:
+    p = paths(cache_dir, case["id"])
+    record = read_meta(cache_dir, case, spacing)
+    if record is not None:
+        if checked and not record.get("integrity_checked"):
+            with open(p["meta"]) as f:
+                _write_meta(p["meta"], {**json.load(f), "integrity_checked": True})
         return JobResult(case["id"], skipped=[case["id"]])
     item = Compose(labelled.preprocessing(spacing))({"image": case["image"], "label": case["label"]})
     image = np.ascontiguousarray(item["image"][0].numpy(), dtype=np.float32)
@@ -177,7 +201,6 @@ def _preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
     if image.shape != label.shape:
         raise ValueError(f"{case['image']}: preprocessed image {image.shape} and label {label.shape} differ")
     locations = foreground_locations(label, np.random.default_rng(zlib.crc32(case["id"].encode())))
-    p = paths(cache_dir, case["id"])
     for key, arr in (("image", image), ("label", label), ("locations", locations)):
         files.write_atomic(p[key], lambda tmp, arr=arr: np.save(tmp, arr))
     meta = {
@@ -186,13 +209,9 @@ def _preprocess_case(case: dict, spacing: float, cache_dir: str) -> JobResult:
         "classes_present": sorted(int(c) for c in np.unique(locations[:, 0])),
         "settings": settings(spacing),
         "inputs": input_fingerprint(case),
+        "integrity_checked": checked,
     }
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-
-    files.write_atomic(p["meta"], write)
+    _write_meta(p["meta"], meta)
     return JobResult(case["id"], written=[case["id"]])
 
 
@@ -230,7 +249,9 @@ def processes_for(cases: list[dict], spacing: float, workers: int) -> int:
     return min(workers, fit)
 
 
-def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, first: int = 0, step: int = 1) -> list[dict]:
+def build(
+    cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, first: int = 0, step: int = 1, checked: bool = False
+) -> list[dict]:
     """Preprocess what is not cached yet (a tqdm bar, then a summary) and return the cached
     records of `cases`, in order. Processes of one distributed run pass `first`/`step` (rank,
     world size): each starts on its own share and then checks the rest, so all of them return
@@ -249,7 +270,7 @@ def build(cases: list[dict], spacing: float, cache_dir: str, workers: int = 1, f
     order = cases[first::step] + [c for i, c in enumerate(cases) if i % step != first]
     todo = [c for c in order if read_meta(cache_dir, c, spacing) is None]
     workers = processes_for(todo, spacing, min(workers, len(todo)))  # 1 when nothing is left to do
-    job = functools.partial(preprocess_case, spacing=spacing, cache_dir=cache_dir)
+    job = functools.partial(preprocess_case, spacing=spacing, cache_dir=cache_dir, checked=checked)
     results = run_jobs(job, order, workers, desc=f"preprocessing to {spacing:g} mm", start_method="spawn")
     if summarise(results, f"preprocessed cache {cache_dir}"):
         failed = [f"{r.name}: {r.error}" for r in results if r.error]

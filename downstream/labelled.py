@@ -359,14 +359,17 @@ def _geometry(path: str) -> dict:
     return {"shape": shape, "spacing": spacing, "codes": codes, "origin": h.GetOrigin(), "direction": h.GetDirection()}
 
 
-def check_integrity(data: LabelledSet, spacing_tolerance: float = 1e-3) -> list[str]:
+def check_integrity(data: LabelledSet, spacing_tolerance: float = 1e-3, known_good: set[str] = frozenset()) -> list[str]:
     """Every problem of the set, each naming its file: unreadable files, multi-channel images,
     a label that is its image, image and label of different shape, orientation, spacing,
     origin or direction (within the tolerances above, as nnU-Net's check compares them),
-    label values that are not integers or not declared (a bounded list)."""
+    label values that are not integers or not declared (a bounded list). Cases in `known_good`
+    (ids whose unchanged files passed before: `cache.checked_cases`) are not read again."""
     problems = []
     allowed = {0, *data.classes} | ({data.ignore} if data.ignore is not None else set())
     for case in data.cases:
+        if case["id"] in known_good:
+            continue
         if os.path.realpath(case["image"]) == os.path.realpath(case["label"]) or os.path.samefile(case["image"], case["label"]):
             problems.append(f"{case['label']}: the label is the image file itself")
             continue

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from preprocessing.files import remove_stale_partials, write_atomic
-from preprocessing.runner import JobResult, run_jobs, spacing_warnings, summarise
+from preprocessing.runner import JobResult, make_output_dir, run_jobs, spacing_warnings, summarise
 
 HU_OFFSET = 32768
 CSV_COLUMNS = (
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"CSV file {csv_path!r} is a folder; give DeepLesion's DL_info.csv with --csv")
     if not os.path.isfile(csv_path):
         raise SystemExit(f"CSV file {csv_path!r} does not exist")
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir)
     remove_stale_partials(out_dir)
     try:
         spacing, warnings = read_series_spacing(csv_path)

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from preprocessing.files import remove_stale_partials, write_atomic
 from preprocessing.network_input import HU_RANGE
 from preprocessing.resample import edge_aligned_positions, resample_axes
-from preprocessing.runner import JobResult, nifti_problem, run_jobs, spacing_warnings, summarise
+from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
 
 MAX_SIDE = 1024  # a resampled axis longer than this is seldom a CT sub-volume
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or os.path.join(args.data_root, "Images_nifti_spacing")
     if not os.path.isdir(in_dir):
         raise SystemExit(f"input folder {in_dir!r} does not exist: run DL_save_nifti.py first")
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir)
     remove_stale_partials(out_dir)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1 if args.workers > 1 else os.cpu_count() or 1)
     names = sorted(f for f in os.listdir(in_dir) if f.endswith((".nii.gz", ".nii")) and not f.startswith("."))

@@ -116,3 +116,13 @@ def summarise(results: list[JobResult], what: str) -> int:
     for r in failed:
         print(f"  FAILED {r.name}: {r.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def make_output_dir(path: str, flag: str = "--out_dir") -> None:
+    """Create a script's output folder, or stop naming it and the flag that picks another."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"cannot create the output folder {path!r} ({err.strerror or err}): give a writable one with {flag}") from None
+    if not os.access(path, os.W_OK):
+        raise SystemExit(f"the output folder {path!r} is not writable: give a writable one with {flag}")

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from preprocessing.files import remove_stale_partials, split_ending, write_atomic
-from preprocessing.runner import JobResult, nifti_problem, run_jobs, summarise
+from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, summarise
 
 TILE, STRIDE, MAX_ROWS = 24, 12, 320
 KEEP_FROM, KEEP_TO = 0.1, 0.9  # the central 80% of rows and columns
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = os.path.join(args.data_root, args.patch_folder)
     if not os.path.isdir(in_dir):
         raise SystemExit(f"input folder {in_dir!r} does not exist: run re_spacing_ITK.py first")
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir)
     remove_stale_partials(out_dir)
     names = sorted(f for f in os.listdir(in_dir) if f.endswith((".nii.gz", ".nii")) and not f.startswith("."))
     if not names:

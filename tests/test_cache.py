@@ -139,3 +139,26 @@ def test_an_edit_that_keeps_size_and_time_is_seen(tmp_path, capsys):
     records = cache.build(data.cases, 2.0, str(tmp_path / "cache"))
     assert "1 written, 2 skipped" in capsys.readouterr().out
     assert not np.load(records[1]["label"]).any()
+
+
+def test_an_unchanged_case_that_passed_the_check_is_not_read_again(task, tmp_path, monkeypatch):
+    folder = str(tmp_path / "cache")
+    assert cache.checked_cases(task.cases, 2.0, folder) == set()
+    cache.build(task.cases, 2.0, folder)  # built without a check (a benchmark, say): no verdict kept
+    assert cache.checked_cases(task.cases, 2.0, folder) == set()
+    cache.build(task.cases, 2.0, folder, checked=True)  # after a passed check: the records keep it
+    known = cache.checked_cases(task.cases, 2.0, folder)
+    assert known == {c["id"] for c in task.cases}
+    reads = []
+
+    def read_volume(path):
+        reads.append(path)
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr(labelled, "read_volume", read_volume)
+    assert labelled.check_integrity(task, known_good=known) == [] and reads == []
+    path = task.cases[2]["label"]
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), path)  # rewritten: new time, so the record no longer matches
+    monkeypatch.undo()
+    assert cache.checked_cases(task.cases, 2.0, folder) == known - {task.cases[2]["id"]}

@@ -117,3 +117,14 @@ def test_a_two_file_prediction_keeps_no_temporary_name_and_survives_the_clean_up
     assert written == ["c3.mhd", "c3.raw"] or written == ["c3.mhd", "c3.zraw"]
     files.remove_stale_partials(str(tmp_path / "p"))
     assert sitk.ReadImage(str(tmp_path / "p" / "c3.mhd")).GetSize() == image.GetSize()  # its data file is the one it names
+
+
+def test_a_model_that_is_not_a_fine_tuning_checkpoint_is_named(tmp_path):
+    import torch
+
+    torch.save({"teacher": {}, "student": {}, "epoch": 1}, tmp_path / "pretrain.pth")
+    with pytest.raises(KeyError, match=r"pretrain.pth' holds no 'model' or 'num_classes' entry .*expected a fine-tuning checkpoint"):
+        predict.load_model(str(tmp_path / "pretrain.pth"), torch.device("cpu"))
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"notes.pth' is unreadable or truncated"):
+        predict.load_model(str(tmp_path / "notes.pth"), torch.device("cpu"))

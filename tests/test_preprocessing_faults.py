@@ -262,3 +262,11 @@ def test_nan_voxels_all_nan_and_single_slice_volumes_are_warned_about_or_refused
     out = sitk.GetArrayFromImage(sitk.ReadImage(str(dst / "000001_01_01_001-005.nii.gz")))
     assert out.min() >= -1024 and out[2, 4, 4] < 0  # the NaNs became air, not 0 HU
     assert sorted(os.listdir(dst)) == ["000001_01_01_001-005.nii.gz", "000003_01_01_001-001.nii.gz"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_with_the_flag(tmp_path):
+    (tmp_path / "file").write_text("")
+    src = tmp_path / "in"
+    src.mkdir()
+    with pytest.raises(SystemExit, match=r"cannot create the output folder .*file/out.*--out_dir"):
+        s2.main(["--in_dir", str(src), "--out_dir", str(tmp_path / "file" / "out"), "--workers", "1"])
