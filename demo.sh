@@ -40,7 +40,7 @@ for run in pretrained scratch; do
   PRETRAINED=$([ $run = pretrained ] && echo "$OUT/pretrain/teacher.pth" || echo "")
   $PYTHON finetune.py --data_dir "$TASK" --output_dir "$OUT/ft_$run" --arch res3d50 ${PRETRAINED:+--pretrained "$PRETRAINED"} \
     --device cpu --spacing 2.5 --patch_size 32 96 96 --epochs 4 --max_iters_per_epoch 6 --batch_size 1 \
-    --eval_every 4 --num_workers "$WORKERS" --lr 3e-4
+    --eval_every 4 --num_workers "$WORKERS" --lr 3e-4 --preprocessed_dir demo_data/finetune_cache
   rm -f "$OUT/ft_$run/checkpoint.pth"  # resume state; best.pth and dice.json stay
 done
 

@@ -83,7 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--preprocessed_dir",
         default="",
-        help="Where each case is preprocessed once and read memory-mapped from (default: <data_dir>_preprocessed/<spacing>mm).",
+        help="Where each case is preprocessed once and read memory-mapped from "
+        "(default: $DESD_CACHE or ~/.cache/desd, under preprocessed/<dataset>-<hash>/<spacing>mm).",
     )
     group.add_argument("--num_workers", default=4, type=int)
 

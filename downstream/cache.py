@@ -106,10 +106,37 @@ def array_problem(path: str, shape=None, dtype=None, columns: int | None = None)
     return None
 
 
+def cache_root() -> str:
+    """Where caches live unless --preprocessed_dir says otherwise: $DESD_CACHE, else
+    ~/.cache/desd (nnU-Net keeps its own in $nnUNet_preprocessed the same way)."""
+    return os.environ.get("DESD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "desd")
+
+
+def former_dir(data_dir: str, spacing: float) -> str:
+    """Where caches used to be: `<data_dir>_preprocessed/<spacing>mm`, beside the dataset."""
+    return f"{os.path.abspath(data_dir).rstrip(os.sep)}_preprocessed{os.sep}{spacing:g}mm"
+
+
 def default_dir(data_dir: str, spacing: float) -> str:
-    """`<data_dir>_preprocessed/<spacing>mm`, beside the dataset (which stays read-only)."""
-    data_dir = os.path.abspath(data_dir).rstrip(os.sep)
-    return f"{data_dir}_preprocessed{os.sep}{spacing:g}mm"
+    """`<cache root>/preprocessed/<dataset name>-<hash of its path>/<spacing>mm`: never beside
+    the dataset, where nnU-Net's commands take a sibling folder for a second dataset of the same
+    id ("More than one dataset name found"). A cache found in the former place beside the
+    dataset is still used, with a note on moving it."""
+    former = former_dir(data_dir, spacing)
+    if os.path.isdir(former) and any(f.endswith(".json") for f in os.listdir(former)):
+        print(
+            f"note: using the cache {former!r} beside the dataset; nnU-Net's commands fail on such a sibling folder. Move it "
+            f"to {_default_dir(data_dir, spacing)!r} (or pass --preprocessed_dir) to keep it out of their way",
+            flush=True,
+        )
+        return former
+    return _default_dir(data_dir, spacing)
+
+
+def _default_dir(data_dir: str, spacing: float) -> str:
+    path = os.path.abspath(data_dir).rstrip(os.sep)
+    key = hashlib.sha256(path.encode()).hexdigest()[:8]
+    return os.path.join(cache_root(), "preprocessed", f"{os.path.basename(path)}-{key}", f"{spacing:g}mm")
 
 
 def paths(cache_dir: str, case_id: str) -> dict[str, str]:

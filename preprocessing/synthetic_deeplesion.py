@@ -343,7 +343,7 @@ def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: i
     """Labelled phantoms in the Decathlon layout; volumes are (rows, cols, slices) with NIH's
     affine, so nibabel reads them in the same orientation as the pretraining patches."""
     rng = np.random.default_rng(seed + 1_000_003)
-    for sub in ("imagesTr", "labelsTr"):
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):  # imagesTs/ stays empty; nnU-Net's MSD converter expects it
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     training = []
     for i in range(cases):

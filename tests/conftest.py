@@ -7,6 +7,12 @@ import pytest
 from tests.helpers import write_patches
 
 
+@pytest.fixture(autouse=True)
+def _cache_root(tmp_path, monkeypatch):
+    """Fine-tuning caches of a test go to its own folder, never to ~/.cache/desd."""
+    monkeypatch.setenv("DESD_CACHE", str(tmp_path / "desd_cache"))
+
+
 @pytest.fixture
 def patch_root(tmp_path):
     return write_patches(str(tmp_path / "data"))

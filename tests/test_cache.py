@@ -162,3 +162,16 @@ def test_an_unchanged_case_that_passed_the_check_is_not_read_again(task, tmp_pat
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), path)  # rewritten: new time, so the record no longer matches
     monkeypatch.undo()
     assert cache.checked_cases(task.cases, 2.0, folder) == known - {task.cases[2]["id"]}
+
+
+def test_the_default_cache_is_never_beside_the_dataset_and_a_former_one_is_used_with_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DESD_CACHE", str(tmp_path / "root"))
+    data = tmp_path / "nnUNet_raw" / "Dataset003_Liver"
+    first = cache.default_dir(str(data), 1.0)
+    assert first.startswith(str(tmp_path / "root" / "preprocessed" / "Dataset003_Liver-")) and first.endswith("1mm")
+    assert cache.default_dir(str(tmp_path / "elsewhere" / "Dataset003_Liver"), 1.0) != first  # same name, another dataset
+    former = cache.former_dir(str(data), 1.0)
+    os.makedirs(former)
+    (tmp_path / former / "c0.json").write_text("{}")
+    assert cache.default_dir(str(data), 1.0) == former
+    assert "nnU-Net's commands fail on such a sibling folder" in capsys.readouterr().out

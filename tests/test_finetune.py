@@ -258,7 +258,10 @@ def test_an_nnunet_v2_dataset_of_mha_files_with_an_ignore_label_and_a_fold_fine_
     )  # fmt: skip
     result = finetune.main(args)
     assert result["classes"] == ["liver", "tumour"] and len(result["dice"]) == 2
-    cache = f"{root}_preprocessed/2mm"
+    from downstream import cache as cache_module
+
+    cache = cache_module.default_dir(root, 2.0)
+    assert cache.startswith(os.environ["DESD_CACHE"]) and not os.path.exists(f"{root}_preprocessed")  # never beside the dataset
     assert sorted(f for f in os.listdir(cache) if f.endswith(".json")) == [f"liver_00{i}.json" for i in range(4)]
     assert predict.main(["--model", str(tmp_path / "out"), "--input", root, "--output", str(tmp_path / "pred"), "--device", "cpu"]) == 0
     out, ref = sitk.ReadImage(str(tmp_path / "pred" / "liver_009.mha")), sitk.ReadImage(test_image)
