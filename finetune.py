@@ -290,6 +290,65 @@ def main(args: argparse.Namespace) -> dict:
             lock.release()
 
 
+def train_one_epoch(model, loader, optimizer, lr_schedule, epoch: int, iters: int, ignore, args, device, progress: dict) -> float:
+    """`iters` steps of Dice + cross-entropy on training patches; the mean loss over all ranks.
+    A non-finite loss stops the run before any checkpoint is written from it."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    model.train()
+    losses = []
+    for it, batch in enumerate(loader):
+        if it >= iters:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr_schedule[epoch * iters + it])
+        image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
+            logits = model(image).float()
+        loss = metrics.masked_dice_ce(logits, label, ignore)
+        if not bool(torch.isfinite(utils.all_reduce_mean(loss.detach())).item()):
+            print(
+                f"Loss is not finite at epoch {epoch}, iteration {it} (cases {batch.get('image_path', '?')}): stopping; "
+                "the last checkpoint is left as it was.",
+                flush=True,
+            )
+            sys.exit(1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        progress["done"] += 1
+        if utils.is_main_process() and (it % args.print_every == 0 or it == iters - 1):
+            left = (time.time() - progress["start"]) / progress["done"] * (progress["total"] - progress["done"])
+            eta = datetime.timedelta(seconds=int(left))
+            print(
+                f"epoch {epoch} [{it}/{iters}]  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  run eta {eta}", flush=True
+            )
+    return float(utils.all_reduce_mean(torch.stack(losses).mean()).item())
+
+
+def write_result(history: list[dict], class_names: list[str], best: float, args: argparse.Namespace, first_epoch: int) -> dict:
+    """dice.json (strict JSON) from the last epoch's scores, and the printed table."""
+    if not history:
+        raise RuntimeError(f"{args.output_dir}: no epoch was trained (the checkpoint there is at epoch {first_epoch})")
+    last = history[-1]
+    result = utils.strict_json(
+        {
+            "classes": class_names,
+            "dice": [last.get(f"dice_{n}", math.nan) for n in class_names],
+            "hd95": [last.get(f"hd95_{n}", math.nan) for n in class_names],
+            "nsd": [last.get(f"nsd_{n}", math.nan) for n in class_names],
+            "mean_dice": last.get("mean_dice", math.nan),
+            "best_mean_dice": best,
+            "nsd_tolerance_mm": args.nsd_tolerance,
+            "finished": True,
+        }
+    )
+    utils.save_atomic_json(result, os.path.join(args.output_dir, "dice.json"))
+    print(metrics.dice_table({"Dice": result["dice"], "HD95 mm": result["hd95"], "NSD": result["nsd"]}, class_names))
+    return result
+
+
 def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
     utils.settle_vector_math()  # before any arithmetic: see its docstring
     torch.manual_seed(args.seed + args.rank)
@@ -331,41 +390,9 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
     history = []
 
     # ============ training ... ============
-    start, done_iters = time.time(), 0
-    total_iters = (args.epochs - to_restore["epoch"]) * iters
+    progress = {"start": time.time(), "done": 0, "total": (args.epochs - to_restore["epoch"]) * iters}
     for epoch in range(to_restore["epoch"], args.epochs):
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        losses = []
-        for it, batch in enumerate(train_loader):
-            if it >= iters:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_schedule[epoch * iters + it])
-            image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
-                logits = model(image).float()
-            loss = metrics.masked_dice_ce(logits, label, data.ignore)
-            if not bool(torch.isfinite(utils.all_reduce_mean(loss.detach())).item()):
-                print(
-                    f"Loss is not finite at epoch {epoch}, iteration {it} (cases {batch.get('image_path', '?')}): stopping; "
-                    "the last checkpoint is left as it was.",
-                    flush=True,
-                )
-                sys.exit(1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-            done_iters += 1
-            if utils.is_main_process() and (it % args.print_every == 0 or it == iters - 1):
-                eta = datetime.timedelta(seconds=int((time.time() - start) / done_iters * (total_iters - done_iters)))
-                print(
-                    f"epoch {epoch} [{it}/{iters}]  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  run eta {eta}",
-                    flush=True,
-                )
-        mean_loss = float(utils.all_reduce_mean(torch.stack(losses).mean()).item())
+        mean_loss = train_one_epoch(model, train_loader, optimizer, lr_schedule, epoch, iters, data.ignore, args, device, progress)
         record = {"epoch": epoch, "train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1:
             scores = evaluate(model_without_ddp, val_loader, num_classes, args, device, data.ignore)
@@ -394,25 +421,8 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
             utils.save_atomic(state, os.path.join(args.output_dir, "checkpoint.pth"))
         history.append(record)
 
-    result = {}
-    if utils.is_main_process():
-        if not history:
-            raise RuntimeError(f"{args.output_dir}: no epoch was trained (the checkpoint there is at epoch {to_restore['epoch']})")
-        last = history[-1]
-        result = utils.strict_json(
-            {
-                "classes": class_names,
-                "dice": [last.get(f"dice_{n}", math.nan) for n in class_names],
-                "hd95": [last.get(f"hd95_{n}", math.nan) for n in class_names],
-                "nsd": [last.get(f"nsd_{n}", math.nan) for n in class_names],
-                "mean_dice": last.get("mean_dice", math.nan),
-                "best_mean_dice": best,
-                "nsd_tolerance_mm": args.nsd_tolerance,
-                "finished": True,
-            }
-        )
-        utils.save_atomic_json(result, os.path.join(args.output_dir, "dice.json"))
-        print(metrics.dice_table({"Dice": result["dice"], "HD95 mm": result["hd95"], "NSD": result["nsd"]}, class_names))
+    # ============ reporting ... ============
+    result = write_result(history, class_names, best, args, to_restore["epoch"]) if utils.is_main_process() else {}
     if utils.is_dist():
         dist.barrier()
         dist.destroy_process_group()

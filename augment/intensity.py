@@ -61,10 +61,11 @@ def probs_for_view(view_index: int) -> IntensityProbs:
     return (GLOBAL_1, GLOBAL_2)[view_index] if view_index < 2 else LOCAL
 
 
-def host_reads_are_free(device: torch.device) -> bool:
-    """On the CPU the chain may read values back to decide what to skip (which slices to
-    blur, whether any gamma applies); on an accelerator it never does, so that a training
-    step queues without waiting. Tests patch this to run the accelerator path on the CPU."""
+def takes_cpu_path(device: torch.device) -> bool:
+    """Whether the chain takes its CPU code path on `device`, which may read values back to
+    decide what to skip (which slices to blur, whether any gamma applies). The accelerator path
+    never does, so that a training step queues without waiting; tests make this return False to
+    run the accelerator path on the CPU."""
     return device.type == "cpu"
 
 
@@ -120,7 +121,7 @@ def gaussian_blur_slices_(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Ten
     on = apply.reshape(-1)
     r = int(BLUR_TRUNCATE * BLUR_SIGMA[1] + 0.5)
     offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)  # (2r + 1,)
-    if host_reads_are_free(x.device):
+    if takes_cpu_path(x.device):
         index = on.nonzero().flatten()
         if index.numel() == 0:
             return x
@@ -229,7 +230,7 @@ def apply_intensity(
 
 def compiled_chain_runs(x: torch.Tensor) -> bool:
     """Whether views x go through the compiled chain: float32 on the CPU, where it was built."""
-    return host_reads_are_free(x.device) and x.dtype == torch.float32 and native_chain.library() is not None
+    return takes_cpu_path(x.device) and x.dtype == torch.float32 and native_chain.library() is not None
 
 
 def swap_in_plane(t: torch.Tensor) -> torch.Tensor:
@@ -255,7 +256,7 @@ def apply_intensity_torch(x: torch.Tensor, params: dict[str, torch.Tensor], nois
     tensor, the form that torch vectorises on the CPU."""
     b, d, h, w = x.shape
     units = params["blur_sigma"].shape[1]
-    cpu = host_reads_are_free(x.device)
+    cpu = takes_cpu_path(x.device)
 
     def col(t: torch.Tensor) -> torch.Tensor:  # (B, units) -> broadcastable over (B, units, N)
         return t.unsqueeze(-1)

@@ -38,7 +38,7 @@ def blur_probs(**kw):
 @pytest.mark.parametrize("accelerator_path", [False, True])
 def test_slice_blur_equals_scipy_gaussian_filter_per_slice(side, accelerator_path, monkeypatch):
     if accelerator_path:  # every slice filtered, identity kernels where no blur applies
-        monkeypatch.setattr(intensity, "host_reads_are_free", lambda device: False)
+        monkeypatch.setattr(intensity, "takes_cpu_path", lambda device: False)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, *side)).astype(np.float32)
     sigma = rng.uniform(0.1, 2.0, size=(2, 3))
@@ -56,7 +56,7 @@ def test_fused_intensity_chain_equals_the_steps_one_after_the_other(per_slice, p
     if path == "compiled" and native_chain.library() is None:
         pytest.skip("no C compiler: the compiled chain cannot be built here")
     if path == "torch, accelerator":  # the code path of CUDA (no host reads), run on the CPU
-        monkeypatch.setattr(intensity, "host_reads_are_free", lambda device: False)
+        monkeypatch.setattr(intensity, "takes_cpu_path", lambda device: False)
     b, d = 3, 16
     x = torch.rand(b, d, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
     g = torch.Generator().manual_seed(3)
