@@ -228,7 +228,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--compile", default=False, type=utils.bool_flag, help="torch.compile the networks (CUDA).")
     group.add_argument("--print_freq", default=10, type=int, help="Iterations between progress lines.")
     group.add_argument(
-        "--tensorboard", default=False, type=utils.bool_flag, help="Also write the epoch scalars for TensorBoard (needs its package)."
+        "--tensorboard",
+        default=False,
+        type=utils.bool_flag,
+        help="Also write the epoch scalars for TensorBoard (needs its package: pip install -e '.[tensorboard]').",
     )
     return parser
 

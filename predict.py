@@ -158,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="A fine-tuning output folder, or its best.pth.")
     parser.add_argument("--input", required=True, help="An image, a folder of images, or a dataset folder (its imagesTs/).")
     parser.add_argument("--output", required=True, help="Folder for the label maps (named like the inputs).")
-    parser.add_argument("--tta", action="store_true", help="Average the predictions of the 8 flips (slower, a little better).")
+    parser.add_argument(
+        "--tta",
+        nargs="?",
+        const=True,
+        default=False,
+        type=utils.bool_flag,
+        help="Average the predictions of the 8 flips (slower, a little better); `--tta` alone or `--tta True`, as the trainers' flags.",
+    )
     parser.add_argument("--overlap", default=0.5, type=float, help="Sliding-window overlap.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

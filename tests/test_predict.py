@@ -128,3 +128,13 @@ def test_a_model_that_is_not_a_fine_tuning_checkpoint_is_named(tmp_path):
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     with pytest.raises(RuntimeError, match=r"notes.pth' is unreadable or truncated"):
         predict.load_model(str(tmp_path / "notes.pth"), torch.device("cpu"))
+
+
+def test_tta_takes_the_trainers_flag_style_and_the_bare_flag(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(predict, "load_model", lambda path, device: (None, {}))
+    monkeypatch.setattr(predict, "find_images", lambda path: [])
+    monkeypatch.setattr(predict, "predict_all", lambda model, run_args, images, args, device: seen.append(args.tta) or 0)
+    for flag, expected in (([], False), (["--tta"], True), (["--tta", "True"], True), (["--tta", "False"], False)):
+        predict.main(["--model", "m", "--input", "i", "--output", str(tmp_path / "p"), "--device", "cpu", *flag])
+        assert seen.pop() is expected
