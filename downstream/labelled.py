@@ -32,9 +32,8 @@ import SimpleITK as sitk
 import torch
 
 from preprocessing.files import split_ending
-from preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES
+from preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES, RAS_LABELS, ras_affine
 
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis codes name the direction an axis runs to, as nibabel's do
 NIFTI = (".nii", ".nii.gz")
 
 
@@ -195,11 +194,7 @@ def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(path)
         return np.asanyarray(img.dataobj), img.affine
     img = sitk.ReadImage(path)
-    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
-    lps = np.eye(4)
-    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
-    lps[:3, 3] = img.GetOrigin()
-    return arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK's LPS to nibabel's and MONAI's RAS
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0), ras_affine(img)  # (z, y, x) -> (x, y, z)
 
 
 LABEL_TOLERANCE = 1e-3  # a stored label value within this of an integer is that integer (float files)

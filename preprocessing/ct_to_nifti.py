@@ -1,0 +1,142 @@
+"""Your own CT -> NIfTI volumes in the pretraining orientation: the first step for pretraining on
+CT other than DeepLesion, in place of DL_save_nifti.py; re_spacing_ITK.py and
+splitting_to_patches.py then run as for DeepLesion (docs/method.md, section 2).
+
+Input: a folder of NIfTI volumes (`.nii`, `.nii.gz`, any orientation), or of DICOM series (each
+series in a folder of its own, read with SimpleITK's series reader; every series a folder
+holds is a volume). Each volume is
+1. checked: whole (a NIfTI cut short is refused), 3-D, one channel, plausible spacing;
+2. reoriented to the DeepLesion patches' orientation, nibabel axis codes ('P', 'L', 'I'), by
+   the permutation and flips MONAI's Orientation applies in fine-tuning (no resampling), so
+   that its patches enter the encoder as DeepLesion's do, whatever orientation it was stored in;
+3. rounded to int16 HU (non-finite voxels become air, with a warning) and written to
+   `<out_dir>/<name>.nii.gz`, under a temporary name then renamed.
+Finished volumes are skipped; bad inputs are named in the summary, and the exit status is 1 when
+any failed.
+
+    python preprocessing/ct_to_nifti.py --in_dir my_ct/ --data_root data/MyCT --workers 8
+    python preprocessing/re_spacing_ITK.py --data_root data/MyCT --workers 8
+    python preprocessing/splitting_to_patches.py --data_root data/MyCT --workers 8 --ext .nii
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import re
+import sys
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from preprocessing.files import remove_stale_partials, split_ending, write_atomic
+from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES, ras_affine, reorient
+from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
+
+NIFTI = (".nii", ".nii.gz")
+
+
+def find_volumes(in_dir: str) -> list[tuple[str, str]]:
+    """(output name, source) of every volume under `in_dir`: a NIfTI file, or a DICOM series as
+    `<folder>::<series id>` (the folder's path relative to in_dir names it)."""
+    volumes = []
+    for folder, dirs, files in os.walk(in_dir):
+        dirs.sort()
+        rel = os.path.relpath(folder, in_dir)
+        prefix = "" if rel == "." else re.sub(r"[^\w.-]+", "_", rel) + "_"
+        for f in sorted(files):
+            if f.endswith(NIFTI) and not f.startswith("."):
+                volumes.append((prefix + split_ending(f)[0] + ".nii.gz", os.path.join(folder, f)))
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) if any(not f.endswith(NIFTI) for f in files) else ()
+        for k, uid in enumerate(series):
+            name = (prefix.rstrip("_") or "series") + (f"_{k}" if len(series) > 1 else "")
+            volumes.append((name + ".nii.gz", f"{folder}::{uid}"))
+    return volumes
+
+
+def read_source(source: str) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(array (x, y, z), RAS affine, spacing) of a NIfTI file or a `<folder>::<uid>` DICOM series."""
+    if "::" in source:
+        folder, uid = source.rsplit("::", 1)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+        image = reader.Execute()
+        if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+            raise ValueError(f"{folder}: DICOM series {uid} is not a single-channel 3-D volume")
+        return sitk.GetArrayFromImage(image).transpose(2, 1, 0), ras_affine(image), image.GetSpacing()
+    problem = nifti_problem(source)
+    if problem:
+        raise ValueError(problem)
+    img = nib.load(source)
+    if len(img.shape) != 3:
+        raise ValueError(f"shape {img.shape}: expected a single-channel 3-D volume")
+    return np.asanyarray(img.dataobj), img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def to_hu_int16(arr: np.ndarray) -> tuple[np.ndarray, int]:
+    """The volume as int16 HU, non-finite voxels as air; and how many there were."""
+    arr = np.asarray(arr, dtype=np.float32)
+    bad = ~np.isfinite(arr)
+    if bad.all():
+        raise ValueError("no finite voxel (all NaN or infinite)")
+    arr = np.where(bad, HU_RANGE[0], arr)
+    return np.rint(np.clip(arr, -32768, 32767)).astype(np.int16), int(bad.sum())
+
+
+def convert(item: tuple[str, str], out_dir: str) -> JobResult:
+    name, source = item
+    result = JobResult(name=name)
+    out_path = os.path.join(out_dir, name)
+    if os.path.exists(out_path):
+        result.skipped.append(name)
+        return result
+    try:
+        arr, affine, spacing = read_source(source)
+        hu, bad = to_hu_int16(arr)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise ValueError(f"{source}: {str(err).strip().splitlines()[-1]}") from None
+    result.warnings += spacing_warnings(source, spacing)
+    if bad:
+        result.warnings.append(f"{source}: {bad} NaN or infinite voxels, written as {HU_RANGE[0]:g} HU (air)")
+    hu, affine = reorient(hu, affine)
+    image = nib.Nifti1Image(np.ascontiguousarray(hu), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    write_atomic(out_path, lambda tmp: nib.save(image, tmp))
+    result.written.append(name)
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--in_dir", required=True, help="A folder of NIfTI volumes, or of DICOM series (one series a folder).")
+    parser.add_argument("--data_root", default="data/MyCT", help="Where Images_nifti/ is written (the later steps' --data_root).")
+    parser.add_argument("--out_dir", default=None, help="Default: <data_root>/Images_nifti.")
+    parser.add_argument("--workers", default=1, type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argparse.ArgumentParser("Own CT -> NIfTI in the pretraining orientation", parents=[get_args_parser()]).parse_args(argv)
+    out_dir = args.out_dir or os.path.join(args.data_root, "Images_nifti")
+    if not os.path.isdir(args.in_dir):
+        raise SystemExit(f"input folder {args.in_dir!r} does not exist")
+    volumes = find_volumes(args.in_dir)
+    if not volumes:
+        print(f"no NIfTI volume (.nii, .nii.gz) or DICOM series found under {args.in_dir}", file=sys.stderr)
+        return 1
+    names = [n for n, _ in volumes]
+    if len(set(names)) != len(names):
+        twice = sorted(n for n, k in collections.Counter(names).items() if k > 1)
+        raise SystemExit(f"{args.in_dir}: these volumes would get one name each twice: {twice[:5]}; rename their folders or files")
+    make_output_dir(out_dir)
+    remove_stale_partials(out_dir)
+    results = run_jobs(functools.partial(convert, out_dir=out_dir), volumes, args.workers, f"CT -> NIfTI ({PRETRAINING_AXCODES})")
+    return summarise(results, f"volumes in {out_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
