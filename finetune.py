@@ -429,6 +429,12 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line (`python finetune.py ...`, or the `desd-finetune` command); any failure
+    raises, and the exit status is then non-zero."""
+    main(argparse.ArgumentParser("DeSD fine-tuning", parents=[get_args_parser()]).parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("DeSD fine-tuning", parents=[get_args_parser()])
-    main(parser.parse_args())  # any failure raises, and the exit status is then non-zero
+    sys.exit(cli())

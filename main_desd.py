@@ -843,9 +843,15 @@ def check_finite(finite: torch.Tensor, epoch: int, it: int) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line (`python main_desd.py ...`, or the `desd-pretrain` command)."""
     parser = argparse.ArgumentParser("DeSD", parents=[get_args_parser()])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     train_desd(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -15,7 +15,8 @@ import sys
 from downstream.metrics import dice_table
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     columns, names, status = {}, None, 0
     for arg in argv:
         label, _, path = arg.partition("=")
@@ -46,4 +47,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
