@@ -53,6 +53,34 @@ def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), {**args, "num_classes": int(ckpt["num_classes"]), "classes": ckpt.get("classes")}
 
 
+class Ensemble(torch.nn.Module):
+    """Several fine-tuned networks (folds, or runs) as one: the log of their mean softmax
+    probabilities, so that the softmax the inference applies gives the mean probability."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([F.softmax(m(x), 1) for m in self.models]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def load_models(paths: list[str], device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """One network, or the ensemble of several whose runs share spacing and classes (refused
+    otherwise, naming both runs); the first run's arguments."""
+    loaded = [load_model(p, device) for p in paths]
+    first_path, (_, first) = paths[0], loaded[0]
+    for path, (_, run_args) in zip(paths[1:], loaded[1:]):
+        for key in ("spacing", "num_classes", "classes"):
+            if run_args.get(key) != first.get(key):
+                raise ValueError(
+                    f"--model {path!r} has {key} {run_args.get(key)!r}, {first_path!r} {first.get(key)!r}: they cannot be averaged"
+                )
+    model = loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()
+    return model, first
+
+
 def find_images(path: str) -> list[str]:
     """One image, the images of a folder, or a dataset folder's imagesTs/."""
     if os.path.isfile(path):
@@ -155,7 +183,12 @@ def predict_file(model, run_args: dict, path: str, out_dir: str, tta: bool, over
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("Predict with a fine-tuned DeSD segmentation network")
-    parser.add_argument("--model", required=True, help="A fine-tuning output folder, or its best.pth.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        help="A fine-tuning output folder or its best.pth; several (the folds of a cross-validation) average their probabilities.",
+    )
     parser.add_argument("--input", required=True, help="An image, a folder of images, or a dataset folder (its imagesTs/).")
     parser.add_argument("--output", required=True, help="Folder for the label maps (named like the inputs).")
     parser.add_argument(
@@ -170,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    model, run_args = load_model(args.model, device)
+    model, run_args = load_models(args.model, device)
     images = find_images(args.input)
     check_outputs(images, args.output)
     os.makedirs(args.output, exist_ok=True)

@@ -138,3 +138,22 @@ def test_tta_takes_the_trainers_flag_style_and_the_bare_flag(tmp_path, monkeypat
     for flag, expected in (([], False), (["--tta"], True), (["--tta", "True"], True), (["--tta", "False"], False)):
         predict.main(["--model", "m", "--input", "i", "--output", str(tmp_path / "p"), "--device", "cpu", *flag])
         assert seen.pop() is expected
+
+
+def test_an_ensemble_averages_probabilities_and_refuses_runs_that_cannot_be_averaged(trained, tmp_path, monkeypatch):
+    image = trained / "task" / "imagesTr" / "c3.nii.gz"
+    model = str(trained / "out")
+    assert predict.main(["--model", model, "--input", str(image), "--output", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    assert predict.main(["--model", model, model, "--input", str(image), "--output", str(tmp_path / "two"), "--device", "cpu"]) == 0
+    one, two = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "c3.nii.gz"))) for d in ("one", "two"))
+    assert np.array_equal(one, two)  # the mean of two equal probability maps is that map
+    import torch
+
+    x = torch.randn(1, 1, 16, 32, 32)
+    nets = [torch.nn.Conv3d(1, 3, 1), torch.nn.Conv3d(1, 3, 1)]
+    mean = (torch.softmax(nets[0](x), 1) + torch.softmax(nets[1](x), 1)) / 2
+    assert torch.allclose(torch.softmax(predict.Ensemble(nets)(x), 1), mean, atol=1e-6)
+    runs = {"a": {"spacing": 2.0, "num_classes": 2, "classes": ["box"]}, "b": {"spacing": 1.0, "num_classes": 2, "classes": ["box"]}}
+    monkeypatch.setattr(predict, "load_model", lambda path, device: (torch.nn.Identity(), runs[path]))
+    with pytest.raises(ValueError, match=r"--model 'b' has spacing 1.0, 'a' 2.0: they cannot be averaged"):
+        predict.load_models(["a", "b"], torch.device("cpu"))
