@@ -31,6 +31,7 @@ from models import create_model
 from models.pretrained import load_checkpoint
 from models.segmentation import Res3DSegmentation
 from preprocessing import files
+from preprocessing.network_input import HU_SCALE
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -165,7 +166,38 @@ def to_input_grid(labels_zxy: np.ndarray, grid_affine, input_grid: tuple, path: 
     return result
 
 
-def predict_file(model, run_args: dict, path: str, out_dir: str, tta: bool, overlap: float, device: torch.device) -> str:
+def draw_overlay(image_zxy: np.ndarray, labels_zxy: np.ndarray, classes: list[str] | None, out: str) -> str:
+    """Three slices of the network's input (soft-tissue window) with the label map over them,
+    at the quartiles of the predicted foreground's depth (of the volume's without one), as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = np.flatnonzero(labels_zxy.reshape(labels_zxy.shape[0], -1).any(1))
+    depth = depth if len(depth) else np.arange(labels_zxy.shape[0])
+    slices = [int(depth[int(q * (len(depth) - 1))]) for q in (0.25, 0.5, 0.75)]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    hu = image_zxy * HU_SCALE  # back to HU from the network input
+    for ax, z in zip(axes, slices):
+        ax.imshow(hu[z], cmap="gray", vmin=-160, vmax=240)  # soft-tissue window
+        shown = np.ma.masked_equal(labels_zxy[z], 0)
+        ax.imshow(shown, cmap="tab10", vmin=0, vmax=9, alpha=0.45, interpolation="nearest")
+        ax.set_title(f"slice {z} of {labels_zxy.shape[0]}", fontsize=9)
+        ax.axis("off")
+    if classes:
+        fig.suptitle(", ".join(f"{i + 1}: {name}" for i, name in enumerate(classes)), fontsize=9)
+    fig.tight_layout()
+    try:
+        files.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=90))
+    finally:
+        plt.close(fig)
+    return out
+
+
+def predict_file(
+    model, run_args: dict, path: str, out_dir: str, tta: bool, overlap: float, device: torch.device, overlay: bool = False
+) -> str:
     from monai.transforms import Compose
 
     spacing = float(run_args["spacing"])
@@ -176,6 +208,10 @@ def predict_file(model, run_args: dict, path: str, out_dir: str, tta: bool, over
     labels_zxy = probs.argmax(1)[0].cpu().numpy()
     result = to_input_grid(labels_zxy, grid_affine, item["image_input_grid"], path)
     out = output_path(path, out_dir)
+    if overlay:
+        stem = files.split_ending(os.path.basename(out))[0]
+        os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+        draw_overlay(image[0].numpy(), labels_zxy, run_args.get("classes"), os.path.join(out_dir, "overlays", f"{stem}.png"))
     ext = files.split_ending(out)[1]
     files.write_atomic(out, lambda tmp: sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz")))
     return out
@@ -200,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         help="Average the predictions of the 8 flips (slower, a little better); `--tta` alone or `--tta True`, as the trainers' flags.",
     )
     parser.add_argument("--overlap", default=0.5, type=float, help="Sliding-window overlap.")
+    parser.add_argument(
+        "--overlay",
+        default=False,
+        type=utils.bool_flag,
+        help="Also draw three slices of each image with its label map (<output>/overlays/).",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -219,7 +261,7 @@ def predict_all(model, run_args: dict, images: list[str], args: argparse.Namespa
     failed = []
     for path in tqdm(images, desc="predict", unit="image"):
         try:
-            predict_file(model, run_args, path, args.output, args.tta, args.overlap, device)
+            predict_file(model, run_args, path, args.output, args.tta, args.overlap, device, args.overlay)
         except Exception as err:  # one bad image does not stop the others; each is named at the end
             failed.append(f"{path}: {type(err).__name__}: {err}")
             print(f"ERROR: {failed[-1]}", file=sys.stderr, flush=True)

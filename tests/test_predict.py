@@ -157,3 +157,14 @@ def test_an_ensemble_averages_probabilities_and_refuses_runs_that_cannot_be_aver
     monkeypatch.setattr(predict, "load_model", lambda path, device: (torch.nn.Identity(), runs[path]))
     with pytest.raises(ValueError, match=r"--model 'b' has spacing 1.0, 'a' 2.0: they cannot be averaged"):
         predict.load_models(["a", "b"], torch.device("cpu"))
+
+
+def test_an_overlay_picture_is_drawn_on_request_beside_the_label_maps(trained, tmp_path):
+    from PIL import Image
+
+    image = trained / "task" / "imagesTr" / "c3.nii.gz"
+    out = tmp_path / "p"
+    assert predict.main(["--model", str(trained / "out"), "--input", str(image), "--output", str(out), "--overlay", "True"]) == 0
+    assert sorted(os.listdir(out)) == ["c3.nii.gz", "overlays"] and os.listdir(out / "overlays") == ["c3.png"]
+    picture = Image.open(out / "overlays" / "c3.png")
+    assert picture.format == "PNG" and picture.size[0] > 600
