@@ -19,11 +19,12 @@ import statistics
 import time
 
 import torch
-from common import make_patch_set, report  # noqa: I001
+from common import report  # noqa: I001
 
 from augment import native_chain
 from augment.intensity import augment_views
 from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory, views_from_crops
+from tools.tiny_data import make_patch_set
 
 
 def samples_per_second_single(ds: SSLDataset, n: int, rounds: int, batch: int = 32) -> float:

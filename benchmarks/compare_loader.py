@@ -20,7 +20,9 @@ import sys
 import time
 
 import torch
-from common import make_patch_set, report
+from common import report
+
+from tools.tiny_data import make_patch_set
 
 
 def load(folder: str, name: str):
