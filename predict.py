@@ -187,12 +187,7 @@ def draw_overlay(image_zxy: np.ndarray, labels_zxy: np.ndarray, classes: list[st
         ax.axis("off")
     if classes:
         fig.suptitle(", ".join(f"{i + 1}: {name}" for i, name in enumerate(classes)), fontsize=9)
-    fig.tight_layout()
-    try:
-        files.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=90))
-    finally:
-        plt.close(fig)
-    return out
+    return utils.save_figure(fig, out, dpi=90)
 
 
 def predict_file(

@@ -587,9 +587,16 @@ def plot_logs(paths: list[str], out: str, labels: list[str] | None = None) -> st
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    return save_figure(fig, out, dpi=100)
+
+
+def save_figure(fig, out: str, dpi: int = 100) -> str:
+    """A matplotlib figure laid out and written to `out` (PNG) atomically, then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
-        files.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100))
+        files.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=dpi))
     finally:
         plt.close(fig)
     return out
