@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -61,24 +60,11 @@ DEPARTURES = {"adamw_3e-4_per_volume": "augmentation drawn per volume (the publi
 
 
 def gate(records: list[dict], dense: float, dense_random: float, batch: int = BATCH, out_dim: int = OUT_DIM) -> dict:
-    """The verdict of one pilot from its per-epoch log records and its probes' mean dense Dice."""
-    half = records[len(records) // 2 :]
-    entropy = [r["train_teacher_entropy"] for r in half]
-    kl = [r["train_loss"] - r["train_teacher_entropy"] if "train_kl" not in r else r["train_kl"] for r in half]
-    retrieval = [r["train_retrieval"] for r in half]
-    checks = {
-        "entropy_does_not_rise": entropy[-1] - entropy[0] <= 0.01 * math.log(out_dim),
-        "kl_falls": kl[-1] < kl[0],
-        "retrieval_at_3x_chance": min(retrieval) >= 3.0 / batch,
-        "dense_probe_beats_random": dense > dense_random,
-    }
-    return {
-        "passes": all(checks.values()),
-        "checks": checks,
-        "second_half": {"entropy": entropy, "kl": kl, "retrieval": retrieval},
-        "dense_dice": dense,
-        "dense_dice_random": dense_random,
-    }
+    """The verdict of one pilot from its per-epoch log records and its probes' mean dense Dice:
+    evaluate.py's trend checks, and the dense probe above the random initialisation."""
+    verdict = evaluate.trend_checks(records, batch, out_dim)
+    verdict["checks"]["dense_probe_beats_random"] = dense > dense_random
+    return {"passes": all(verdict["checks"].values()), **verdict, "dense_dice": dense, "dense_dice_random": dense_random}
 
 
 def mean_dense(results: list[dict]) -> float:

@@ -18,6 +18,7 @@ A JSON line per stage and a table; deterministic for a seed, on the CPU or CUDA.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -203,14 +204,17 @@ def fit_linear_head(x: torch.Tensor, t: torch.Tensor, l2: float = 1e-4, max_iter
     return head
 
 
-def knn_head(x: torch.Tensor, t: torch.Tensor, k: int = 10, chunk: int = 4096, dims: int = 64):
+def knn_head(x: torch.Tensor, t: torch.Tensor, k: int = 10, chunk: int = 4096, dims: int = 32, refs: int = 5000):
     """k-nearest-neighbour label transfer, no training: each voxel takes the mean soft target
     of its `k` most similar (cosine, on standardised features projected on their first `dims`
-    principal axes) reference voxels; returns a function from feature maps to (N, K, ...) log
-    class shares."""
+    principal axes) reference voxels, at most `refs` of the rows (evenly spaced among them);
+    returns a function from feature maps to (N, K, ...) log class shares."""
+    if len(x) > refs:
+        pick = torch.linspace(0, len(x) - 1, refs).long()
+        x, t = x[pick], t[pick]
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = (x - mean) / std
-    basis = torch.linalg.svd(z[:: max(1, len(z) // 8192)], full_matrices=False).Vh[:dims].T if z.shape[1] > dims else None
+    basis = torch.linalg.svd(z, full_matrices=False).Vh[:dims].T if z.shape[1] > dims else None
     ref = F.normalize(z @ basis if basis is not None else z, dim=1)
     k = min(k, len(ref))
 
@@ -274,20 +278,24 @@ def label_efficiency(
     num_classes: int,
     limit: int = 10000,
     seed: int = 0,
+    knn_sets=None,
 ) -> dict:
     """Mean foreground Dice on the held-out cases' patches of a converged linear head and of k-NN
-    transfer, per feature set and label count, one value per draw of training cases:
-    {name: {"linear": {count: [...]}, "knn": {count: [...]}}}."""
+    transfer (on the feature sets in `knn_sets`, all when None), per feature set and label count,
+    one value per draw of training cases: {name: {"linear": {"count": [...]}, "knn": {...}}}."""
     test = np.isin(owner, held_out)
     out = {}
     for name, fmap in feature_maps.items():
         targets = coarse_targets(labels, fmap.shape[2:], num_classes)
-        res = {"linear": {}, "knn": {}}
+        heads = [("linear", fit_linear_head)] + ([("knn", knn_head)] if knn_sets is None or name in knn_sets else [])
+        res = {kind: {} for kind, _ in heads}
         for count, subsets in draws_by_count.items():
-            res["linear"][count], res["knn"][count] = [], []
+            count = str(count)  # as JSON keys are
+            for kind, _ in heads:
+                res[kind][count] = []
             for d, subset in enumerate(subsets):
                 x, t = voxel_rows(fmap, targets, np.flatnonzero(np.isin(owner, subset)), limit, seed + d)
-                for kind, make in (("linear", fit_linear_head), ("knn", knn_head)):
+                for kind, make in heads:
                     dice = dice_of(make(x, t), fmap[torch.from_numpy(np.flatnonzero(test))], labels[test], num_classes)
                     res[kind][count].append(float(np.nanmean(dice)) if not all(math.isnan(v) for v in dice) else math.nan)
         out[name] = res
@@ -306,6 +314,61 @@ def encoder_maps(
     return stage_maps(backbone.to(torch.device(device)), images, torch.device(device))
 
 
+@dataclasses.dataclass
+class Bench:
+    """The fixed ground on which encoders are compared: the patches, the held-out cases (every
+    third), the draws of training cases per label count, and the classes present in enough
+    patches for the presence AUC."""
+
+    images: torch.Tensor  # (N, 1, D, H, W)
+    labels: torch.Tensor  # (N, D, H, W)
+    owner: np.ndarray  # the case of each patch
+    class_names: list[str]
+    held_out: list[int]
+    draws: dict[int, list[list[int]]]
+    present: np.ndarray  # (N, classes) organ in the patch
+    scored: list[int]  # classes with a presence AUC
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) + 1
+
+
+def bench(cases, class_names, patch=(16, 64, 64), per_case=24, counts=(1, 2, 4, 8), draws=3, seed=0, min_present=0.1) -> Bench:
+    """Sample the patches and draw the cases once, for every encoder to be scored on."""
+    images, labels, owner = sample_patches(cases, tuple(patch), per_case, seed)
+    num_classes = len(class_names) + 1
+    cases_idx = np.unique(owner).tolist()
+    held_out = cases_idx[::3]
+    pool = [c for c in cases_idx if c not in held_out]
+    share = torch.stack([(labels == c).float().mean((1, 2, 3)) for c in range(1, num_classes)], 1).numpy()
+    present = share >= PRESENT
+    scored = [k for k in range(len(class_names)) if present[:, k].mean() >= min_present]
+    return Bench(images, labels, owner, list(class_names), held_out, case_draws(pool, counts, draws, seed), present, scored)
+
+
+def encoder_row(b: Bench, maps: list[torch.Tensor], feature_sets=tuple(FEATURE_SETS), seed: int = 0, knn_sets=None) -> dict:
+    """One encoder's scores on the bench from its stage maps (`encoder_maps` of `b.images`): the
+    dense label-efficiency tables of each feature set (k-NN on `knn_sets`, all when None) and the
+    presence AUC of each stage."""
+    sets = {fs: stack_stages(maps, FEATURE_SETS[fs]) for fs in feature_sets}
+    return {
+        "dense": label_efficiency(sets, b.labels, b.owner, b.held_out, b.draws, b.num_classes, seed=seed, knn_sets=knn_sets),
+        "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), b.present, b.owner, b.scored) for k, m in enumerate(maps)},
+    }
+
+
+def floor_row(b: Bench, grid, seed: int = 0) -> dict:
+    """The no-network row: the dense probes on the local intensity mean and mean square at the
+    stage-1 `grid`, and the presence AUC of the intensity histogram."""
+    return {
+        "dense": label_efficiency(
+            {"intensity": intensity_maps(b.images, grid)}, b.labels, b.owner, b.held_out, b.draws, b.num_classes, seed=seed
+        ),
+        "auc": {"histogram": _mean_auc(histogram_features(b.images), b.present, b.owner, b.scored)},
+    }
+
+
 def sweep(
     cases,
     class_names: list[str],
@@ -317,42 +380,22 @@ def sweep(
     seed: int = 0,
     min_present: float = 0.1,
 ) -> dict:
-    """The label-efficiency tables of several encoders and of the no-network floor on the same
-    patches, held-out cases (every third) and case draws. `encoders`: name -> stage maps
-    (`encoder_maps`) of the patches that `sample_patches(cases, patch, per_case, seed)` draws;
-    None gives the no-network row alone. Presence AUC (secondary) is reported for classes
-    present in at least `min_present` of the patches."""
-    images, labels, owner = sample_patches(cases, tuple(patch), per_case, seed)
-    num_classes = len(class_names) + 1
-    cases_idx = np.unique(owner).tolist()
-    held_out = cases_idx[::3]
-    pool = [c for c in cases_idx if c not in held_out]
-    draws_by_count = case_draws(pool, counts, draws, seed)
-    share = torch.stack([(labels == c).float().mean((1, 2, 3)) for c in range(1, num_classes)], 1).numpy()
-    present = share >= PRESENT
-    scored = [k for k in range(len(class_names)) if present[:, k].mean() >= min_present]
-    result = {
-        "held_out_cases": held_out,
-        "draws": {str(c): v for c, v in draws_by_count.items()},
-        "auc_classes": [class_names[k] for k in scored],
+    """The label-efficiency tables of several encoders and of the no-network floor on one bench.
+    `encoders`: name -> stage maps (`encoder_maps`) of the patches that
+    `sample_patches(cases, patch, per_case, seed)` draws; None gives the no-network row alone.
+    Presence AUC (secondary) is reported for classes present in at least `min_present` of the
+    patches."""
+    b = bench(cases, class_names, patch, per_case, counts, draws, seed, min_present)
+    rows = {name: encoder_row(b, maps, seed=seed) for name, maps in (encoders or {}).items()}
+    first = next(iter((encoders or {}).values()), None)
+    grid = first[0].shape[2:] if first is not None else tuple(max(1, p // s) for p, s in zip(patch, (2, 4, 4)))
+    rows["no network"] = floor_row(b, grid, seed)
+    return {
+        "held_out_cases": b.held_out,
+        "draws": {str(c): v for c, v in b.draws.items()},
+        "auc_classes": [class_names[k] for k in b.scored],
+        "rows": rows,
     }
-    stage1_grid, rows = None, {}
-    for name, maps in (encoders or {}).items():
-        sets = {fs: stack_stages(maps, st) for fs, st in FEATURE_SETS.items()}
-        stage1_grid = maps[0].shape[2:]
-        rows[name] = {
-            "dense": label_efficiency(sets, labels, owner, held_out, draws_by_count, num_classes, seed=seed),
-            "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), present, owner, scored) for k, m in enumerate(maps)},
-        }
-    grid = stage1_grid or tuple(max(1, p // s) for p, s in zip(patch, (2, 4, 4)))
-    rows["no network"] = {
-        "dense": label_efficiency(
-            {"intensity": intensity_maps(images, grid)}, labels, owner, held_out, draws_by_count, num_classes, seed=seed
-        ),
-        "auc": {"histogram": _mean_auc(histogram_features(images), present, owner, scored)},
-    }
-    result["rows"] = rows
-    return result
 
 
 def _mean_auc(features: np.ndarray, present: np.ndarray, owner: np.ndarray, scored: list[int]) -> float:

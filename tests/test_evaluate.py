@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -13,15 +14,27 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     out = tmp_path / "ev"
     assert evaluate.main(["--config", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["probe"]) == {"desd", "dino", "none"} and all(len(v) == 4 for v in results["probe"].values())
-    assert results["label_counts"] == [1, 3]
-    for enc in ("desd", "dino", "none"):
-        for count in ("1", "3"):
-            (dice,) = results["finetune"][enc][count]  # one seed in the smoke configuration
-            assert len(dice) == 3 and all(d is None or 0 <= d <= 1 for d in dice)
-    assert all("train_retrieval" in line for line in results["pretraining_log"]["desd"])
+    cfg = evaluate.CONFIGS["smoke"]
+    assert set(results["pretraining"]) == {f"{enc} seed{s}" for enc in ("desd", "dino") for s in cfg.seeds}
+    for run in results["pretraining"].values():
+        assert run["steps"] == cfg.epochs * cfg.iters_per_epoch and set(run["checks"]) >= {"kl_falls", "entropy_does_not_rise"}
+    rows = results["probe"]["rows"]
+    expected = {f"{enc} seed{s}" for enc in ("desd", "dino", "none", "desd student", "dino student") for s in cfg.seeds}
+    assert set(rows) == expected | {"no network"}
+    # the teacher on every feature set with both heads where asked; the student on its sets only
+    assert set(rows["desd seed0"]["dense"]) == {"stage1", "stage2", "stage3", "stage4", "stages1-3"}
+    assert set(rows["desd seed0"]["dense"]["stages1-3"]) == {"linear", "knn"}
+    assert set(rows["desd seed0"]["dense"]["stage1"]) == {"linear"}
+    assert set(rows["desd student seed0"]["dense"]) == set(cfg.student_sets)
+    for count in ("1", "4"):
+        dice = rows["none seed1"]["dense"]["stages1-3"]["linear"][count]
+        assert len(dice) == (cfg.probe_draws if count == "1" else 1) and all(0 <= d <= 1 for d in dice)
+    assert {c["pair"] for c in results["claims"]} == {"desd - dino", "desd - none", "dino - none"}
+    assert all(len(c["gaps"]) == len(cfg.seeds) for c in results["claims"])
+    (curves,) = results["finetune"]["1"]["desd"]  # one pretraining seed fine-tuned in the smoke configuration
+    assert set(curves) == {"1", "2"} and all(d is None or 0 <= d <= 1 for d in curves["2"])
     table = (out / "results.md").read_text()
-    assert "| 1 |" in table and "desd" in table
+    assert "| DeSD teacher |" in table and "no network (intensity)" in table and "holds" in table
     assert os.path.getsize(out / "evidence.png") > 10_000
 
 
@@ -33,9 +46,10 @@ def test_every_configuration_pretrains_with_arguments_main_desd_accepts(config, 
     import main_desd
 
     cfg = evaluate.CONFIGS[config]
-    args = main_desd.get_args_parser().parse_args(evaluate.pretrain_command(cfg, encoder, "data/DeepLesion", "out"))
+    args = main_desd.get_args_parser().parse_args(evaluate.pretrain_command(cfg, encoder, "data/DeepLesion", "out", seed=2))
     main_desd.validate_args(args)
-    assert (args.arch, args.batch_size_per_gpu, args.epochs, args.out_dim) == (cfg.arch, cfg.batch, cfg.epochs, cfg.out_dim)
+    assert (args.arch, args.batch_size_per_gpu, args.epochs, args.out_dim, args.seed) == (cfg.arch, cfg.batch, cfg.epochs, cfg.out_dim, 2)
+    assert (args.clip_grad, args.momentum_teacher_end, args.global_crop_size) == (cfg.clip_grad, cfg.momentum_teacher_end, cfg.view)
     assert tuple(args.stage_weights) == tuple(float(w) for w in evaluate.STAGE_WEIGHTS[encoder])
     # the schedule falls from its scaled peak and leaves the warm-up: no warning before the run
     main_desd.warn_about_schedule(args, None, cfg.batch, 1)
@@ -51,4 +65,46 @@ def test_a_gap_is_claimed_only_when_it_exceeds_twice_its_spread_with_one_sign_fo
     assert not paired_gap([0.50, 0.60, 0.41], [0.40, 0.41, 0.40])["holds"]  # same sign, but mean 0.10 < 2 x std (0.09)
     assert paired_gap([0.3, 0.31, 0.32], [0.5, 0.5, 0.5])["holds"]  # a loss is claimed too, with its sign
     assert not paired_gap([0.5], [0.4])["holds"]  # one seed: no spread, no claim
+    assert not paired_gap([0.5001, 0.5002, 0.5001], [0.5, 0.5, 0.5])["holds"]  # steady, but far below half a Dice point
     assert paired_gap([0.5, float("nan"), 0.52, 0.51], [0.4, 0.4, 0.41, 0.42])["gaps"] == pytest.approx([0.1, 0.11, 0.09])
+
+
+def test_trend_checks_read_the_second_half_of_a_hand_made_log():
+    def rec(h, kl, ret):
+        return {"train_teacher_entropy": h, "train_kl": kl, "train_retrieval": ret, "train_loss": h + kl}
+
+    falling = [rec(5.0, 3.0, 0.2), rec(4.0, 2.5, 0.3), rec(3.0, 2.0, 0.4), rec(3.0, 1.5, 0.5)]
+    verdict = evaluate.trend_checks(falling, batch=8, out_dim=256)
+    assert verdict["second_half"]["entropy"] == [3.0, 3.0] and verdict["second_half"]["kl"] == [2.0, 1.5]
+    assert all(verdict["checks"].values())
+    collapsing = [rec(2.0, 3.0, 0.5), rec(2.5, 2.5, 0.5), rec(3.0, 2.0, 0.5), rec(4.0, 1.0, 0.3)]
+    checks = evaluate.trend_checks(collapsing, batch=8, out_dim=256)["checks"]
+    assert checks == {"entropy_does_not_rise": False, "kl_falls": True, "retrieval_at_3x_chance": False}
+
+
+def test_the_clock_sets_step_counts_that_fit_the_budget():
+    # 6 runs of 10 epochs in 600 s at 0.5 s a step and 20 s of start-up each: (100 - 20) / (10 * 0.5) = 16
+    assert evaluate.iters_for_budget(0.5, 20, 600, 6, 10, cap=1000) == 16
+    assert evaluate.iters_for_budget(0.5, 20, 600, 6, 10, cap=5) == 5  # never more than the whole list
+    assert evaluate.iters_for_budget(0.5, 200, 600, 6, 10, cap=1000) == 1  # at least one
+    cfg = evaluate.CONFIGS["gpu"]
+    steps = evaluate.fine_tuning_steps(cfg, seconds_per_step=0.1, seconds_per_score=2, budget=300, runs=12)
+    assert steps == [50, 100]  # 12 x (100 x 0.1 + 2 x 2) = 168 s fits, 12 x (200 x 0.1 + 3 x 2) = 312 s does not
+    assert evaluate.fine_tuning_steps(cfg, 1.0, 2, budget=120, runs=12) == [8]  # even 50 steps do not fit: shortened
+
+
+def test_the_gpu_run_enforces_its_own_clock(tmp_path, monkeypatch):
+    """A step that outlives the clock is stopped and the run still writes what finished."""
+    clock = evaluate.Clock(1.0)
+    with pytest.raises(evaluate.OutOfTime):
+        evaluate.run([sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path / "sleep.log"), clock.left())
+    assert evaluate.CONFIGS["gpu"].time_limit <= 480
+
+    def too_slow(cfg, out, device, clock, results, lap):
+        results["pretraining"]["desd seed0"] = {"steps": 1}
+        raise evaluate.OutOfTime("pretraining stopped by the time limit")
+
+    monkeypatch.setattr(evaluate, "experiment", too_slow)
+    assert evaluate.main(["--config", "smoke", "--out", str(tmp_path / "ev"), "--time_limit", "5"]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert "time limit" in results["stopped"] and results["pretraining"] == {"desd seed0": {"steps": 1}}

@@ -5,7 +5,8 @@ import json
 import time
 
 import numpy as np
-import probe
+
+from downstream import probe
 
 cases, names = probe.load_cases("/tmp/pilots/Labelled", 2.0)
 images, labels, owner = probe.sample_patches(cases, (16, 64, 64), 24, 0)
