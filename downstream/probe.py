@@ -7,8 +7,9 @@ Per stage it reports
 - a linear probe of organ presence in the patch from the globally pooled features: one ridge
   classifier per class, cross-validated with folds by case (no case in both the training and
   the test fold); AUC per class and mean;
-- a frozen dense probe: a 1x1x1 linear classifier on the stage map, upsampled to the patch,
-  trained on the training cases' patches and scored by Dice on the held-out cases' patches.
+- a frozen dense probe: a 1x1x1 linear classifier on the stage map, trained to convergence on
+  the training cases' patches and scored by Dice on the held-out cases' patches, its logits
+  upsampled to the patch.
 A JSON line per stage and a table; deterministic for a seed, on the CPU or CUDA.
 
     python -m downstream.probe --data_dir data/Task03_Liver --checkpoint snapshots/desd/checkpoint.pth --arch res3d50
@@ -107,38 +108,18 @@ def linear_probe(features: np.ndarray, present: np.ndarray, owner: np.ndarray, f
     return [auc(scores[:, k], present[:, k]) for k in range(present.shape[1])]
 
 
-def dense_probe(fmap: torch.Tensor, labels: torch.Tensor, train: np.ndarray, num_classes: int, seed: int, steps: int = 200) -> list[float]:
+def dense_probe(
+    fmap: torch.Tensor, labels: torch.Tensor, train: np.ndarray, num_classes: int, seed: int, limit: int = 10000
+) -> list[float]:
     """Dice per class (background excluded) on the held-out patches of a 1x1x1 linear classifier
-    of the stage map upsampled (trilinearly) to the patch, trained on the training patches by
-    Adam with cross-entropy. Upsampling and a 1x1x1 linear map commute (the interpolation
-    weights sum to 1), so the classifier runs on the stage map and its logits are upsampled."""
-    g = torch.Generator().manual_seed(seed)
-    size = labels.shape[1:]
-    train_idx = torch.from_numpy(np.flatnonzero(train))
-    mean = fmap[train_idx].mean((0, 2, 3, 4), keepdim=True)
-    std = fmap[train_idx].std((0, 2, 3, 4), keepdim=True) + 1e-6
-    norm = (fmap - mean) / std
-    head = torch.nn.Conv3d(fmap.shape[1], num_classes, 1)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-
-    def logits(i: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(head(norm[i]), size=size, mode="trilinear", align_corners=False)  # (n, classes, D, H, W)
-
-    for _ in range(steps):
-        pick = train_idx[torch.randint(len(train_idx), (4,), generator=g)]
-        loss = F.cross_entropy(logits(pick), labels[pick])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    inter, total = torch.zeros(num_classes), torch.zeros(num_classes)
-    with torch.no_grad():
-        for i in np.flatnonzero(~train):
-            pred = logits(torch.tensor([i])).argmax(1)[0]
-            for c in range(1, num_classes):
-                p, t = pred == c, labels[i] == c
-                inter[c] += (p & t).sum()
-                total[c] += p.sum() + t.sum()
-    return [float(2 * inter[c] / total[c]) if total[c] > 0 else math.nan for c in range(1, num_classes)]
+    of the stage map trained to convergence on the training patches' coarse voxels (at most
+    `limit` of them, `fit_linear_head`), its logits upsampled (trilinearly) to the patch.
+    Upsampling and a 1x1x1 linear map commute (the interpolation weights sum to 1), so the
+    classifier runs on the stage map and its logits are upsampled."""
+    targets = coarse_targets(labels, fmap.shape[2:], num_classes)
+    x, t = voxel_rows(fmap, targets, np.flatnonzero(train), limit, seed)
+    test = torch.from_numpy(np.flatnonzero(~train))
+    return dice_of(fit_linear_head(x, t), fmap[test], labels[test], num_classes)
 
 
 # ============ label-efficiency probes: a converged linear head and k-NN on the coarse grid ============
@@ -183,8 +164,8 @@ def fit_linear_head(x: torch.Tensor, t: torch.Tensor, l2: float = 1e-4, max_iter
     are standardised on `x`."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = ((x - mean) / std).double()
-    w = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(t.shape[1], dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros(t.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
     target = t.double()
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
@@ -198,6 +179,7 @@ def fit_linear_head(x: torch.Tensor, t: torch.Tensor, l2: float = 1e-4, max_iter
     w_, b_ = w.detach().float(), b.detach().float()
 
     def head(fmap: torch.Tensor) -> torch.Tensor:
+        fmap = fmap.to(mean.device)
         zmap = (fmap - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
         return torch.einsum("nc...,ck->nk...", zmap, w_) + b_.view(1, -1, 1, 1, 1)
 
@@ -210,7 +192,7 @@ def knn_head(x: torch.Tensor, t: torch.Tensor, k: int = 10, chunk: int = 4096, d
     principal axes) reference voxels, at most `refs` of the rows (evenly spaced among them);
     returns a function from feature maps to (N, K, ...) log class shares."""
     if len(x) > refs:
-        pick = torch.linspace(0, len(x) - 1, refs).long()
+        pick = torch.linspace(0, len(x) - 1, refs, device=x.device).long()
         x, t = x[pick], t[pick]
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = (x - mean) / std
@@ -220,6 +202,7 @@ def knn_head(x: torch.Tensor, t: torch.Tensor, k: int = 10, chunk: int = 4096, d
 
     def head(fmap: torch.Tensor) -> torch.Tensor:
         n, c, *grid = fmap.shape
+        fmap = fmap.to(mean.device)
         q = (fmap.permute(0, 2, 3, 4, 1).reshape(-1, c) - mean) / std
         q = F.normalize(q @ basis if basis is not None else q, dim=1)
         votes = torch.cat([t[(q[i : i + chunk] @ ref.T).topk(k, dim=1).indices].mean(1) for i in range(0, len(q), chunk)])
@@ -235,11 +218,11 @@ def dice_of(head, fmap: torch.Tensor, labels: torch.Tensor, num_classes: int, ba
     with torch.no_grad():
         for i in range(0, len(fmap), batch):
             logits = F.interpolate(head(fmap[i : i + batch]), size=labels.shape[1:], mode="trilinear", align_corners=False)
-            pred, truth = logits.argmax(1), labels[i : i + batch]
+            pred, truth = logits.argmax(1), labels[i : i + batch].to(logits.device)
             for c in range(1, num_classes):
                 p, q = pred == c, truth == c
-                inter[c] += (p & q).sum()
-                total[c] += p.sum() + q.sum()
+                inter[c] += (p & q).sum().item()
+                total[c] += (p.sum() + q.sum()).item()
     return [float(2 * inter[c] / total[c]) if total[c] > 0 else math.nan for c in range(1, num_classes)]
 
 
@@ -279,10 +262,12 @@ def label_efficiency(
     limit: int = 10000,
     seed: int = 0,
     knn_sets=None,
+    device="cpu",
 ) -> dict:
     """Mean foreground Dice on the held-out cases' patches of a converged linear head and of k-NN
     transfer (on the feature sets in `knn_sets`, all when None), per feature set and label count,
-    one value per draw of training cases: {name: {"linear": {"count": [...]}, "knn": {...}}}."""
+    one value per draw of training cases: {name: {"linear": {"count": [...]}, "knn": {...}}}.
+    The heads are fitted and applied on `device`; the maps stay where they are."""
     test = np.isin(owner, held_out)
     out = {}
     for name, fmap in feature_maps.items():
@@ -295,6 +280,7 @@ def label_efficiency(
                 res[kind][count] = []
             for d, subset in enumerate(subsets):
                 x, t = voxel_rows(fmap, targets, np.flatnonzero(np.isin(owner, subset)), limit, seed + d)
+                x, t = x.to(device), t.to(device)
                 for kind, make in heads:
                     dice = dice_of(make(x, t), fmap[torch.from_numpy(np.flatnonzero(test))], labels[test], num_classes)
                     res[kind][count].append(float(np.nanmean(dice)) if not all(math.isnan(v) for v in dice) else math.nan)
@@ -347,23 +333,30 @@ def bench(cases, class_names, patch=(16, 64, 64), per_case=24, counts=(1, 2, 4, 
     return Bench(images, labels, owner, list(class_names), held_out, case_draws(pool, counts, draws, seed), present, scored)
 
 
-def encoder_row(b: Bench, maps: list[torch.Tensor], feature_sets=tuple(FEATURE_SETS), seed: int = 0, knn_sets=None) -> dict:
+def encoder_row(b: Bench, maps: list[torch.Tensor], feature_sets=tuple(FEATURE_SETS), seed: int = 0, knn_sets=None, device="cpu") -> dict:
     """One encoder's scores on the bench from its stage maps (`encoder_maps` of `b.images`): the
     dense label-efficiency tables of each feature set (k-NN on `knn_sets`, all when None) and the
     presence AUC of each stage."""
     sets = {fs: stack_stages(maps, FEATURE_SETS[fs]) for fs in feature_sets}
     return {
-        "dense": label_efficiency(sets, b.labels, b.owner, b.held_out, b.draws, b.num_classes, seed=seed, knn_sets=knn_sets),
+        "dense": label_efficiency(sets, b.labels, b.owner, b.held_out, b.draws, b.num_classes, seed=seed, knn_sets=knn_sets, device=device),
         "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), b.present, b.owner, b.scored) for k, m in enumerate(maps)},
     }
 
 
-def floor_row(b: Bench, grid, seed: int = 0) -> dict:
+def floor_row(b: Bench, grid, seed: int = 0, device="cpu") -> dict:
     """The no-network row: the dense probes on the local intensity mean and mean square at the
     stage-1 `grid`, and the presence AUC of the intensity histogram."""
     return {
         "dense": label_efficiency(
-            {"intensity": intensity_maps(b.images, grid)}, b.labels, b.owner, b.held_out, b.draws, b.num_classes, seed=seed
+            {"intensity": intensity_maps(b.images, grid)},
+            b.labels,
+            b.owner,
+            b.held_out,
+            b.draws,
+            b.num_classes,
+            seed=seed,
+            device=device,
         ),
         "auc": {"histogram": _mean_auc(histogram_features(b.images), b.present, b.owner, b.scored)},
     }

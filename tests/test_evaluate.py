@@ -36,6 +36,10 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     table = (out / "results.md").read_text()
     assert "| DeSD teacher |" in table and "no network (intensity)" in table and "holds" in table
     assert os.path.getsize(out / "evidence.png") > 10_000
+    # the tables and the figure are redone from results.json alone
+    (out / "results.md").unlink()
+    assert evaluate.main(["--from_results", str(out / "results.json"), "--figure", str(out / "again.png")]) == 0
+    assert (out / "results.md").read_text() == table and os.path.getsize(out / "again.png") > 10_000
 
 
 @pytest.mark.parametrize("config", sorted(evaluate.CONFIGS))
@@ -89,8 +93,9 @@ def test_the_clock_sets_step_counts_that_fit_the_budget():
     assert evaluate.iters_for_budget(0.5, 200, 600, 6, 10, cap=1000) == 1  # at least one
     cfg = evaluate.CONFIGS["gpu"]
     steps = evaluate.fine_tuning_steps(cfg, seconds_per_step=0.1, seconds_per_score=2, budget=300, runs=12)
-    assert steps == [50, 100]  # 12 x (100 x 0.1 + 2 x 2) = 168 s fits, 12 x (200 x 0.1 + 3 x 2) = 312 s does not
-    assert evaluate.fine_tuning_steps(cfg, 1.0, 2, budget=120, runs=12) == [8]  # even 50 steps do not fit: shortened
+    assert cfg.ft_steps[:4] == (25, 50, 100, 200)
+    assert steps == [25, 50, 100]  # 12 x (100 x 0.1 + 3 x 2) = 192 s fits, 12 x (200 x 0.1 + 4 x 2) = 336 s does not
+    assert evaluate.fine_tuning_steps(cfg, 1.0, 2, budget=120, runs=12) == [8]  # even 25 steps do not fit: shortened
 
 
 def test_the_gpu_run_enforces_its_own_clock(tmp_path, monkeypatch):

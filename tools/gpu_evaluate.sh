@@ -1,7 +1,10 @@
 #!/bin/sh
-# The GPU-sized experiment (evaluate.py --config gpu: res3d50, 96 x 96 x 16 views at 1 mm, the
-# published SGD recipe at one GPU's batch of 32) on one H100/H200, prepared for a machine whose
-# Python has torch but not SimpleITK, nibabel or MONAI: wheels placed in .whl/ are installed first.
+# The experiment scaled up for one H100/H200 (evaluate.py --config gpu: 32 phantoms at 1 mm, res3d18,
+# batch 64 of 96 x 96 x 16 views in bf16 with the intensity chain on the device, 2 pretraining seeds
+# per method, fine-tuning with 1 and 4 labelled cases logged at several step counts) within 8
+# minutes: evaluate.py keeps its own 7-minute clock, sets the step counts from timed first steps and
+# writes what finished if time runs out. Prepared for a machine whose Python has torch but not
+# SimpleITK, nibabel or MONAI: wheels placed in .whl/ are installed first.
 #   sh tools/gpu_evaluate.sh [OUT]      (results in OUT, default evidence_gpu)
 set -e
 cd "$(dirname "$0")/.."
