@@ -97,6 +97,10 @@ class Res3D(nn.Module):
     PyTorch's default initialisation is kept, as in the reference (its init is never called).
     """
 
+    # Python-side descriptions, left out when the network is compiled by torch.jit.script
+    __jit_ignored_attributes__ = ["feature_info"]
+    __jit_unused_properties__ = ["stage_channels"]
+
     def __init__(self, block: type[nn.Module], layers: tuple[int, int, int, int], in_channels: int = 1):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, 64, 7, stride=(1, 2, 2), padding=3, bias=False)
@@ -135,11 +139,11 @@ class Res3D(nn.Module):
         """The four stage maps; with `return_stem`, the stem's map (before max-pooling) first."""
         stem = self.forward_stem(x)
         x = self.maxpool(stem)  # (N, 64, D/2, H/4, W/4)
-        features = []
-        for k in range(1, 5):
-            x = getattr(self, f"layer{k}")(x)  # stage k: (N, C_k, D/2^k, H/2^(k+1), W/2^(k+1))
-            features.append(x)
-        return [stem, *features] if return_stem else features
+        s1 = self.layer1(x)  # stage k: (N, C_k, D/2^k, H/2^(k+1), W/2^(k+1))
+        s2 = self.layer2(s1)
+        s3 = self.layer3(s2)
+        s4 = self.layer4(s3)
+        return [stem, s1, s2, s3, s4] if return_stem else [s1, s2, s3, s4]
 
 
 def last_stage_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:

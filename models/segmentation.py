@@ -37,6 +37,7 @@ class Res3DSegmentation(nn.Module):
 
     def __init__(self, encoder: Res3D, num_classes: int, aspp_channels: int = 64, decoder_channels: tuple[int, ...] = (256, 128, 64, 32)):
         super().__init__()
+        self.stride = STRIDE  # inputs are padded up to a multiple of it
         self.encoder = encoder
         chs = encoder.stage_channels  # e.g. 256/512/1024/2048 for res3d50
         self.aspp = SimpleASPP(3, chs[3], aspp_channels, kernel_sizes=(1, 3, 3, 3), dilations=(1, 2, 4, 6), norm_type="instance")
@@ -50,9 +51,9 @@ class Res3DSegmentation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        pad = [(-n) % s for n, s in zip(size, STRIDE)]
-        if any(pad):
-            x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+        pad = [(-size[0]) % self.stride[0], (-size[1]) % self.stride[1], (-size[2]) % self.stride[2]]
+        if pad[0] > 0 or pad[1] > 0 or pad[2] > 0:
+            x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]])
         stem, s1, s2, s3, s4 = self.encoder(x, return_stem=True)
         y = self.aspp(s4)  # (N, 4 * aspp, D/16, H/32, W/32)
         for block, skip in zip(self.decoder, (s3, s2, s1, stem)):

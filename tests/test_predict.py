@@ -168,3 +168,39 @@ def test_an_overlay_picture_is_drawn_on_request_beside_the_label_maps(trained, t
     assert sorted(os.listdir(out)) == ["c3.nii.gz", "overlays"] and os.listdir(out / "overlays") == ["c3.png"]
     picture = Image.open(out / "overlays" / "c3.png")
     assert picture.format == "PNG" and picture.size[0] > 600
+
+
+def test_a_torchscript_export_loads_back_and_segments_as_the_network_does(trained, tmp_path):
+    import torch
+
+    from tools.export_torchscript import main as export
+
+    out = tmp_path / "model.pt"
+    assert export([str(trained / "out"), str(out)]) == 0
+    extra = {"desd.json": ""}
+    loaded = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["desd.json"])
+    assert meta["arch"] == "res3d10" and meta["num_classes"] == 2 and meta["spacing"] == 2
+    model, _ = predict.load_model(str(trained / "out"), torch.device("cpu"))
+    x = torch.randn(1, 1, 20, 56, 40)  # another size than the patch: the compiled network is not shape-bound
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_a_torchscript_export_that_differs_writes_nothing(trained, tmp_path, monkeypatch):
+    import torch
+
+    from tools import export_torchscript
+
+    real = torch.jit.load
+
+    def perturbed(*args, **kwargs):
+        module = real(*args, **kwargs)
+        return lambda x: module(x) + 1.0
+
+    monkeypatch.setattr(torch.jit, "load", perturbed)
+    out = tmp_path / "model.pt"
+    with pytest.raises(RuntimeError, match="differs"):
+        export_torchscript.export_torchscript(str(trained / "out"), str(out))
+    assert not out.exists()
