@@ -339,33 +339,45 @@ def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, co
     return csv_path
 
 
-def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: int = 48) -> str:
-    """Labelled phantoms in the Decathlon layout; volumes are (rows, cols, slices) with NIH's
-    affine, so nibabel reads them in the same orientation as the pretraining patches."""
+def render_case(rng: np.random.Generator, size: int, slices: int) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """One labelled phantom: image (HU) and label volumes, (rows, cols, slices) with NIH's affine."""
+    phantom = Phantom(rng)
+    spacing = phantom.series_spacing(size)
+    interval = float(rng.uniform(2.5, 3.5))
+    start = rng.uniform(0.3, 0.45) * TRUNK_MM
+    for _ in range(int(rng.integers(1, 3))):
+        phantom.add_lesion(start + rng.uniform(0.2, 0.8) * slices * interval)
+    noise = float(rng.uniform(10, 25))
+    hu, lab = [], []
+    for s in range(slices):
+        h, lbl = phantom.render(start + s * interval, size, spacing)
+        hu.append(scanner(h, spacing, noise, rng))
+        lab.append(lbl)
+    affine = nih_affine((spacing, spacing, interval))
+    return nib.Nifti1Image(np.stack(hu, axis=2), affine), nib.Nifti1Image(np.stack(lab, axis=2), affine)
+
+
+def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: int = 48, test_cases: int = 0) -> str:
+    """Labelled phantoms in the Decathlon layout, and `test_cases` unlabelled ones in imagesTs/
+    (drawn apart, so that the training cases do not depend on their number); volumes are (rows,
+    cols, slices) with NIH's affine, so nibabel reads them in the same orientation as the
+    pretraining patches."""
     rng = np.random.default_rng(seed + 1_000_003)
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):  # imagesTs/ stays empty; nnU-Net's MSD converter expects it
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):  # imagesTs/ even when empty: nnU-Net's MSD converter expects it
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     training = []
     for i in range(cases):
-        phantom = Phantom(rng)
-        spacing = phantom.series_spacing(size)
-        interval = float(rng.uniform(2.5, 3.5))
-        start = rng.uniform(0.3, 0.45) * TRUNK_MM
-        for _ in range(int(rng.integers(1, 3))):
-            phantom.add_lesion(start + rng.uniform(0.2, 0.8) * slices * interval)
-        noise = float(rng.uniform(10, 25))
-        hu, lab = [], []
-        for s in range(slices):
-            h, lbl = phantom.render(start + s * interval, size, spacing)
-            hu.append(scanner(h, spacing, noise, rng))
-            lab.append(lbl)
-        affine = nih_affine((spacing, spacing, interval))
+        image, label = render_case(rng, size, slices)
         name = f"synth_{i:03d}.nii.gz"
-        image = nib.Nifti1Image(np.stack(hu, axis=2), affine)
-        label = nib.Nifti1Image(np.stack(lab, axis=2), affine)
         write_atomic(os.path.join(out_dir, "imagesTr", name), lambda tmp, im=image: nib.save(im, tmp))
         write_atomic(os.path.join(out_dir, "labelsTr", name), lambda tmp, im=label: nib.save(im, tmp))
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    test, test_rng = [], np.random.default_rng(seed + 2_000_003)
+    for i in range(test_cases):
+        image, _ = render_case(test_rng, size, slices)
+        name = f"synth_test_{i:03d}.nii.gz"
+        write_atomic(os.path.join(out_dir, "imagesTs", name), lambda tmp, im=image: nib.save(im, tmp))
+        test.append(f"./imagesTs/{name}")
     meta = {
         "name": "SyntheticAbdomen",
         "description": "Synthetic portal-venous CT phantoms (DeSD project); not real patients",
@@ -373,9 +385,9 @@ def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: i
         "modality": {"0": "CT"},
         "labels": {str(v): k for k, v in LABELS.items()},
         "numTraining": cases,
-        "numTest": 0,
+        "numTest": test_cases,
         "training": training,
-        "test": [],
+        "test": test,
     }
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -395,14 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--msd_cases", default=12, type=int)
     parser.add_argument("--msd_size", default=128, type=int, help="Image side of the labelled cases.")
     parser.add_argument("--msd_slices", default=48, type=int)
+    parser.add_argument("--msd_test_cases", default=2, type=int, help="Unlabelled cases for imagesTs/, as a Decathlon task has.")
     args = parser.parse_args(argv)
     if args.patients > 0:
         csv_path = make_deeplesion(args.out, args.patients, args.size, args.seed, args.context_mm)
         n = len(os.listdir(os.path.join(args.out, "Images_png")))
         print(f"wrote {n} series to {os.path.join(args.out, 'Images_png')} and {csv_path}")
     if args.msd_dir:
-        make_msd(args.msd_dir, args.msd_cases, args.msd_size, args.seed, args.msd_slices)
-        print(f"wrote {args.msd_cases} labelled cases to {args.msd_dir}")
+        make_msd(args.msd_dir, args.msd_cases, args.msd_size, args.seed, args.msd_slices, args.msd_test_cases)
+        print(f"wrote {args.msd_cases} labelled and {args.msd_test_cases} test cases to {args.msd_dir}")
     return 0
 
 

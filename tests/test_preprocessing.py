@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 
 import nibabel as nib
@@ -223,6 +224,21 @@ def test_synthetic_deeplesion_has_the_real_layout_and_plausible_values(tmp_path)
     assert len(s1.split_runs(indices)) >= 2  # gaps between key-slice contexts
     png = np.asarray(Image.open(os.path.join(root, "Images_png", folders[0], f"{indices[0]:03d}.png")))
     assert png.dtype == np.uint16 and png.min() >= 32768 - 1024
+
+
+def test_the_synthetic_decathlon_task_has_test_images_that_leave_its_training_cases_alone(tmp_path):
+    syn.make_msd(str(tmp_path / "a"), cases=2, size=48, slices=8, seed=0)
+    syn.make_msd(str(tmp_path / "b"), cases=2, size=48, slices=8, seed=0, test_cases=2)
+    assert os.listdir(tmp_path / "a" / "imagesTs") == []  # still there, as nnU-Net's converter wants it
+    assert sorted(os.listdir(tmp_path / "b" / "imagesTs")) == ["synth_test_000.nii.gz", "synth_test_001.nii.gz"]
+    meta = json.loads((tmp_path / "b" / "dataset.json").read_text())
+    assert meta["numTest"] == 2 and meta["test"] == ["./imagesTs/synth_test_000.nii.gz", "./imagesTs/synth_test_001.nii.gz"]
+    for name in ("synth_000.nii.gz", "synth_001.nii.gz"):
+        a = np.asarray(nib.load(str(tmp_path / "a" / "imagesTr" / name)).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "b" / "imagesTr" / name)).dataobj)
+        assert np.array_equal(a, b)
+    test = np.asarray(nib.load(str(tmp_path / "b" / "imagesTs" / "synth_test_000.nii.gz")).dataobj)
+    assert not np.array_equal(test, np.asarray(nib.load(str(tmp_path / "b" / "imagesTr" / "synth_000.nii.gz")).dataobj))
 
 
 def test_synthetic_organs_have_portal_venous_hu(tmp_path):
