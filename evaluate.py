@@ -158,15 +158,16 @@ class Clock:
 def run(cmd: list[str], log: str, timeout: float = math.inf) -> None:
     """Run one step as a process of its own, its output in `log`; fail naming the log, or raise
     OutOfTime when it outlives `timeout` seconds."""
+    name = " ".join(os.path.basename(c) for c in cmd[:2])  # python main_desd.py, say
     with open(log, "w") as f:
         try:
             done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=None if math.isinf(timeout) else timeout)
         except subprocess.TimeoutExpired:
-            raise OutOfTime(f"{' '.join(cmd[:3])} stopped by the time limit; see {log}") from None
+            raise OutOfTime(f"{name} stopped by the time limit; see {log}") from None
     if done.returncode:
         with open(log) as f:
             tail = f.read()[-2000:]
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {done.returncode}); see {log}:\n{tail}")
+        raise RuntimeError(f"{name} failed (exit {done.returncode}); see {log}:\n{tail}")
 
 
 def make_data(cfg: Config, out: str) -> tuple[str, str]:
