@@ -352,8 +352,7 @@ def per_seed(rows: dict, enc: str, seeds, head: str, fs: str, count: str) -> lis
     for seed in seeds:
         row = rows.get(f"{enc} seed{seed}")
         draws = row["dense"][fs].get(head, {}).get(count, []) if row and fs in row["dense"] else []
-        vals = [v for v in draws if not math.isnan(v)]
-        out.append(float(np.mean(vals)) if vals else math.nan)
+        out.append(metrics.mean_or_nan(draws))
     return out
 
 

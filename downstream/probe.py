@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 import utils
-from downstream import patches
+from downstream import metrics, patches
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import STAGE_NAMES
@@ -283,7 +283,7 @@ def label_efficiency(
                 x, t = x.to(device), t.to(device)
                 for kind, make in heads:
                     dice = dice_of(make(x, t), fmap[torch.from_numpy(np.flatnonzero(test))], labels[test], num_classes)
-                    res[kind][count].append(float(np.nanmean(dice)) if not all(math.isnan(v) for v in dice) else math.nan)
+                    res[kind][count].append(metrics.mean_or_nan(dice))
         out[name] = res
     return out
 
@@ -402,31 +402,20 @@ def run_probe(
     cases, class_names: list[str], arch: str, checkpoint: str | None, patch=(16, 64, 64), per_case: int = 24, seed: int = 0, device="cpu"
 ) -> list[dict]:
     """The probe results of one encoder: one dict per stage."""
-    torch.manual_seed(seed)
-    backbone = create_model(arch)
-    if checkpoint:
-        load_pretrained_encoder(backbone, checkpoint)
-    device = torch.device(device)
-    backbone = backbone.to(device)
-    images, labels, owner = sample_patches(cases, tuple(patch), per_case, seed)
-    maps = stage_maps(backbone, images, device)
-    num_classes = len(class_names) + 1
-    share = torch.stack([(labels == c).float().mean((1, 2, 3)) for c in range(1, num_classes)], 1).numpy()
-    present = share >= PRESENT
-    held_out = set(np.unique(owner)[::3].tolist())  # every third case is held out for the dense probe
-    train = np.array([o not in held_out for o in owner])
+    b = bench(cases, class_names, patch, per_case, counts=(), seed=seed)
+    maps = encoder_maps(arch, checkpoint, b.images, seed, device)
+    train = ~np.isin(b.owner, b.held_out)
     results = []
     for k, fmap in enumerate(maps):
-        pooled = fmap.mean((2, 3, 4)).double().numpy()
-        aucs = linear_probe(pooled, present, owner)
-        dice = dense_probe(fmap, labels, train, num_classes, seed + k)
+        aucs = linear_probe(fmap.mean((2, 3, 4)).double().numpy(), b.present, b.owner)
+        dice = dense_probe(fmap, b.labels, train, b.num_classes, seed + k)
         results.append(
             {
                 "stage": k + 1,
                 "auc": dict(zip(class_names, aucs)),
-                "auc_mean": float(np.nanmean(aucs)) if not all(math.isnan(a) for a in aucs) else math.nan,
+                "auc_mean": metrics.mean_or_nan(aucs),
                 "dense_dice": dict(zip(class_names, dice)),
-                "dense_dice_mean": float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else math.nan,
+                "dense_dice_mean": metrics.mean_or_nan(dice),
             }
         )
     return results
