@@ -49,15 +49,30 @@ class Res3DSegmentation(nn.Module):
             cin = cout
         self.head = nn.Conv3d(cin, num_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
-        pad = [(-size[0]) % self.stride[0], (-size[1]) % self.stride[1], (-size[2]) % self.stride[2]]
-        if pad[0] > 0 or pad[1] > 0 or pad[2] > 0:
-            x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]])
+    def decode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder's maps for a padded input, coarsest first: at the resolution of stage 3,
+        2, 1 and the stem (before the head)."""
         stem, s1, s2, s3, s4 = self.encoder(x, return_stem=True)
         y = self.aspp(s4)  # (N, 4 * aspp, D/16, H/32, W/32)
+        maps = []
         for block, skip in zip(self.decoder, (s3, s2, s1, stem)):
             y = F.interpolate(y, size=skip.shape[2:], mode="trilinear", align_corners=False)
             y = block(torch.cat([y, skip], dim=1))  # at the skip's resolution
+            maps.append(y)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        x = pad_to_stride(x, self.stride)
+        y = self.decode(x)[-1]  # at the stem's resolution
         y = F.interpolate(self.head(y), size=x.shape[2:], mode="trilinear", align_corners=False)  # (N, classes, D', H', W')
         return y[:, :, : size[0], : size[1], : size[2]]
+
+
+def pad_to_stride(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:
+    """x (N, C, D, H, W) padded at the end of each side up to a multiple of `stride`."""
+    size = x.shape[2:]
+    pad = [(-size[0]) % stride[0], (-size[1]) % stride[1], (-size[2]) % stride[2]]
+    if pad[0] > 0 or pad[1] > 0 or pad[2] > 0:
+        x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]])
+    return x
