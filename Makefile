@@ -3,8 +3,9 @@ PYTHON_BOOT ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+NNUNET_PACKAGES ?= nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
 
-.PHONY: install demo test test-fast bench evaluate lint format clean
+.PHONY: install install-nnunet demo test test-fast bench evaluate lint format clean
 
 # one stamp per torch version: `make TORCH_VERSION=2.5.1 test` reinstalls into the same .venv
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
@@ -20,10 +21,19 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	rm -f $(VENV)/.installed-torch-*
 	touch $@
 
+# nnU-Net v2 beside the project, for the nnU-Net route's end-to-end test (see requirements-nnunet.txt)
+NNUNET_STAMP := $(VENV)/.installed-nnunet
+install-nnunet: $(NNUNET_STAMP)
+
+$(NNUNET_STAMP): $(STAMP) requirements-nnunet.txt
+	$(PY) -m pip install -q -r requirements-nnunet.txt
+	$(PY) -m pip install -q --no-deps $(NNUNET_PACKAGES)
+	touch $@
+
 demo: install
 	PYTHON=$(abspath $(PY)) sh demo.sh
 
-test: install
+test: install install-nnunet
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -m "not slow"

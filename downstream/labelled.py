@@ -327,7 +327,7 @@ def _header(path: str):
     return reader
 
 
-def _orientation(path: str) -> tuple[tuple, tuple, tuple]:
+def header_orientation(path: str) -> tuple[tuple, tuple, tuple]:
     """(shape, spacing, axis codes) in nibabel's (x, y, z) order."""
     if path.endswith(NIFTI):
         img = nib.load(path)
@@ -350,7 +350,7 @@ def _geometry(path: str) -> dict:
     h = _header(path)
     if h.GetNumberOfComponents() != 1 or h.GetDimension() != 3:
         raise ValueError(f"{h.GetDimension()}-D with {h.GetNumberOfComponents()} channels; expected one channel in 3-D (CT)")
-    shape, spacing, codes = _orientation(path)
+    shape, spacing, codes = header_orientation(path)
     return {"shape": shape, "spacing": spacing, "codes": codes, "origin": h.GetOrigin(), "direction": h.GetDirection()}
 
 

@@ -1,0 +1,250 @@
+"""DeSD inside nnU-Net v2: the network class its plans name, the plans tool, the teacher as
+-pretrained_weights, and the five README commands end to end (where nnunetv2 is installed)."""
+
+import importlib.util
+import json
+import os
+import pydoc
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from downstream import nnunet
+from models import create_model
+from models.nnunet import DeSDUNet, ds_strides
+from tests.helpers import ROOT
+from tests.test_own_ct import NIH, stored_as
+
+ORIENTATIONS = ("PLI", "RAS", "LPS", "SRA", "IPL")
+
+
+def nnunet_array(path: str, reader: str, transpose_forward) -> np.ndarray:
+    """The array nnU-Net's reader gives for the file (c, ...), then its transpose_forward."""
+    if reader == "NibabelIOWithReorient":
+        arr = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj).transpose(2, 1, 0)
+    else:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(path))
+    return arr[None].transpose([0, *[t + 1 for t in transpose_forward]])
+
+
+@pytest.mark.parametrize("reader", ["SimpleITKIO", "NibabelIOWithReorient"])
+@pytest.mark.parametrize("transpose_forward", [[0, 1, 2], [2, 0, 1]])
+def test_the_network_sees_every_stored_orientation_as_the_pretraining_layout(tmp_path, reader, transpose_forward):
+    rng = np.random.default_rng(0)
+    pli = rng.normal(size=(12, 10, 8)).astype(np.float32)  # nibabel (x, y, z): x -> P, y -> L, z -> I
+    want = torch.from_numpy(pli.transpose(2, 0, 1).copy())  # the pretraining layout: depth (I), then P, then L
+    for codes in ORIENTATIONS:
+        arr, affine = stored_as(pli, NIH, codes)
+        path = str(tmp_path / f"{codes}.nii.gz")
+        nib.save(nib.Nifti1Image(arr, affine), path)
+        axes, flips = nnunet.network_axes(nnunet.nnunet_codes(nnunet.dataset_orientation([path]), reader, transpose_forward))
+        net = DeSDUNet(1, 2, arch="res3d10", input_axes=axes, input_flips=flips)
+        x = torch.from_numpy(nnunet_array(path, reader, transpose_forward).copy())[None]
+        seen = net.to_network(x)[0, 0]
+        assert torch.equal(seen, want), (codes, axes, flips)
+        assert torch.equal(net.from_network(net.to_network(x)), x)
+
+
+def test_deep_supervision_outputs_have_the_shapes_nnunet_downsamples_the_target_to():
+    axes = [1, 2, 0]  # nnU-Net's axis 1 is depth
+    strides = ds_strides(axes)
+    net = DeSDUNet(1, 3, arch="res3d10", deep_supervision=True, input_axes=axes, input_flips=[True, False, True], strides=strides)
+    patch = [64, 32, 64]  # nnU-Net order: 32 in depth, 64 x 64 in-plane
+    outputs = net(torch.randn(1, 1, *patch) * 500)
+    scales = 1 / np.cumprod(np.vstack(strides), axis=0)[:-1]  # nnU-Net's _get_deep_supervision_scales
+    assert [tuple(y.shape[2:]) for y in outputs] == [tuple(round(n * s) for n, s in zip(patch, row)) for row in scales]
+    assert all(y.shape[:2] == (1, 3) for y in outputs)
+    net.decoder.deep_supervision = False  # as nnU-Net's trainer switches it for inference
+    single = net(torch.ones(1, 1, 20, 30, 40))  # one tensor, any size
+    assert isinstance(single, torch.Tensor) and single.shape == (1, 3, 20, 30, 40)
+
+
+def test_the_network_clips_and_scales_hu_itself():
+    net = DeSDUNet(1, 2, arch="res3d10").eval()
+    x = torch.randn(1, 1, 32, 64, 64) * 3000
+    with torch.no_grad():
+        assert torch.allclose(net(x), net(x.clamp(-1024, 1024)))
+
+
+def test_the_network_refuses_strides_that_are_not_its_scales_and_more_channels():
+    with pytest.raises(ValueError, match="strides"):
+        DeSDUNet(1, 2, arch="res3d10", strides=[[1, 1, 1], [2, 2, 2]])
+    with pytest.raises(ValueError, match="one CT channel"):
+        DeSDUNet(2, 2, arch="res3d10")
+
+
+def source_plans(shape=(40, 200, 180), spacing=(2.5, 0.8, 0.8)) -> dict:
+    """The parts of nnU-Net's plans that the plans tool reads."""
+    config = {
+        "data_identifier": "nnUNetPlans_3d_fullres",
+        "batch_size": 2,
+        "patch_size": [40, 160, 160],
+        "spacing": list(spacing),
+        "normalization_schemes": ["CTNormalization"],
+        "use_mask_for_norm": [False],
+        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet", "arch_kwargs": {}},
+    }
+    return {
+        "dataset_name": "Dataset009_X",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": list(spacing),
+        "original_median_shape_after_transp": list(shape),
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"2d": dict(config), "3d_fullres": config, "3d_cascade_fullres": {"inherits_from": "3d_fullres"}},
+    }
+
+
+def test_desd_plans_name_the_network_at_the_pretraining_spacing_without_normalisation():
+    plans = nnunet.desd_plans(source_plans(), ("P", "L", "I"), "res3d18")
+    assert list(plans["configurations"]) == ["3d_fullres"] and plans["plans_name"] == "nnUNetPlans_DeSD"
+    config = plans["configurations"]["3d_fullres"]
+    assert config["spacing"] == [1.0, 1.0, 1.0] and config["normalization_schemes"] == ["NoNormalization"]
+    assert config["data_identifier"] == "nnUNetPlans_DeSD_3d_fullres"
+    # stored PLI, read by SimpleITK as (I, L, P): network depth is nnU-Net's axis 0, rows 2, cols 1
+    kwargs = config["architecture"]["arch_kwargs"]
+    assert kwargs["input_axes"] == [0, 2, 1] and kwargs["input_flips"] == [False, False, False]
+    # the median image is 100 x 160 x 144 mm: depth 64 fits, in-plane 128 fits, nnU-Net order (I, L, P)
+    assert config["patch_size"] == [64, 128, 128]
+    net = pydoc.locate(config["architecture"]["network_class_name"])(input_channels=1, num_classes=4, deep_supervision=True, **kwargs)
+    assert isinstance(net, DeSDUNet) and net.encoder.layer1[0].conv1.in_channels == 64
+
+
+def test_desd_plans_cut_the_patch_to_a_small_image_in_multiples_of_the_stride():
+    plans = nnunet.desd_plans(source_plans(shape=(14, 30, 50), spacing=(1.0, 1.0, 1.0)), ("R", "A", "S"), "res3d10")
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 64]
+    with pytest.raises(ValueError, match="multiple of the encoder's stride"):
+        nnunet.desd_plans(source_plans(), ("R", "A", "S"), "res3d10", patch=(40, 128, 128))
+    with pytest.raises(KeyError, match="no configuration '3d_lowres'"):
+        nnunet.desd_plans(source_plans(), ("R", "A", "S"), "res3d10", configuration="3d_lowres")
+
+
+def test_a_set_stored_in_two_orientations_is_refused_naming_the_odd_files(tmp_path):
+    arr = np.zeros((8, 8, 8), np.int16)
+    paths = []
+    for i, codes in enumerate(("RAS", "RAS", "LPS")):
+        a, affine = stored_as(arr, NIH, codes)
+        paths.append(str(tmp_path / f"case{i}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(a, affine), paths[-1])
+    with pytest.raises(ValueError, match=r"case2_0000.nii.gz \(LPS\).*NibabelIOWithReorient"):
+        nnunet.dataset_orientation(paths)
+
+
+def write_teacher(path, arch="res3d10"):
+    enc = create_model(arch)
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in enc.state_dict().items()}, "args": {"arch": arch}}, path)
+    return enc.state_dict()
+
+
+def test_the_weights_file_covers_the_network_but_its_output_layers(tmp_path):
+    teacher = write_teacher(tmp_path / "teacher.pth")
+    out = tmp_path / "weights.pth"
+    nnunet.convert_teacher(str(tmp_path / "teacher.pth"), "res3d10", str(out))
+    weights = torch.load(out, weights_only=True)["network_weights"]
+    net = DeSDUNet(1, 5, arch="res3d10", deep_supervision=True, input_axes=[2, 0, 1])
+    needed = [k for k in net.state_dict() if ".seg_layers." not in k]  # what nnU-Net's load_pretrained_weights asserts
+    assert sorted(needed) == sorted(weights)
+    assert all(weights[k].shape == v.shape for k, v in net.state_dict().items() if k in weights)
+    assert all(torch.equal(weights[f"encoder.{k}"], v) for k, v in teacher.items())
+
+
+def test_a_teacher_of_another_depth_is_refused_by_name_and_nothing_is_written(tmp_path):
+    write_teacher(tmp_path / "teacher.pth", "res3d10")
+    with pytest.raises(ValueError, match="res3d10 teacher, but the encoder is res3d18"):
+        nnunet.convert_teacher(str(tmp_path / "teacher.pth"), "res3d18", str(tmp_path / "w.pth"))
+    assert not os.path.exists(tmp_path / "w.pth")
+    assert nnunet.weights_main([str(tmp_path / "teacher.pth"), str(tmp_path / "w.pth"), "--arch", "res3d18"]) == 1
+
+
+# ============ the README's five commands, with nnU-Net installed ============
+
+SHORT_TRAIN = """
+import sys
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+init = nnUNetTrainer.__init__
+
+
+def short(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+    init(self, plans, configuration, fold, dataset_json, device)
+    self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+
+
+if __name__ == "__main__":  # nnU-Net's validation starts workers that import this file again
+    from nnunetv2.run.run_training import run_training_entry
+
+    nnUNetTrainer.__init__ = short
+    sys.argv = ["nnUNetv2_train", *sys.argv[1:]]
+    run_training_entry()
+"""
+
+
+def write_raw(root, n_train=5, shape=(30, 30, 14)):
+    """A tiny nnU-Net v2 dataset of boxes brighter than their noise, stored RAS (1 mm)."""
+    rng = np.random.default_rng(0)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for i in range(n_train + 1):
+        img = rng.normal(-100, 20, shape).astype(np.int16)
+        lab = np.zeros(shape, np.uint8)
+        x, y = rng.integers(8, 22, 2)
+        lab[x - 5 : x + 5, y - 5 : y + 5, 3:11] = 1
+        img[lab == 1] += 300
+        folder = "imagesTs" if i == n_train else "imagesTr"
+        nib.save(nib.Nifti1Image(img, np.eye(4)), os.path.join(root, folder, f"box_{i:03d}_0000.nii.gz"))
+        if i < n_train:
+            nib.save(nib.Nifti1Image(lab, np.eye(4)), os.path.join(root, "labelsTr", f"box_{i:03d}.nii.gz"))
+    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "box": 1}, "numTraining": n_train, "file_ending": ".nii.gz"}
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None, reason="nnunetv2 is not installed (make test installs it)")
+def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ)
+    env.update(
+        nnUNet_raw=str(tmp_path / "raw"),
+        nnUNet_preprocessed=str(tmp_path / "preprocessed"),
+        nnUNet_results=str(tmp_path / "results"),
+        nnUNet_compile="f",
+        PYTHONPATH=ROOT,
+    )
+    write_raw(str(tmp_path / "raw" / "Dataset901_Box"))
+    write_teacher(tmp_path / "teacher.pth")
+    short_train = tmp_path / "short_train.py"
+    short_train.write_text(SHORT_TRAIN)
+
+    def run(*cmd, **extra_env):
+        done = subprocess.run(list(cmd), env={**env, **extra_env}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    weights = tmp_path / "preprocessed" / "Dataset901_Box" / "nnUNetPlans_DeSD_res3d10.pth"
+    run(f"{bin_dir}/nnUNetv2_plan_and_preprocess", "-d", "901", "--no_pp", "-npfp", "1")
+    out = run(f"{bin_dir}/desd-nnunet-plans", "-d", "901", "--arch", "res3d10", "--pretrained", str(tmp_path / "teacher.pth"))
+    assert "images stored RAS" in out and weights.is_file()
+    run(f"{bin_dir}/nnUNetv2_preprocess", "-d", "901", "-plans_name", "nnUNetPlans_DeSD", "-c", "3d_fullres", "-np", "1")
+    # nnUNetv2_train with its epochs cut to one of 2 iterations
+    out = run(sys.executable, str(short_train), "901", "3d_fullres", "0", "-p", "nnUNetPlans_DeSD", "-pretrained_weights", str(weights), "-device", "cpu",
+              nnUNet_n_proc_DA="0")  # fmt: skip
+    assert f"Loading pretrained weights from file  {weights}" in out
+    run(
+        f"{bin_dir}/nnUNetv2_predict", "-i", str(tmp_path / "raw" / "Dataset901_Box" / "imagesTs"), "-o", str(tmp_path / "preds"),
+        "-d", "901", "-c", "3d_fullres", "-p", "nnUNetPlans_DeSD", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta",
+    )  # fmt: skip
+    pred = nib.load(tmp_path / "preds" / "box_005.nii.gz")
+    image = nib.load(tmp_path / "raw" / "Dataset901_Box" / "imagesTs" / "box_005_0000.nii.gz")
+    assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+    plans = json.loads((tmp_path / "results" / "Dataset901_Box" / "nnUNetTrainer__nnUNetPlans_DeSD__3d_fullres" / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "models.nnunet.DeSDUNet"
