@@ -51,7 +51,7 @@ NETWORK = f"{DeSDUNet.__module__}.{DeSDUNet.__name__}"
 NETWORK_CODES = (PRETRAINING_AXCODES[2], PRETRAINING_AXCODES[0], PRETRAINING_AXCODES[1])
 OPPOSITE = {a: b for pair in RAS_LABELS for a, b in (pair, pair[::-1])}
 READERS_IN_STORED_ORDER = ("SimpleITKIO", "NibabelIO")  # arrays in the reversed order of the file's axes
-REORIENTING_READERS = {"NibabelIOWithReorient": ("R", "A", "S")}  # arrays of RAS-reoriented files, reversed likewise
+REORIENTING_READERS = {"NibabelIOWithReorient": ("R", "A", "S"), "SimpleITKIOWithReorient": ("R", "A", "S")}  # RAS first
 DEFAULT_PATCH = (64, 128, 128)  # finetune.py's, pretraining order
 
 
@@ -93,7 +93,7 @@ def dataset_orientation(images: list[str]) -> tuple[str, ...]:
         raise ValueError(
             f"the training images are stored in {len(counts)} orientations: most in {''.join(common)}, but {', '.join(odd[:5])}"
             f"{' ...' if len(odd) > 5 else ''}. nnU-Net reads arrays as stored: reorient them to one orientation, or set "
-            "the plans' image_reader_writer to NibabelIOWithReorient (NIfTI) and run this again"
+            "--reader SimpleITKIOWithReorient (or NibabelIOWithReorient for NIfTI), whose arrays are reoriented to RAS"
         )
     return next(iter(counts))
 
@@ -120,9 +120,11 @@ def desd_plans(
     configuration: str = "3d_fullres",
     spacing: float = 1.0,
     patch=DEFAULT_PATCH,
+    reader: str = "",
 ) -> dict:
     """nnU-Net plans with one configuration, `configuration` of `plans` with the DeSD network,
-    for images stored with axis codes `codes`."""
+    for images stored with axis codes `codes` (unused where `reader`, by default the plans',
+    reorients), read by `reader`."""
     if configuration not in plans.get("configurations", {}):
         raise KeyError(
             f"the plans {plans.get('plans_name')!r} have no configuration {configuration!r} (found {sorted(plans.get('configurations', {}))})"
@@ -132,7 +134,8 @@ def desd_plans(
         raise ValueError(
             f"configuration {configuration!r} inherits from {source['inherits_from']!r}; name a full configuration (3d_fullres)"
         )
-    axes, flips = network_axes(nnunet_codes(codes, plans["image_reader_writer"], plans["transpose_forward"]))
+    reader = reader or plans["image_reader_writer"]
+    axes, flips = network_axes(nnunet_codes(codes, reader, plans["transpose_forward"]))
     median_mm = [n * s for n, s in zip(plans["original_median_shape_after_transp"], plans["original_median_spacing_after_transp"])]
     net_patch = desd_patch(patch, [median_mm[a] for a in axes], spacing)
     nn_patch = [0, 0, 0]
@@ -154,6 +157,7 @@ def desd_plans(
     )
     out = copy.deepcopy(plans)
     out["plans_name"] = plans_name
+    out["image_reader_writer"] = reader
     out["configurations"] = {configuration: config}
     return out
 
@@ -192,6 +196,11 @@ def dataset_folder(root_var: str, dataset: str) -> str:
     return os.path.join(root, name)
 
 
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
 def read_json(path: str, hint: str) -> dict:
     if not os.path.isfile(path):
         raise SystemExit(f"{path} not found; {hint}")
@@ -214,18 +223,26 @@ def plans_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("--spacing", default=1.0, type=float, help="Isotropic spacing in mm; 1 mm is the pretraining spacing.")
     parser.add_argument("--patch_size", default=DEFAULT_PATCH, type=int, nargs=3, help="Patch (depth, rows, cols), pretraining order.")
+    parser.add_argument(
+        "--reader",
+        default="",
+        help="nnU-Net reader for the new plans (default: the source plans'); SimpleITKIOWithReorient takes any orientation.",
+    )
     args = parser.parse_args(argv)
 
     pre = dataset_folder("nnUNet_preprocessed", args.dataset)
-    raw = os.path.join(os.environ.get("nnUNet_raw", ""), os.path.basename(pre))
+    raw = dataset_folder("nnUNet_raw", os.path.basename(pre))
     hint = f"run `nnUNetv2_plan_and_preprocess -d {args.dataset} --no_pp` first"
     plans = read_json(os.path.join(pre, f"{args.source_plans}.json"), hint)
     if not os.path.isfile(os.path.join(raw, "dataset.json")):
         raise SystemExit(f"{raw}/dataset.json not found; is $nnUNet_raw the folder the plans were made from?")
-    data = labelled.read_dataset(raw)
-    codes = dataset_orientation([case["image"] for case in data.cases])
+    reader = args.reader or plans["image_reader_writer"]
+    if reader in REORIENTING_READERS:
+        codes = REORIENTING_READERS[reader]  # whatever the files' orientations
+    else:
+        codes = dataset_orientation([case["image"] for case in labelled.read_dataset(raw).cases])
     try:
-        out = desd_plans(plans, codes, args.arch, args.plans_name, args.configuration, args.spacing, args.patch_size)
+        out = desd_plans(plans, codes, args.arch, args.plans_name, args.configuration, args.spacing, args.patch_size, reader)
     except (KeyError, ValueError) as err:
         raise SystemExit(f"{os.path.join(pre, args.source_plans + '.json')}: {err}") from err
     weights = ""
@@ -237,11 +254,11 @@ def plans_main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(err)) from err
         print(f"wrote {weights}: {n} tensors, the encoder from {args.pretrained}")
     path = os.path.join(pre, f"{args.plans_name}.json")
-    write_atomic(path, lambda tmp: json.dump(out, open(tmp, "w"), indent=2))
+    write_atomic(path, lambda tmp: write_json(tmp, out))
     config = out["configurations"][args.configuration]
     kwargs = config["architecture"]["arch_kwargs"]
     print(
-        f"wrote {path}: {args.configuration} with {NETWORK} ({args.arch}), images stored {''.join(codes)} -> "
+        f"wrote {path}: {args.configuration} with {NETWORK} ({args.arch}), images {''.join(codes)} as {reader} reads them -> "
         f"network axes {kwargs['input_axes']} flipped {kwargs['input_flips']}, spacing {config['spacing']}, "
         f"patch {config['patch_size']}, NoNormalization, deep supervision at {len(DS_STRIDES) - 1} scales"
     )

@@ -27,12 +27,16 @@ def nnunet_array(path: str, reader: str, transpose_forward) -> np.ndarray:
     """The array nnU-Net's reader gives for the file (c, ...), then its transpose_forward."""
     if reader == "NibabelIOWithReorient":
         arr = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj).transpose(2, 1, 0)
+    elif reader == "NibabelIO":
+        arr = np.asarray(nib.load(path).dataobj).transpose(2, 1, 0)
+    elif reader == "SimpleITKIOWithReorient":
+        arr = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(path), "RAS"))
     else:
         arr = sitk.GetArrayFromImage(sitk.ReadImage(path))
     return arr[None].transpose([0, *[t + 1 for t in transpose_forward]])
 
 
-@pytest.mark.parametrize("reader", ["SimpleITKIO", "NibabelIOWithReorient"])
+@pytest.mark.parametrize("reader", ["SimpleITKIO", "NibabelIO", "NibabelIOWithReorient", "SimpleITKIOWithReorient"])
 @pytest.mark.parametrize("transpose_forward", [[0, 1, 2], [2, 0, 1]])
 def test_the_network_sees_every_stored_orientation_as_the_pretraining_layout(tmp_path, reader, transpose_forward):
     rng = np.random.default_rng(0)
@@ -132,8 +136,11 @@ def test_a_set_stored_in_two_orientations_is_refused_naming_the_odd_files(tmp_pa
         a, affine = stored_as(arr, NIH, codes)
         paths.append(str(tmp_path / f"case{i}_0000.nii.gz"))
         nib.save(nib.Nifti1Image(a, affine), paths[-1])
-    with pytest.raises(ValueError, match=r"case2_0000.nii.gz \(LPS\).*NibabelIOWithReorient"):
+    with pytest.raises(ValueError, match=r"case2_0000.nii.gz \(LPS\).*--reader SimpleITKIOWithReorient"):
         nnunet.dataset_orientation(paths)
+    plans = nnunet.desd_plans(source_plans(), ("P", "L", "I"), "res3d10", reader="SimpleITKIOWithReorient")  # RAS whatever is stored
+    assert plans["image_reader_writer"] == "SimpleITKIOWithReorient"
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["input_flips"] == [True, True, True]
 
 
 def write_teacher(path, arch="res3d10"):
@@ -232,7 +239,7 @@ def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp
     weights = tmp_path / "preprocessed" / "Dataset901_Box" / "nnUNetPlans_DeSD_res3d10.pth"
     run(f"{bin_dir}/nnUNetv2_plan_and_preprocess", "-d", "901", "--no_pp", "-npfp", "1")
     out = run(f"{bin_dir}/desd-nnunet-plans", "-d", "901", "--arch", "res3d10", "--pretrained", str(tmp_path / "teacher.pth"))
-    assert "images stored RAS" in out and weights.is_file()
+    assert "images RAS as SimpleITKIO reads them" in out and weights.is_file()
     run(f"{bin_dir}/nnUNetv2_preprocess", "-d", "901", "-plans_name", "nnUNetPlans_DeSD", "-c", "3d_fullres", "-np", "1")
     # nnUNetv2_train with its epochs cut to one of 2 iterations
     out = run(sys.executable, str(short_train), "901", "3d_fullres", "0", "-p", "nnUNetPlans_DeSD", "-pretrained_weights", str(weights), "-device", "cpu",
