@@ -333,18 +333,22 @@ def bench(cases, class_names, patch=(16, 64, 64), per_case=24, counts=(1, 2, 4, 
     return Bench(images, labels, owner, list(class_names), held_out, case_draws(pool, counts, draws, seed), present, scored)
 
 
-def encoder_row(b: Bench, maps: list[torch.Tensor], feature_sets=tuple(FEATURE_SETS), seed: int = 0, knn_sets=None, device="cpu") -> dict:
+def encoder_row(
+    b: Bench, maps: list[torch.Tensor], feature_sets=tuple(FEATURE_SETS), seed: int = 0, knn_sets=None, device="cpu", limit: int = 10000
+) -> dict:
     """One encoder's scores on the bench from its stage maps (`encoder_maps` of `b.images`): the
-    dense label-efficiency tables of each feature set (k-NN on `knn_sets`, all when None) and the
-    presence AUC of each stage."""
+    dense label-efficiency tables of each feature set (k-NN on `knn_sets`, all when None; at most
+    `limit` training voxels a fit) and the presence AUC of each stage."""
     sets = {fs: stack_stages(maps, FEATURE_SETS[fs]) for fs in feature_sets}
     return {
-        "dense": label_efficiency(sets, b.labels, b.owner, b.held_out, b.draws, b.num_classes, seed=seed, knn_sets=knn_sets, device=device),
+        "dense": label_efficiency(
+            sets, b.labels, b.owner, b.held_out, b.draws, b.num_classes, limit=limit, seed=seed, knn_sets=knn_sets, device=device
+        ),
         "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), b.present, b.owner, b.scored) for k, m in enumerate(maps)},
     }
 
 
-def floor_row(b: Bench, grid, seed: int = 0, device="cpu") -> dict:
+def floor_row(b: Bench, grid, seed: int = 0, device="cpu", limit: int = 10000) -> dict:
     """The no-network row: the dense probes on the local intensity mean and mean square at the
     stage-1 `grid`, and the presence AUC of the intensity histogram."""
     return {
@@ -355,6 +359,7 @@ def floor_row(b: Bench, grid, seed: int = 0, device="cpu") -> dict:
             b.held_out,
             b.draws,
             b.num_classes,
+            limit=limit,
             seed=seed,
             device=device,
         ),

@@ -60,13 +60,13 @@ def assert_same_state(a, b):
 
 @pytest.mark.slow
 def test_runs_killed_at_random_iterations_end_with_the_same_weights_bit_for_bit(tmp_path):
-    root = write_patches(str(tmp_path / "data"), n=12)
+    root = write_patches(str(tmp_path / "data"), n=8)
     extra = ("--epochs", "2", "--save_every_iters", "1", "--num_workers", "2")
     subprocess.run(desd_command(root, tmp_path / "whole", *extra), cwd=ROOT, check=True, capture_output=True)
     rng = random.Random(0)
     out = tmp_path / "killed"
     with open(tmp_path / "killed.log", "wb") as log:
-        for _ in range(3):
+        for _ in range(2):
             assert kill_after_a_checkpoint(desd_command(root, out, *extra), out, rng.uniform(0.0, 1.5), log) == -signal.SIGKILL
         subprocess.run(desd_command(root, out, *extra), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
     assert "Resuming at epoch" in (tmp_path / "killed.log").read_text()
@@ -79,14 +79,14 @@ def test_runs_killed_at_random_iterations_end_with_the_same_weights_bit_for_bit(
 def test_a_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
     root = write_patches(str(tmp_path / "data"), n=8)
     out = tmp_path / "out"
-    extra = ("--epochs", "3", "--save_every_iters", "1", "--out_dim", "8192", "--saveckp_freq", "1")
+    extra = ("--epochs", "2", "--save_every_iters", "1", "--out_dim", "8192", "--saveckp_freq", "1")
     rng = random.Random(1)
     with open(tmp_path / "run.log", "wb") as log:
-        for _ in range(4):
+        for _ in range(3):
             kill_after_a_checkpoint(desd_command(root, str(out), *extra), out, rng.uniform(0.0, 0.6), log)
             assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] >= 0  # never half-written
         subprocess.run(desd_command(root, str(out), *extra), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
-    assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 3
+    assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 2
     assert not [f for f in os.listdir(out) if ".partial" in f]
 
 
@@ -107,7 +107,7 @@ def test_truncated_checkpoints_are_reported_and_the_newest_intact_one_is_used(pa
 
 def test_a_full_disk_at_a_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(patch_root, tmp_path):
     out = tmp_path / "out"
-    subprocess.run(desd_command(patch_root, out, "--epochs", "1"), cwd=ROOT, check=True, capture_output=True)
+    run_main_desd(["--data_path", patch_root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "1"])
     before = (out / "checkpoint.pth").read_bytes()
 
     def fill_the_disk_at_50_mb():  # in the child: writes past 50 MB fail, as on a full disk

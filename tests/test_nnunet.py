@@ -224,6 +224,7 @@ def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp
         nnUNet_preprocessed=str(tmp_path / "preprocessed"),
         nnUNet_results=str(tmp_path / "results"),
         nnUNet_compile="f",
+        nnUNet_def_n_proc="1",  # its default of 8 spawned export workers, each importing torch, cost 2 cores a minute
         PYTHONPATH=ROOT,
     )
     write_raw(str(tmp_path / "raw" / "Dataset901_Box"))
