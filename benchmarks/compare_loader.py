@@ -4,9 +4,9 @@ so that both see the same machine (a shared machine's speed drifts between runs)
     git worktree add /tmp/old <commit>
     python benchmarks/compare_loader.py /tmp/old .     # A = the old code, B = this checkout
 
-Each checkout's dataset.py and intensity chain (augment/intensity.py, or augment.py in older
-checkouts) are loaded under their own names (the rest, such as augment/native_chain.py, comes
-from this checkout). Prints CPU milliseconds a sample (collated into
+Each checkout's dataset.py and intensity chain (desd/augment/intensity.py; desd/augment/intensity.py
+or augment.py in older checkouts) are loaded under their own names (the rest, such as
+desd/augment/native_chain.py, comes from this checkout). Prints CPU milliseconds a sample (collated into
 batches of 32, as a worker does) for the full path and without the intensity chain, as a JSON
 line and a table.
 """
@@ -22,11 +22,13 @@ import time
 import torch
 from common import report
 
-from tools.tiny_data import make_patch_set
+from desd.tools.tiny_data import make_patch_set
 
 
 def load(folder: str, name: str):
-    """folder's dataset module, importing folder's augment module."""
+    """folder's dataset module, importing folder's augment module (checkouts with the `desd`
+    package, or older ones with top-level modules, which get this checkout's other modules under
+    their old names)."""
 
     def module(file: str):
         key = f"{name}_{file.replace(os.sep, '_')}"
@@ -36,11 +38,21 @@ def load(folder: str, name: str):
         spec.loader.exec_module(loaded)
         return loaded
 
-    if os.path.isfile(os.path.join(folder, "augment", "intensity.py")):
-        sys.modules["augment.intensity"] = module(os.path.join("augment", "intensity.py"))  # what dataset.py imports
-    else:
-        sys.modules["augment"] = module("augment.py")
-    return module("dataset.py")
+    package = "desd" if os.path.isfile(os.path.join(folder, "desd", "dataset.py")) else ""
+    if not package:
+        for old in ("preprocessing", "preprocessing.network_input", "augment", "augment.native_chain"):
+            sys.modules.setdefault(old, importlib.import_module(f"desd.{old}"))
+    key = ".".join(filter(None, [package, "augment.intensity"]))  # what dataset.py imports
+    ours = sys.modules.get(key)
+    try:
+        if os.path.isfile(os.path.join(folder, package, "augment", "intensity.py")):
+            sys.modules[key] = module(os.path.join(package, "augment", "intensity.py"))
+        else:
+            sys.modules["augment"] = module("augment.py")
+        return module(os.path.join(package, "dataset.py"))
+    finally:
+        if ours is not None:
+            sys.modules[key] = ours
 
 
 def view_config(module, intensity: bool):

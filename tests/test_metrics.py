@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import finetune
-from downstream import metrics
+from desd import finetune
+from desd.downstream import metrics
 
 
 def _truth_with_ignore() -> torch.Tensor:

@@ -8,14 +8,27 @@ from tests.helpers import ROOT
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
-def test_every_top_level_module_and_package_is_installed():
-    """The editable install maps only the modules pyproject.toml lists: a module left out would
-    import in the tests (run from the root) but not in scripts run from their own folders."""
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        setup = tomllib.load(f)["tool"]["setuptools"]
-    modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
-    packages = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "*", "__init__.py"))} - {"tests"}
-    assert set(setup["py-modules"]) == modules and set(setup["packages"]) == packages
+def test_the_wheel_holds_one_top_level_package_with_every_subpackage_and_the_c_source(tmp_path):
+    """`pip install .` puts only `desd` into site-packages (no generic top-level names such as
+    `utils` or `dataset`), every package under it, and the C source that the CPU chain compiles."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = glob.glob(str(tmp_path / "desd-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    packages = {
+        os.path.relpath(os.path.dirname(p), ROOT).replace(os.sep, "/")
+        for p in glob.glob(os.path.join(ROOT, "desd", "**", "__init__.py"), recursive=True)
+    }
+    assert tops == {"desd"}
+    assert {f"{p}/__init__.py" for p in packages} <= set(names) and "desd/augment/intensity.c" in names
 
 
 def test_every_command_names_a_function_that_exists():

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from downstream import probe
+from desd.downstream import probe
 
 cases, names = probe.load_cases("/tmp/pilots/Labelled", 2.0)
 images, labels, owner = probe.sample_patches(cases, (16, 64, 64), 24, 0)

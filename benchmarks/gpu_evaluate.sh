@@ -5,7 +5,7 @@
 # minutes: evaluate.py keeps its own 7-minute clock, sets the step counts from timed first steps and
 # writes what finished if time runs out. Prepared for a machine whose Python has torch but not
 # SimpleITK, nibabel or MONAI: wheels placed in .whl/ are installed first.
-#   sh tools/gpu_evaluate.sh [OUT]      (results in OUT, default evidence_gpu)
+#   sh benchmarks/gpu_evaluate.sh [OUT]      (results in OUT, default evidence_gpu)
 set -e
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then

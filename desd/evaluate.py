@@ -1,0 +1,675 @@
+"""Does pretraining pay? DeSD against DINO against no pretraining, on generated CT.
+
+One command runs the whole experiment:
+1. generates an unlabelled synthetic DeepLesion and runs the three preprocessing scripts on it,
+   and generates a separate labelled set (other phantoms) at the same physical scale;
+2. pretrains DeSD (stage weights 0.25 each) and DINO (`--stage_weights 0 0 0 1`) with the same
+   arch, recipe and budget, each with several seeds; the "none" encoder of a seed is the random
+   initialisation drawn with it; each run's second-half trends (teacher entropy, KL, view
+   retrieval) are kept beside its scores;
+3. scores every encoder's teacher (and student) frozen, on one bench of patches and held-out
+   cases (desd/downstream/probe.py): per stage and on stages 1-3 together, a linear head trained to
+   convergence on the coarse grid and k-NN label transfer, at 1, 2, 4 and 8 labelled cases
+   with several draws of cases; the presence AUC as a secondary score; a no-network row
+   (intensity features, the intensity histogram) in every table;
+4. pairs the gaps by pretraining seed and claims one only where its mean exceeds twice its
+   standard deviation with one sign for every seed (`paired_gap`);
+5. where the configuration fine-tunes (smoke, gpu), fine-tunes each encoder and logs Dice on the
+   held-out cases at several step counts, so that a plateau can be seen;
+6. writes results.json, results.md and a figure.
+
+    python evaluate.py --config cpu --out evidence      # `make evaluate`: under an hour on 2 CPU cores
+    python evaluate.py --config gpu --out evidence_gpu  # one H100/H200, 8 minutes, its own clock
+    python evaluate.py --config smoke --out /tmp/smoke  # the smallest run, for the tests
+
+The CPU hour does not fine-tune: 30 steps did not feel the label count and a converged run per
+encoder, count and seed does not fit; the frozen probes are its result. The labelled cases are
+read as fine-tuning reads them (the pretraining orientation, spacing and intensity scaling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from desd import utils
+from desd.downstream import cache, metrics, patches, probe
+from desd.models.pretrained import load_checkpoint
+
+PRETRAINED = ("desd", "dino")
+ENCODERS = (*PRETRAINED, "none")
+STAGE_WEIGHTS = {"desd": ("0.25", "0.25", "0.25", "0.25"), "dino": ("0", "0", "0", "1")}
+PAIRS = (("desd", "dino"), ("desd", "none"), ("dino", "none"))
+
+
+@dataclasses.dataclass
+class Config:
+    """One experiment's size: data, pretraining recipe, probes and fine-tuning. `cpu` fits an hour
+    on 2 cores: res3d10 on a 2 mm grid, batch 8 of 48 x 48 x 16 views, 8 epochs (296 steps) per
+    run, 3 seeds per method, with the recipe that passed most of the pilots' gate
+    (benchmarks/results/pilots/README.md: AdamW at a peak of 1e-4, clipping at 3, the teacher's
+    momentum held at 0.98 so that its initial weights hold 0.3% of it at the end). docs/evidence.md
+    says what it does and does not show."""
+
+    arch: str = "res3d10"
+    spacing: float = 2.0
+    patients: int = 16  # unlabelled phantoms (1-2 studies of 1-2 series each)
+    png_size: int = 192
+    context_mm: float = 48.0
+    labelled_cases: int = 12  # every third is held out
+    msd_size: int = 96
+    msd_slices: int = 24
+    view: int = 48
+    crop_depth: int = 16
+    out_dim: int = 256
+    batch: int = 8
+    epochs: int = 8
+    iters_per_epoch: int = 0  # 0: the whole list
+    optimizer: str = "adamw"
+    lr: float = 0.0032  # scaled by batch / 256: a peak of 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.04
+    clip_grad: float = 3.0
+    bn_head: bool = True
+    momentum_teacher: float = 0.98
+    momentum_teacher_end: float = 0.98
+    warmup_epochs: int = 1
+    warmup_teacher_temp: float = 0.02
+    teacher_temp: float = 0.02
+    teacher_temp_warmup: int = 0
+    seeds: tuple = (0, 1, 2)  # pretraining seeds per method
+    probe_patch: tuple = (16, 64, 64)
+    probe_per_case: int = 24
+    probe_counts: tuple = (1, 2, 4, 8)
+    probe_draws: int = 3
+    probe_rows: int = 10000  # training voxels per dense-probe fit (half foreground where there are enough)
+    student_sets: tuple = ("stages1-3",)  # feature sets scored on the student too
+    knn_sets: tuple = ("stages1-3",)  # feature sets scored by k-NN too (its cost grows with the grid)
+    ft_counts: tuple = ()  # labelled cases to fine-tune with; () skips fine-tuning
+    ft_steps: tuple = ()  # step counts at which Dice is logged (the last is the run's length)
+    ft_seeds: int = 1  # pretraining seeds whose encoders are fine-tuned
+    ft_patch: tuple = (16, 64, 64)
+    ft_batch: int = 4
+    ft_lr: float = 1e-3
+    sw_overlap: float = 0.0
+    time_limit: float = 0.0  # seconds for the whole run (step counts set from timed first steps); 0: none
+    workers: int = 2
+    device: str = "cpu"
+    extra: tuple = ()  # further main_desd.py flags
+
+
+CONFIGS = {
+    "cpu": Config(),
+    "smoke": Config(
+        patients=3, png_size=128, context_mm=30, labelled_cases=6, msd_size=64, msd_slices=16, out_dim=64, batch=4,
+        epochs=1, iters_per_epoch=2, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_draws=2, probe_rows=2000, ft_counts=(1,),
+        ft_steps=(1, 2), ft_batch=2, warmup_epochs=1, teacher_temp_warmup=1,
+    ),
+    "gpu": Config(
+        arch="res3d18", spacing=1.0, patients=32, png_size=256, context_mm=48, labelled_cases=15, msd_size=160,
+        msd_slices=40, view=96, out_dim=1024, batch=64, epochs=10, seeds=(0, 1), ft_counts=(1, 4),
+        ft_steps=(25, 50, 100, 200, 400, 800), ft_seeds=2, ft_patch=(32, 96, 96), sw_overlap=0.25, time_limit=420,
+        workers=8, device="cuda", extra=("--use_bf16", "True", "--augment_on_device", "True"),
+    ),
+}  # fmt: skip
+# gpu: the CPU experiment scaled up to fit 8 minutes of one H100/H200 with benchmarks/gpu_evaluate.sh: 32
+# phantoms at 1 mm, 96 x 96 x 16 views, batch 64 (the same flags: the peak learning rate scales with
+# the batch), bf16 and the intensity chain on the device, res3d18 (res3d50 would get some 50 steps a
+# run in this time). Its epochs and fine-tuning steps are upper bounds: the clock (time_limit, 7
+# minutes, the wheels' install and start-up being the eighth) sets the steps from timed first steps.
+
+
+def paired_gap(a: list[float], b: list[float], min_effect: float = 0.005) -> dict:
+    """The gap a - b paired by pretraining seed, and whether it may be claimed: only where the
+    mean paired gap exceeds twice its standard deviation (over seeds, ddof 1), every seed's gap
+    has the same sign, and the mean is at least `min_effect` (a Dice difference below half a
+    point is not called a difference, however steady). Needs two seeds; NaN pairs are left out."""
+    gaps = np.array([x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))], dtype=np.float64)
+    if len(gaps) < 2:
+        return {"gaps": gaps.tolist(), "mean": math.nan, "std": math.nan, "holds": False}
+    mean, std = float(gaps.mean()), float(gaps.std(ddof=1))
+    same_sign = bool((gaps > 0).all() or (gaps < 0).all())
+    return {"gaps": gaps.tolist(), "mean": mean, "std": std, "holds": same_sign and abs(mean) > 2 * std and abs(mean) >= min_effect}
+
+
+class OutOfTime(RuntimeError):
+    """The run's own clock ran out; what finished is still written."""
+
+
+class Clock:
+    """The wall-clock budget of a run: `left()` seconds remain (infinite without a limit)."""
+
+    def __init__(self, limit: float, start: float | None = None):
+        self.limit, self.start = limit, time.time() if start is None else start
+
+    def left(self) -> float:
+        return self.limit - (time.time() - self.start) if self.limit > 0 else math.inf
+
+
+def run(cmd: list[str], log: str, timeout: float = math.inf) -> None:
+    """Run one step as a process of its own, its output in `log`; fail naming the log, or raise
+    OutOfTime when it outlives `timeout` seconds."""
+    name = " ".join(os.path.basename(c) for c in cmd[:3])  # python -m desd.main_desd, say
+    with open(log, "w") as f:
+        try:
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=None if math.isinf(timeout) else timeout)
+        except subprocess.TimeoutExpired:
+            raise OutOfTime(f"{name} stopped by the time limit; see {log}") from None
+    if done.returncode:
+        with open(log) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"{name} failed (exit {done.returncode}); see {log}:\n{tail}")
+
+
+def make_data(cfg: Config, out: str) -> tuple[str, str]:
+    """The unlabelled DeepLesion (preprocessed to patches) and the labelled set."""
+    from desd.preprocessing.synthetic_deeplesion import make_deeplesion, make_msd
+
+    data, task = os.path.join(out, "DeepLesion"), os.path.join(out, "Labelled")
+    list_file = os.path.join(data, "SSL_data_deeplesion.txt")
+    if not os.path.isfile(list_file):
+        make_deeplesion(data, patients=cfg.patients, size=cfg.png_size, seed=1, context_mm=cfg.context_mm)
+        common = ["--data_root", data, "--workers", str(cfg.workers)]
+        py = sys.executable
+        # as modules from the repository root: they import the project's modules installed or not
+        run([py, "-m", "desd.preprocessing.DL_save_nifti", *common], os.path.join(out, "prep1.log"))
+        run([py, "-m", "desd.preprocessing.re_spacing_ITK", *common, "--spacing", str(cfg.spacing)], os.path.join(out, "prep2.log"))
+        run([py, "-m", "desd.preprocessing.splitting_to_patches", *common, "--ext", ".nii"], os.path.join(out, "prep3.log"))
+    if not os.path.isfile(os.path.join(task, "dataset.json")):
+        make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices)  # other phantoms
+    return data, task
+
+
+def pretrain_command(cfg: Config, name: str, data: str, folder: str, seed: int = 0, iters_per_epoch: int | None = None) -> list[str]:
+    """main_desd.py's arguments for one encoder of the experiment."""
+    iters = cfg.iters_per_epoch if iters_per_epoch is None else iters_per_epoch
+    return [
+        "--data_path", data, "--output_dir", folder, "--arch", cfg.arch, "--device", cfg.device,
+        "--out_dim", str(cfg.out_dim), "--batch_size_per_gpu", str(cfg.batch), "--epochs", str(cfg.epochs),
+        "--global_crop_size", str(cfg.view), "--crop_depth", str(cfg.crop_depth), "--optimizer", cfg.optimizer,
+        "--lr", str(cfg.lr), "--min_lr", str(cfg.min_lr), "--weight_decay", str(cfg.weight_decay),
+        "--weight_decay_end", str(cfg.weight_decay), "--clip_grad", str(cfg.clip_grad), "--use_bn_in_head", str(cfg.bn_head),
+        "--momentum_teacher", str(cfg.momentum_teacher), "--momentum_teacher_end", str(cfg.momentum_teacher_end),
+        "--warmup_epochs", str(cfg.warmup_epochs), "--warmup_teacher_temp", str(cfg.warmup_teacher_temp),
+        "--teacher_temp", str(cfg.teacher_temp), "--warmup_teacher_temp_epochs", str(cfg.teacher_temp_warmup),
+        "--use_fp16", "False", "--num_workers", str(cfg.workers), "--saveckp_freq", "0", "--print_freq", "20",
+        "--seed", str(seed), "--stage_weights", *STAGE_WEIGHTS[name], "--max_iters_per_epoch", str(iters), *cfg.extra,
+    ]  # fmt: skip
+
+
+def read_log(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "log.txt")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pretrain(cfg: Config, name: str, seed: int, data: str, out: str, iters_per_epoch: int | None, clock: Clock) -> str:
+    """One pretraining; returns its checkpoint. Skipped when it already finished."""
+    folder = os.path.join(out, f"pretrain_{name}_seed{seed}")
+    ckpt = os.path.join(folder, "checkpoint.pth")
+    if os.path.isfile(ckpt) and load_checkpoint(ckpt, mmap=True).get("epoch", 0) >= cfg.epochs:
+        return ckpt
+    cmd = [sys.executable, "-m", "desd.main_desd", *pretrain_command(cfg, name, data, folder, seed, iters_per_epoch)]
+    run(cmd, folder + ".log", timeout=clock.left())
+    return ckpt
+
+
+def trend_checks(records: list[dict], batch: int, out_dim: int) -> dict:
+    """A pretraining's verdict from its per-epoch log records, over the second half of its
+    epochs: the teacher entropy does not rise (by more than 1% of ln(out_dim) from the first epoch
+    of the half to the last), the KL between teacher and student falls, and the view retrieval
+    stays at 3x chance (3 / batch) or more in every epoch."""
+    half = records[len(records) // 2 :]
+    entropy = [r["train_teacher_entropy"] for r in half]
+    kl = [r["train_kl"] if "train_kl" in r else r["train_loss"] - r["train_teacher_entropy"] for r in half]
+    retrieval = [r["train_retrieval"] for r in half]
+    checks = {
+        "entropy_does_not_rise": entropy[-1] - entropy[0] <= 0.01 * math.log(out_dim),
+        "kl_falls": kl[-1] < kl[0],
+        "retrieval_at_3x_chance": min(retrieval) >= 3.0 / batch,
+    }
+    return {"checks": checks, "second_half": {"entropy": entropy, "kl": kl, "retrieval": retrieval}}
+
+
+FAILED = {"entropy_does_not_rise": "entropy rises", "kl_falls": "KL does not fall", "retrieval_at_3x_chance": "retrieval under 3x chance"}
+
+
+def iters_for_budget(step_seconds: float, fixed_seconds: float, budget: float, runs: int, epochs: int, cap: int) -> int:
+    """Iterations per epoch so that `runs` pretrainings of `epochs` epochs fit `budget` seconds,
+    each paying `fixed_seconds` (start-up and per-epoch costs) once: at least 1, at most `cap`."""
+    per_run = budget / runs - fixed_seconds
+    return int(max(1, min(cap, per_run // (epochs * step_seconds))))
+
+
+def calibrate(cfg: Config, data: str, out: str, clock: Clock) -> tuple[float, float]:
+    """(seconds per step, fixed seconds per run) from a run of the full schedule at one
+    iteration per epoch: the step time is the median of the logged epochs after the first."""
+    folder = os.path.join(out, "calibrate")
+    start = time.time()
+    run([sys.executable, "-m", "desd.main_desd", *pretrain_command(cfg, "desd", data, folder, 0, 1)], folder + ".log", clock.left())
+    wall = time.time() - start
+    per_iter = [r["train_time_per_iter"] for r in read_log(folder)]
+    step = float(np.median(per_iter[1:] if len(per_iter) > 1 else per_iter))
+    return step, max(0.0, wall - step * len(per_iter))
+
+
+# ============ fine-tuning ============
+
+
+def crop_batch(cases, patch, n: int, rng: np.random.Generator):
+    """n training patches of (image, label, locations) cases as fine-tuning draws them (two in
+    three centred on foreground), each flipped along a random set of axes."""
+    images, labels, _ = patches.sample(cases, patch, n, fg_share=2 / 3, rng=rng)
+    for i in range(n):
+        flips = [a for a in range(3) if rng.random() < 0.5]
+        images[i], labels[i] = np.flip(images[i], flips), np.flip(labels[i], flips)
+    return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
+
+
+def fine_tune(
+    cfg: Config, train_cases, test_cases, num_classes: int, checkpoint: str | None, seed: int, device, steps: list[int], clock: Clock
+) -> dict[int, list[float]]:
+    """Fine-tune a segmentation network (AdamW, cosine decay over the last of `steps`, the
+    network, loss and sliding-window inference of finetune.py); per-class Dice on the test cases
+    after each of `steps`. Raises OutOfTime when the clock runs out."""
+    from monai.inferers import sliding_window_inference
+    from monai.losses import DiceCELoss
+
+    from desd.models import create_model
+    from desd.models.pretrained import load_pretrained_encoder
+    from desd.models.segmentation import Res3DSegmentation
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train_cases = [(img, lab, cache.foreground_locations(lab, rng)) for img, lab in train_cases]
+    model = Res3DSegmentation(create_model(cfg.arch), num_classes)
+    if checkpoint:
+        load_pretrained_encoder(model.encoder, checkpoint)
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.ft_lr, weight_decay=1e-5)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    total, curve = steps[-1], {}
+
+    def score() -> list[float]:
+        model.eval()
+        scores = []
+        with torch.no_grad():
+            for img, lab in test_cases:
+                x = torch.from_numpy(img)[None, None].to(device)
+                logits = sliding_window_inference(x, cfg.ft_patch, 4, model, overlap=cfg.sw_overlap, mode="gaussian")
+                scores.append(metrics.case_scores(logits.argmax(1)[0].cpu(), torch.from_numpy(lab), num_classes, tolerance=None)[0])
+        model.train()
+        return [float(v) for v in torch.nanmean(torch.stack(scores), 0)]
+
+    model.train()
+    for it in range(total):
+        if clock.left() <= 0:
+            raise OutOfTime(f"fine-tuning stopped by the time limit at step {it} of {total}")
+        for group in opt.param_groups:  # cosine decay
+            group["lr"] = cfg.ft_lr * 0.5 * (1 + math.cos(math.pi * it / total))
+        x, y = crop_batch(train_cases, cfg.ft_patch, cfg.ft_batch, rng)
+        loss = loss_fn(model(x.to(device)), y[:, None].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it + 1 in steps:
+            curve[it + 1] = score()
+    return curve
+
+
+def fine_tuning_steps(cfg: Config, seconds_per_step: float, seconds_per_score: float, budget: float, runs: int) -> list[int]:
+    """The step counts at which each of `runs` fine-tunings is scored: cfg.ft_steps, cut so that
+    they fit `budget` seconds at the measured costs (the last count kept as the run's length)."""
+    steps = list(cfg.ft_steps)
+    while len(steps) > 1 and runs * (steps[-1] * seconds_per_step + len(steps) * seconds_per_score) > budget:
+        steps.pop()
+    if runs * (steps[-1] * seconds_per_step + seconds_per_score) > budget:  # even the shortest does not fit: shorten it
+        steps = [max(1, int((budget / runs - seconds_per_score) / seconds_per_step))]
+    return steps
+
+
+# ============ the experiment ============
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def per_seed(rows: dict, enc: str, seeds, head: str, fs: str, count: str) -> list[float]:
+    """One value per pretraining seed: the mean over the draws of cases."""
+    out = []
+    for seed in seeds:
+        row = rows.get(f"{enc} seed{seed}")
+        draws = row["dense"][fs].get(head, {}).get(count, []) if row and fs in row["dense"] else []
+        out.append(metrics.mean_or_nan(draws))
+    return out
+
+
+def claims(rows: dict, seeds, counts, feature_sets) -> list[dict]:
+    """Every paired comparison that was scored: per pair of encoders, head, feature set and
+    label count."""
+    out = []
+    for a, b in PAIRS:
+        for head in ("linear", "knn"):
+            for fs in feature_sets:
+                for c in counts:
+                    x, y = per_seed(rows, a, seeds, head, fs, c), per_seed(rows, b, seeds, head, fs, c)
+                    if all(math.isnan(v) for v in x + y):
+                        continue  # not scored this way (k-NN on the stages outside cfg.knn_sets)
+                    gap = paired_gap(x, y)
+                    out.append({"pair": f"{a} - {b}", "head": head, "features": fs, "cases": c, **gap})
+    return out
+
+
+def _fmt(m: float, s: float) -> str:
+    return "n/a" if math.isnan(m) else f"{m:.3f} +- {s:.3f}"
+
+
+def write_report(results: dict, out: str, figure: str) -> str:
+    """results.md (tables) and the figure; returns the markdown."""
+    rows, seeds, counts = results["probe"]["rows"], results["settings"]["seeds"], [str(c) for c in results["probe_counts"]]
+    floor = rows["no network"]["dense"]["intensity"]
+    lines = [f"# {results['title']}", ""]
+    if results.get("stopped"):
+        lines += [f"**Incomplete: {results['stopped']}**", ""]
+    lines += ["## Pretraining runs (second half of the epochs)", ""]
+    lines += [
+        "| run | steps | seconds | teacher entropy | KL | view retrieval (min) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results["pretraining"].items():
+        if "failed" in r:
+            lines.append(f"| {name} | | | | | | failed: {r['failed'].splitlines()[0]} |")
+            continue
+        h, c = r["second_half"], r["checks"]
+        failed = [FAILED[k] for k, ok in c.items() if not ok]
+        lines.append(
+            f"| {name} | {r['steps']} | {r['seconds']:.0f} | {h['entropy'][0]:.2f} -> {h['entropy'][-1]:.2f} | "
+            f"{h['kl'][0]:.2f} -> {h['kl'][-1]:.2f} | {min(h['retrieval']):.3f} | {'passes' if not failed else 'fails: ' + ', '.join(failed)} |"
+        )
+    labels = {
+        "desd": "DeSD teacher",
+        "desd student": "DeSD student",
+        "dino": "DINO teacher",
+        "dino student": "DINO student",
+        "none": "none (random init)",
+    }
+    for head, title in (("linear", "linear head trained to convergence"), ("knn", "k-NN label transfer")):
+        lines += ["", f"## Frozen dense probe, stages 1-3, {title}: mean Dice on the held-out cases", ""]
+        lines += ["| encoder | " + " | ".join(f"{c} cases" for c in counts) + " |", "| --- |" + " --- |" * len(counts)]
+        for enc, label in labels.items():
+            if not any(f"{enc} seed{s}" in rows for s in seeds):
+                continue
+            cells = [_fmt(*spread(per_seed(rows, enc, seeds, head, "stages1-3", c))) for c in counts]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("| no network (intensity) | " + " | ".join(f"{np.nanmean(floor[head][c]):.3f}" for c in counts) + " |")
+    top = counts[-1]
+    stage_sets = [fs for fs in probe.FEATURE_SETS if fs != "stages1-3"]
+    lines += ["", f"## Per stage, linear head, {top} cases: mean Dice / presence AUC", ""]
+    lines += ["| encoder | " + " | ".join(stage_sets) + " |", "| --- |" + " --- |" * len(stage_sets)]
+    for enc in ENCODERS:
+        cells = []
+        for fs in stage_sets:
+            dice = spread(per_seed(rows, enc, seeds, "linear", fs, top))[0]
+            aucs = [rows[f"{enc} seed{s}"]["auc"][fs] for s in seeds if f"{enc} seed{s}" in rows]
+            cells.append(f"{dice:.3f} / {np.nanmean(aucs):.3f}" if aucs else "n/a")
+        lines.append(f"| {labels[enc]} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"| no network | intensity {np.nanmean(floor['linear'][top]):.3f} / histogram AUC {rows['no network']['auc']['histogram']:.3f} |"
+        + " |" * (len(stage_sets) - 1)
+    )
+    lines += ["", "## Paired gaps (by pretraining seed): a gap holds where |mean| > 2 std and every seed has its sign", ""]
+    lines += ["| pair | head | features | cases | mean gap +- std | per seed | holds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in results["claims"]:
+        if c["features"] == "stages1-3" or (c["head"] == "linear" and c["cases"] == top):
+            per = ", ".join(f"{g:+.3f}" for g in c["gaps"])
+            lines.append(
+                f"| {c['pair']} | {c['head']} | {c['features']} | {c['cases']} | {_fmt(c['mean'], c['std'])} | {per} | "
+                f"{'**yes**' if c['holds'] else 'no'} |"
+            )
+    if results.get("finetune"):
+        lines += ["", "## Fine-tuning: mean Dice on the held-out cases after each step count (mean over seeds)", ""]
+        for count, by_enc in results["finetune"].items():
+            steps = sorted({int(k) for runs in by_enc.values() for r in runs for k in r})
+            lines += [f"{count} labelled cases:", "", "| encoder | " + " | ".join(f"{s} steps" for s in steps) + " |"]
+            lines.append("| --- |" + " --- |" * len(steps))
+            for enc, runs in by_enc.items():
+                cells = [_fmt(*spread([float(np.nanmean(r[str(s)])) for r in runs if str(s) in r])) for s in steps]
+                lines.append(f"| {enc} | " + " | ".join(cells) + " |")
+            lines.append("")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    try:
+        draw_figure(results, figure)
+    except ImportError as err:  # a lent GPU machine may lack matplotlib: the tables still stand
+        print(f"WARNING: no figure ({err}); redraw it with python evaluate.py --from_results {out}/results.json")
+    return text
+
+
+def draw_figure(results: dict, figure: str) -> None:
+    rows, seeds, counts = results["probe"]["rows"], results["settings"]["seeds"], [str(c) for c in results["probe_counts"]]
+    colours = {"desd": "tab:red", "dino": "tab:blue", "none": "tab:grey"}
+    fine = results.get("finetune") or {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4 + bool(fine), figsize=(4.2 * (4 + bool(fine)), 3.6))
+    floor = rows["no network"]["dense"]["intensity"]
+    xs = range(len(counts))
+    for ax, head, title in ((axes[0], "linear", "dense probe, linear head"), (axes[1], "knn", "dense probe, k-NN")):
+        for enc in ENCODERS:
+            stats = [spread(per_seed(rows, enc, seeds, head, "stages1-3", c)) for c in counts]
+            ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", color=colours[enc], capsize=3, label=enc)
+        ax.plot(xs, [np.nanmean(floor[head][c]) for c in counts], "k--", label="no network")
+        ax.set(title=f"{title} (stages 1-3)", xlabel="labelled cases", ylabel="Dice, held-out cases", xticks=list(xs))
+        ax.set_xticklabels(counts)
+    stage_sets = [fs for fs in probe.FEATURE_SETS if fs != "stages1-3"]
+    for k, enc in enumerate(ENCODERS):
+        stats = [spread(per_seed(rows, enc, seeds, "linear", fs, counts[-1])) for fs in stage_sets]
+        axes[2].bar(np.arange(4) + (k - 1) * 0.27, [s[0] for s in stats], 0.27, yerr=[s[1] for s in stats], color=colours[enc], label=enc)
+    axes[2].set(title=f"per stage, linear head, {counts[-1]} cases", ylabel="Dice", xticks=range(4), xticklabels=["1", "2", "3", "4"])
+    for name, run in results["pretraining"].items():
+        log = run.get("log", [])
+        colour = colours[name.split()[0]]
+        axes[3].plot([r["train_teacher_entropy"] for r in log], ".-", color=colour, alpha=0.7)
+        axes[3].plot([r["train_kl"] for r in log], ".:", color=colour, alpha=0.7)
+    axes[3].set(title="pretraining: teacher entropy (-), KL (:)", xlabel="epoch", ylabel="nats")
+    if fine:
+        for count, by_enc in fine.items():
+            for enc, runs in by_enc.items():
+                steps = sorted({int(k) for r in runs for k in r})
+                means = [spread([float(np.nanmean(r[str(s)])) for r in runs if str(s) in r])[0] for s in steps]
+                axes[4].plot(steps, means, "o-" if count == min(fine) else "s--", color=colours[enc], label=f"{enc}, {count} cases")
+        axes[4].set(title="fine-tuning", xlabel="steps", ylabel="Dice, held-out cases", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(results["title"], fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(figure)), exist_ok=True)
+    utils.save_figure(fig, figure, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("DeSD vs DINO vs no pretraining")
+    parser.add_argument("--config", default="cpu", choices=list(CONFIGS))
+    parser.add_argument("--out", default="evidence", help="Working folder (data, runs, results).")
+    parser.add_argument("--figure", default="", help="Where the figure goes (default: <out>/evidence.png).")
+    parser.add_argument("--time_limit", default=None, type=float, help="Seconds for the whole run (default: the configuration's).")
+    parser.add_argument("--from_results", default="", help="Only redo the gaps, tables and figure from this results.json.")
+    args = parser.parse_args(argv)
+    if args.from_results:
+        return report_again(args.from_results, args.figure)
+    cfg = CONFIGS[args.config]
+    if args.time_limit is not None:
+        cfg = dataclasses.replace(cfg, time_limit=args.time_limit)
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device(cfg.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    clock = Clock(cfg.time_limit)
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.time() - clock.start - sum(timings.values()), 1)
+        print(f"[{time.time() - clock.start:7.0f} s] {name} done", flush=True)
+
+    machine = f"{os.uname().machine}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
+    results: dict = {
+        "config": args.config,
+        "settings": dataclasses.asdict(cfg),
+        "probe_counts": list(cfg.probe_counts),
+        "machine": machine,
+        "command": "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": timings,
+        "pretraining": {},
+        "probe": {"rows": {}},
+        "claims": [],
+        "finetune": {},
+    }
+    try:
+        experiment(cfg, args.out, device, clock, results, lap)
+    except OutOfTime as stop:
+        results["stopped"] = str(stop)
+        print(f"Stopped by the time limit ({cfg.time_limit:.0f} s): {stop}; writing what finished.", flush=True)
+    results["title"] = (
+        f"{args.config}: {cfg.arch}, {results.get('unlabelled_patches', '?')} unlabelled patches at {cfg.spacing:g} mm, "
+        f"{len(cfg.seeds)} pretraining seeds per method; {machine}"
+    )
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(utils.strict_json(results), f, indent=1)
+    if "no network" in results["probe"]["rows"]:
+        print(write_report(results, args.out, args.figure or os.path.join(args.out, "evidence.png")))
+    print(f"Total {time.time() - clock.start:.0f} s; results in {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+def report_again(path: str, figure: str = "") -> int:
+    """The gaps, results.md and the figure of a finished run, from its results.json."""
+
+    def nan_for_null(value):
+        if isinstance(value, dict):
+            return {k: nan_for_null(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [nan_for_null(v) for v in value]
+        return math.nan if value is None else value
+
+    with open(path) as f:
+        results = nan_for_null(json.load(f))  # strict JSON wrote NaN as null
+    rows = results["probe"]["rows"]
+    settings = results["settings"]
+    iters = results.get("calibration", {}).get("iters_per_epoch") or settings["iters_per_epoch"]
+    for run in results["pretraining"].values():
+        if "log" in run:
+            run["steps"] = len(run["log"]) * (iters or results["unlabelled_patches"] // settings["batch"])
+    feature_sets = tuple(probe.FEATURE_SETS)
+    results["claims"] = claims(rows, results["settings"]["seeds"], [str(c) for c in results["probe_counts"]], feature_sets)
+    out = os.path.dirname(os.path.abspath(path))
+    with open(path + ".tmp", "w") as f:
+        json.dump(utils.strict_json(results), f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(write_report(results, out, figure or os.path.join(out, "evidence.png")))
+    return 0
+
+
+def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, results: dict, lap) -> None:
+    """Data, pretraining, probes, gaps and fine-tuning, filling `results` as each part finishes."""
+    data, task = make_data(cfg, out)
+    with open(os.path.join(data, "SSL_data_deeplesion.txt")) as f:
+        results["unlabelled_patches"] = n_patches = sum(1 for line in f if line.strip())
+    lap("data")
+    runs = [(enc, seed) for seed in cfg.seeds for enc in PRETRAINED]
+    iters, full = cfg.iters_per_epoch or None, n_patches // cfg.batch  # the loader drops the last partial batch
+    if cfg.time_limit > 0:  # the clock sets the steps: pretraining gets half of what is left
+        step, fixed = calibrate(cfg, data, out, clock)
+        iters = iters_for_budget(step, fixed, 0.5 * clock.left(), len(runs), cfg.epochs, cfg.iters_per_epoch or full)
+        results["calibration"] = {"seconds_per_step": step, "fixed_seconds": fixed, "iters_per_epoch": iters}
+        lap("calibrate")
+    checkpoints: dict[tuple[str, int], str] = {}
+    for enc, seed in runs:
+        t = time.time()
+        try:
+            ckpt = pretrain(cfg, enc, seed, data, out, iters, clock)
+        except RuntimeError as err:  # a failed run (a non-finite loss, say) is reported, the others go on
+            if isinstance(err, OutOfTime):
+                raise
+            results["pretraining"][f"{enc} seed{seed}"] = {"failed": str(err)[-1500:]}
+            print(f"  pretraining {enc} seed {seed} failed: {str(err).splitlines()[0]}", flush=True)
+            continue
+        checkpoints[enc, seed] = ckpt
+        log = read_log(os.path.dirname(ckpt))
+        results["pretraining"][f"{enc} seed{seed}"] = {
+            "steps": len(log) * (iters or full), "seconds": round(time.time() - t, 1), "log": log,
+            **trend_checks(log, cfg.batch, cfg.out_dim),
+        }  # fmt: skip
+        lap(f"pretrain {enc} seed{seed}")
+    cases, classes = probe.load_cases(task, cfg.spacing)
+    results["classes"] = classes
+    b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
+    results["probe"].update(held_out_cases=b.held_out, draws={str(c): v for c, v in b.draws.items()})
+    results["probe"]["auc_classes"] = [classes[k] for k in b.scored]
+    rows = results["probe"]["rows"]
+    grid = None
+    for seed in cfg.seeds:
+        encoders = [("none", None, "teacher", tuple(probe.FEATURE_SETS))]
+        for enc in (e for e in PRETRAINED if (e, seed) in checkpoints):
+            encoders += [(enc, checkpoints[enc, seed], "teacher", tuple(probe.FEATURE_SETS))]
+            encoders += [(f"{enc} student", checkpoints[enc, seed], "student", cfg.student_sets)]
+        for name, ckpt, part, sets in encoders:
+            if clock.left() <= 0:
+                raise OutOfTime(f"probes stopped by the time limit before {name} seed{seed}")
+            maps = probe.encoder_maps(cfg.arch, ckpt, b.images, seed, cfg.device, part=part)
+            grid = maps[0].shape[2:]
+            rows[f"{name} seed{seed}"] = probe.encoder_row(b, maps, sets, knn_sets=cfg.knn_sets, device=cfg.device, limit=cfg.probe_rows)
+            del maps
+        print(f"  probed seed {seed}", flush=True)
+    rows["no network"] = probe.floor_row(b, grid, device=cfg.device, limit=cfg.probe_rows)
+    results["claims"] = claims(rows, cfg.seeds, [str(c) for c in cfg.probe_counts], tuple(probe.FEATURE_SETS))
+    lap("probes")
+    if cfg.ft_counts:
+        fine_tuning(cfg, cases, b, checkpoints, device, clock, results)
+        lap("finetune")
+
+
+def fine_tuning(cfg: Config, cases, b, checkpoints, device, clock: Clock, results: dict) -> None:
+    """Each encoder (DeSD, DINO, none; the first cfg.ft_seeds pretraining seeds) fine-tuned with
+    each of cfg.ft_counts labelled cases (the bench's first draw of them), scored on the bench's
+    held-out cases at several step counts."""
+    test = [cases[i] for i in b.held_out]
+    seeds = cfg.seeds[: cfg.ft_seeds]
+    jobs = [(count, enc, seed) for count in cfg.ft_counts for seed in seeds for enc in ENCODERS]
+    steps = list(cfg.ft_steps)
+    if cfg.time_limit > 0:  # time a few steps and one scoring, then fit the step counts to what is left
+        t = time.time()
+        fine_tune(cfg, [cases[i] for i in b.draws[min(b.draws)][0]], test[:1], b.num_classes, None, 0, device, [3], clock)
+        per_step = (time.time() - t) / 4  # three steps and a scoring of one case, roughly a step's cost
+        steps = fine_tuning_steps(cfg, per_step, per_step * len(test) * 2, clock.left() - 30, len(jobs))
+        results["calibration_finetune"] = {"seconds_per_step": per_step, "steps": steps}
+    results["ft_steps"] = steps
+    for count, enc, seed in jobs:
+        count = min(count, max(b.draws))
+        train = [cases[i] for i in b.draws[count][0]]
+        curve = fine_tune(cfg, train, test, b.num_classes, checkpoints.get((enc, seed)), seed, device, steps, clock)
+        by_enc = results["finetune"].setdefault(str(count), {})
+        by_enc.setdefault(enc, []).append({str(k): v for k, v in curve.items()})
+        print(
+            f"  fine-tuned {enc} seed {seed} with {count} cases: " + ", ".join(f"{k}: {np.nanmean(v):.3f}" for k, v in curve.items()),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Predict label maps with a fine-tuned model.
+
+Input: a fine-tuning output folder (or its best.pth) and an image file, a folder of images, or
+a dataset folder (its imagesTs/). Each image is read as fine-tuning reads it (reoriented to the
+pretraining orientation, resampled to the model's spacing, HU / 1024, depth first), segmented
+by sliding-window inference (with `--tta`, averaged over the 8 flips), and the label map is
+brought back to the image's own grid: the written file has the input's shape, spacing, origin
+and direction.
+
+    python predict.py --model out/liver_desd --input data/Task03_Liver/imagesTs --output out/liver_desd/predictions
+    python predict.py --model out/liver_desd/best.pth --input case_0000.nii.gz --output pred/ --tta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from desd import utils
+from desd.downstream import labelled
+from desd.models import create_model
+from desd.models.pretrained import load_checkpoint
+from desd.models.segmentation import Res3DSegmentation
+from desd.preprocessing import files
+from desd.preprocessing.network_input import HU_SCALE
+
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The network of a fine-tuning run (its folder or best.pth) and that run's arguments."""
+    ckpt_path = os.path.join(path, "best.pth") if os.path.isdir(path) else path
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path!r} does not exist: give a fine-tuning output folder or its best.pth")
+    ckpt = load_checkpoint(ckpt_path, needs=("model", "num_classes"), expected="a fine-tuning checkpoint (best.pth of finetune.py)")
+    args = ckpt.get("args")
+    if args is None:
+        args_path = os.path.join(os.path.dirname(ckpt_path), "args.json")
+        if not os.path.isfile(args_path):
+            raise KeyError(f"{ckpt_path!r} stores no 'args' and there is no args.json beside it")
+        with open(args_path) as f:
+            args = json.load(f)
+    model = Res3DSegmentation(create_model(args["arch"]), int(ckpt["num_classes"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), {**args, "num_classes": int(ckpt["num_classes"]), "classes": ckpt.get("classes")}
+
+
+class Ensemble(torch.nn.Module):
+    """Several fine-tuned networks (folds, or runs) as one: the log of their mean softmax
+    probabilities, so that the softmax the inference applies gives the mean probability."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([F.softmax(m(x), 1) for m in self.models]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def load_models(paths: list[str], device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """One network, or the ensemble of several whose runs share spacing and classes (refused
+    otherwise, naming both runs); the first run's arguments."""
+    loaded = [load_model(p, device) for p in paths]
+    first_path, (_, first) = paths[0], loaded[0]
+    for path, (_, run_args) in zip(paths[1:], loaded[1:]):
+        for key in ("spacing", "num_classes", "classes"):
+            if run_args.get(key) != first.get(key):
+                raise ValueError(
+                    f"--model {path!r} has {key} {run_args.get(key)!r}, {first_path!r} {first.get(key)!r}: they cannot be averaged"
+                )
+    model = loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()
+    return model, first
+
+
+def find_images(path: str) -> list[str]:
+    """One image, the images of a folder, or a dataset folder's imagesTs/."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isfile(os.path.join(path, "dataset.json")):
+        path = os.path.join(path, "imagesTs")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is neither an image nor a folder of images")
+    images = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(IMAGE_ENDINGS) and not f.startswith("."))
+    if not images:
+        raise FileNotFoundError(f"no image ({', '.join(IMAGE_ENDINGS)}) in {path!r}")
+    stems = {files.split_ending(os.path.basename(p))[0]: p for p in images}
+    # nnU-Net's channels: X_0001 beside X_0000 is a second channel of case X, not a case of its own
+    channels = [
+        p for stem, p in stems.items() if re.search(r"_\d{4}$", stem) and not stem.endswith("_0000") and f"{stem[:-5]}_0000" in stems
+    ]
+    if channels:
+        raise ValueError(
+            f"{path!r} holds images of a second channel ({', '.join(os.path.basename(p) for p in channels[:5])}"
+            f"{', ...' if len(channels) > 5 else ''}): the model takes one channel (CT, nnU-Net's _0000)"
+        )
+    return images
+
+
+def output_path(image: str, out_dir: str) -> str:
+    """Where the label map of `image` goes: named after the case (nnU-Net's _0000 dropped), in
+    the image's format."""
+    stem, ext = files.split_ending(os.path.basename(image))
+    if stem.endswith("_0000"):  # nnU-Net's channel suffix: the prediction is named after the case
+        stem = stem[: -len("_0000")]
+    return os.path.join(out_dir, stem + ext)
+
+
+def check_outputs(images: list[str], out_dir: str) -> None:
+    """Refuse, before any work, outputs that would replace an input (the same path, or the same
+    file under another name) or each other, naming both files."""
+    inputs = {os.path.realpath(p): p for p in images}
+    seen: dict[str, str] = {}
+    for image in images:
+        out = output_path(image, out_dir)
+        real = os.path.realpath(out)
+        if real in inputs or (os.path.exists(out) and any(os.path.samefile(out, p) for p in images)):
+            other = inputs.get(real, out)
+            raise ValueError(f"the label map of {image!r} would be written over the input {other!r}: give another --output")
+        if real in seen:
+            raise ValueError(f"{image!r} and {seen[real]!r} would both be written to {out!r}: predict them into separate folders")
+        seen[real] = image
+
+
+@torch.no_grad()
+def segment(model: torch.nn.Module, image: torch.Tensor, patch, overlap: float = 0.5, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (1, C, z, x, y) of a preprocessed image (1, 1, z, x, y)."""
+    from monai.inferers import sliding_window_inference
+
+    def infer(x):
+        return F.softmax(sliding_window_inference(x, patch, 2, model, overlap=overlap, mode="gaussian"), 1)
+
+    if not tta:
+        return infer(image)
+    flips = [tuple(a for a in (2, 3, 4) if (k >> (a - 2)) & 1) for k in range(8)]
+    total = sum(infer(image.flip(f) if f else image).flip(f) if f else infer(image) for f in flips)
+    return total / len(flips)
+
+
+def to_input_grid(labels_zxy: np.ndarray, grid_affine, input_grid: tuple, path: str) -> sitk.Image:
+    """The label map (z, x, y) on the network's grid (`grid_affine`, of its (x, y, z) order)
+    back on the input image's voxel grid (`input_grid`: shape and affine, as read), by nearest
+    neighbour (separable: the grids' axes are parallel), with the geometry of the file at
+    `path` (read from its header)."""
+    from desd.preprocessing.resample import resample_to_grid
+
+    shape, affine = input_grid
+    net_xyz = labels_zxy.astype(np.uint8, copy=False).transpose(1, 2, 0)  # (x, y, z), a view
+    out_xyz = resample_to_grid(net_xyz, np.asarray(grid_affine, dtype=np.float64), np.asarray(affine, dtype=np.float64), shape, order=0)
+    result = sitk.GetImageFromArray(np.ascontiguousarray(out_xyz.transpose(2, 1, 0)))  # (x, y, z) -> SimpleITK's (z, y, x)
+    header = sitk.ImageFileReader()
+    header.SetFileName(path)
+    header.ReadImageInformation()
+    result.SetOrigin(header.GetOrigin())
+    result.SetSpacing(header.GetSpacing())
+    result.SetDirection(header.GetDirection())
+    return result
+
+
+def draw_overlay(image_zxy: np.ndarray, labels_zxy: np.ndarray, classes: list[str] | None, out: str) -> str:
+    """Three slices of the network's input (soft-tissue window) with the label map over them,
+    at the quartiles of the predicted foreground's depth (of the volume's without one), as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = np.flatnonzero(labels_zxy.reshape(labels_zxy.shape[0], -1).any(1))
+    depth = depth if len(depth) else np.arange(labels_zxy.shape[0])
+    slices = [int(depth[int(q * (len(depth) - 1))]) for q in (0.25, 0.5, 0.75)]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    hu = image_zxy * HU_SCALE  # back to HU from the network input
+    for ax, z in zip(axes, slices):
+        ax.imshow(hu[z], cmap="gray", vmin=-160, vmax=240)  # soft-tissue window
+        shown = np.ma.masked_equal(labels_zxy[z], 0)
+        ax.imshow(shown, cmap="tab10", vmin=0, vmax=9, alpha=0.45, interpolation="nearest")
+        ax.set_title(f"slice {z} of {labels_zxy.shape[0]}", fontsize=9)
+        ax.axis("off")
+    if classes:
+        fig.suptitle(", ".join(f"{i + 1}: {name}" for i, name in enumerate(classes)), fontsize=9)
+    return utils.save_figure(fig, out, dpi=90)
+
+
+def predict_file(
+    model, run_args: dict, path: str, out_dir: str, tta: bool, overlap: float, device: torch.device, overlay: bool = False
+) -> str:
+    from monai.transforms import Compose
+
+    spacing = float(run_args["spacing"])
+    item = Compose(labelled.preprocessing(spacing, keys=("image",), grid_only=True))({"image": path})
+    grid_affine = item["image"].affine  # the network's grid, before the depth-first transpose
+    image = Compose(labelled.network_layout(("image",)))(item)["image"]
+    probs = segment(model, image[None].to(device), tuple(run_args["patch_size"]), overlap, tta)
+    labels_zxy = probs.argmax(1)[0].cpu().numpy()
+    result = to_input_grid(labels_zxy, grid_affine, item["image_input_grid"], path)
+    out = output_path(path, out_dir)
+    if overlay:
+        stem = files.split_ending(os.path.basename(out))[0]
+        os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+        draw_overlay(image[0].numpy(), labels_zxy, run_args.get("classes"), os.path.join(out_dir, "overlays", f"{stem}.png"))
+    ext = files.split_ending(out)[1]
+    files.write_atomic(out, lambda tmp: sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz")))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("Predict with a fine-tuned DeSD segmentation network")
+    parser.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        help="A fine-tuning output folder or its best.pth; several (the folds of a cross-validation) average their probabilities.",
+    )
+    parser.add_argument("--input", required=True, help="An image, a folder of images, or a dataset folder (its imagesTs/).")
+    parser.add_argument("--output", required=True, help="Folder for the label maps (named like the inputs).")
+    parser.add_argument(
+        "--tta",
+        nargs="?",
+        const=True,
+        default=False,
+        type=utils.bool_flag,
+        help="Average the predictions of the 8 flips (slower, a little better); `--tta` alone or `--tta True`, as the trainers' flags.",
+    )
+    parser.add_argument("--overlap", default=0.5, type=float, help="Sliding-window overlap.")
+    parser.add_argument(
+        "--overlay",
+        default=False,
+        type=utils.bool_flag,
+        help="Also draw three slices of each image with its label map (<output>/overlays/).",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    model, run_args = load_models(args.model, device)
+    images = find_images(args.input)
+    check_outputs(images, args.output)
+    os.makedirs(args.output, exist_ok=True)
+    lock = utils.RunLock(args.output, flag="--output").acquire()  # one live prediction per output folder
+    try:
+        return predict_all(model, run_args, images, args, device)
+    finally:
+        lock.release()
+
+
+def predict_all(model, run_args: dict, images: list[str], args: argparse.Namespace, device: torch.device) -> int:
+    """Every image in turn; one that fails is named and the others go on. Exit status 1 if any failed."""
+    failed = []
+    for path in tqdm(images, desc="predict", unit="image"):
+        try:
+            predict_file(model, run_args, path, args.output, args.tta, args.overlap, device, args.overlay)
+        except Exception as err:  # one bad image does not stop the others; each is named at the end
+            failed.append(f"{path}: {type(err).__name__}: {err}")
+            print(f"ERROR: {failed[-1]}", file=sys.stderr, flush=True)
+    print(f"{len(images) - len(failed)} label maps in {args.output}")
+    if failed:
+        print(f"{len(failed)} image(s) could not be predicted:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
