@@ -391,6 +391,7 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
 
     # ============ training ... ============
     progress = {"start": time.time(), "done": 0, "total": (args.epochs - to_restore["epoch"]) * iters}
+    curves = utils.Curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png"))
     for epoch in range(to_restore["epoch"], args.epochs):
         mean_loss = train_one_epoch(model, train_loader, optimizer, lr_schedule, epoch, iters, data.ignore, args, device, progress)
         record = {"epoch": epoch, "train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
@@ -410,7 +411,7 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
             shown = {k: v for k, v in record.items() if k in ("train_loss", "mean_dice")}
             print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f"  lr {record['lr']:.2e}", flush=True)
             utils.append_json_line(os.path.join(args.output_dir, "log.txt"), utils.strict_json(record))
-            utils.plot_curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png"))
+            curves.update(last_epoch=epoch == args.epochs - 1)
             state = {
                 "model": model_without_ddp.state_dict(),
                 "optimizer": optimizer.state_dict(),

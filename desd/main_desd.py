@@ -370,6 +370,7 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
         **schedules,
         iters_per_epoch=iters_per_epoch,
         trend=CollapseTrend(args.out_dim),
+        curves=utils.Curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png")),
     )
     writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
     start_time = time.time()
@@ -542,7 +543,7 @@ def write_logs(run: TrainingRun, epoch: int, train_stats: dict, writer) -> None:
     args = run.args
     log_path = os.path.join(args.output_dir, "log.txt")
     utils.append_json_line(log_path, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
-    utils.plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
+    run.curves.update(last_epoch=epoch == args.epochs - 1)
     if writer is not None:
         for key, value in train_stats.items():
             writer.add_scalar(key, value, epoch)
@@ -575,6 +576,7 @@ class TrainingRun:
     momentum_schedule: np.ndarray
     iters_per_epoch: int
     trend: CollapseTrend | None = None  # the progress points' entropy and KL, for the slow-collapse warning
+    curves: utils.Curves | None = None  # curves.png, drawn on rank 0
 
 
 def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, name: str = "checkpoint.pth") -> None:

@@ -610,6 +610,22 @@ def plot_curves(log_path: str, out: str) -> None:
         print(f"WARNING: could not draw {out}: {err}")
 
 
+class Curves:
+    """A run's curves.png, redrawn from its log.txt after an epoch once `every` seconds have
+    passed since the last drawing (or the run's start), and always after the last epoch. A
+    drawing takes seconds: an epoch of a real run takes minutes and gets one each, a short run
+    one at its end."""
+
+    def __init__(self, log_path: str, out: str, every: float = 60.0):
+        self.log_path, self.out, self.every = log_path, out, every
+        self.last = time.monotonic()
+
+    def update(self, last_epoch: bool = False) -> None:
+        if last_epoch or time.monotonic() - self.last >= self.every:
+            plot_curves(self.log_path, self.out)
+            self.last = time.monotonic()
+
+
 def tensorboard_writer(folder: str):
     """A TensorBoard SummaryWriter on `folder`, or None (with a warning) without the package."""
     try:

@@ -129,3 +129,24 @@ def test_device_augmentation_seeds_of_a_64_rank_300_epoch_1000_iteration_run_are
     assert utils.hashed_seed(0, 5, 7, 11) == int(seeds[(5 * 300 + 7) * 1000 + 11])
     assert utils.hashed_seed(1, 0, 0, 0) != utils.hashed_seed(0, 0, 0, 0)
     torch.Generator().manual_seed(utils.hashed_seed(0, 63, 299, 999))  # any 64-bit value is a valid torch seed
+
+
+def test_curves_are_drawn_once_a_minute_at_most_and_always_after_the_last_epoch(tmp_path, monkeypatch):
+    log, out = tmp_path / "log.txt", tmp_path / "curves.png"
+    for epoch in range(3):
+        utils.append_json_line(str(log), {"epoch": epoch, "train_loss": 1.0 / (epoch + 1)})
+    clock = [100.0]
+    monkeypatch.setattr(utils.time, "monotonic", lambda: clock[0])
+    curves = utils.Curves(str(log), str(out), every=60.0)
+    clock[0] = 130.0
+    curves.update()
+    assert not out.exists()  # half a minute after the start: not yet
+    clock[0] = 161.0
+    curves.update()
+    assert out.stat().st_size > 10_000
+    clock[0] = 170.0
+    out.unlink()
+    curves.update()
+    assert not out.exists()  # 9 s after the last drawing
+    curves.update(last_epoch=True)
+    assert out.stat().st_size > 10_000

@@ -7,8 +7,8 @@ Pretraining logs give one panel each for the total loss, the per-stage losses, t
 entropy, the pretext retrieval score (where logged), the learning rate and the teacher
 temperature; fine-tuning logs give the loss, the learning rate and the Dice of each class.
 Several runs are drawn over each other, labelled by their folder names. The drawing is
-`utils.plot_logs`, which `main_desd.py` and `finetune.py` call after every epoch to keep
-`curves.png` next to their log.
+`utils.plot_logs`, which `main_desd.py` and `finetune.py` call after an epoch (at most once a
+minute, and after the last) to keep `curves.png` next to their log.
 """
 
 from __future__ import annotations
