@@ -92,6 +92,7 @@ class Config:
     probe_counts: tuple = (1, 2, 4, 8)
     probe_draws: int = 3
     probe_rows: int = 10000  # training voxels per dense-probe fit (half foreground where there are enough)
+    probe_iters: int = 100  # L-BFGS iterations per dense-probe fit at most (it stops earlier once converged)
     student_sets: tuple = ("stages1-3",)  # feature sets scored on the student too
     knn_sets: tuple = ("stages1-3",)  # feature sets scored by k-NN too (its cost grows with the grid)
     ft_counts: tuple = ()  # labelled cases to fine-tune with; () skips fine-tuning
@@ -111,7 +112,7 @@ CONFIGS = {
     "cpu": Config(),
     "smoke": Config(
         patients=3, png_size=128, context_mm=30, labelled_cases=6, msd_size=64, msd_slices=16, out_dim=64, batch=4,
-        epochs=1, iters_per_epoch=2, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_draws=2, probe_rows=2000, ft_counts=(1,),
+        epochs=1, iters_per_epoch=2, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_draws=2, probe_rows=2000, probe_iters=20, ft_counts=(1,),
         ft_steps=(1, 2), ft_batch=2, warmup_epochs=1, teacher_temp_warmup=1,
     ),
     "gpu": Config(
@@ -633,10 +634,12 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
                 raise OutOfTime(f"probes stopped by the time limit before {name} seed{seed}")
             maps = probe.encoder_maps(cfg.arch, ckpt, b.images, seed, cfg.device, part=part)
             grid = maps[0].shape[2:]
-            rows[f"{name} seed{seed}"] = probe.encoder_row(b, maps, sets, knn_sets=cfg.knn_sets, device=cfg.device, limit=cfg.probe_rows)
+            rows[f"{name} seed{seed}"] = probe.encoder_row(
+                b, maps, sets, knn_sets=cfg.knn_sets, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters
+            )
             del maps
         print(f"  probed seed {seed}", flush=True)
-    rows["no network"] = probe.floor_row(b, grid, device=cfg.device, limit=cfg.probe_rows)
+    rows["no network"] = probe.floor_row(b, grid, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
     results["claims"] = claims(rows, cfg.seeds, [str(c) for c in cfg.probe_counts], tuple(probe.FEATURE_SETS))
     lap("probes")
     if cfg.ft_counts:

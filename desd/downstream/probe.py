@@ -263,16 +263,19 @@ def label_efficiency(
     seed: int = 0,
     knn_sets=None,
     device="cpu",
+    max_iter: int = 100,
 ) -> dict:
     """Mean foreground Dice on the held-out cases' patches of a converged linear head and of k-NN
     transfer (on the feature sets in `knn_sets`, all when None), per feature set and label count,
-    one value per draw of training cases: {name: {"linear": {"count": [...]}, "knn": {...}}}.
+    one value per draw of training cases (the head: `fit_linear_head` with `max_iter`): {name: {"linear": {"count": [...]}, "knn": {...}}}.
     The heads are fitted and applied on `device`; the maps stay where they are."""
     test = np.isin(owner, held_out)
     out = {}
     for name, fmap in feature_maps.items():
         targets = coarse_targets(labels, fmap.shape[2:], num_classes)
-        heads = [("linear", fit_linear_head)] + ([("knn", knn_head)] if knn_sets is None or name in knn_sets else [])
+        heads = [("linear", lambda x, t: fit_linear_head(x, t, max_iter=max_iter))] + (
+            [("knn", knn_head)] if knn_sets is None or name in knn_sets else []
+        )
         res = {kind: {} for kind, _ in heads}
         for count, subsets in draws_by_count.items():
             count = str(count)  # as JSON keys are
@@ -334,21 +337,38 @@ def bench(cases, class_names, patch=(16, 64, 64), per_case=24, counts=(1, 2, 4, 
 
 
 def encoder_row(
-    b: Bench, maps: list[torch.Tensor], feature_sets=tuple(FEATURE_SETS), seed: int = 0, knn_sets=None, device="cpu", limit: int = 10000
+    b: Bench,
+    maps: list[torch.Tensor],
+    feature_sets=tuple(FEATURE_SETS),
+    seed: int = 0,
+    knn_sets=None,
+    device="cpu",
+    limit: int = 10000,
+    max_iter: int = 100,
 ) -> dict:
     """One encoder's scores on the bench from its stage maps (`encoder_maps` of `b.images`): the
     dense label-efficiency tables of each feature set (k-NN on `knn_sets`, all when None; at most
-    `limit` training voxels a fit) and the presence AUC of each stage."""
+    `limit` training voxels and `max_iter` L-BFGS iterations a fit) and the presence AUC of each stage."""
     sets = {fs: stack_stages(maps, FEATURE_SETS[fs]) for fs in feature_sets}
     return {
         "dense": label_efficiency(
-            sets, b.labels, b.owner, b.held_out, b.draws, b.num_classes, limit=limit, seed=seed, knn_sets=knn_sets, device=device
+            sets,
+            b.labels,
+            b.owner,
+            b.held_out,
+            b.draws,
+            b.num_classes,
+            limit=limit,
+            seed=seed,
+            knn_sets=knn_sets,
+            device=device,
+            max_iter=max_iter,
         ),
         "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), b.present, b.owner, b.scored) for k, m in enumerate(maps)},
     }
 
 
-def floor_row(b: Bench, grid, seed: int = 0, device="cpu", limit: int = 10000) -> dict:
+def floor_row(b: Bench, grid, seed: int = 0, device="cpu", limit: int = 10000, max_iter: int = 100) -> dict:
     """The no-network row: the dense probes on the local intensity mean and mean square at the
     stage-1 `grid`, and the presence AUC of the intensity histogram."""
     return {
@@ -362,6 +382,7 @@ def floor_row(b: Bench, grid, seed: int = 0, device="cpu", limit: int = 10000) -
             limit=limit,
             seed=seed,
             device=device,
+            max_iter=max_iter,
         ),
         "auc": {"histogram": _mean_auc(histogram_features(b.images), b.present, b.owner, b.scored)},
     }
