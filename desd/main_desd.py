@@ -82,6 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Batch norms in the projection heads (True in the paper); synchronised across GPUs.",
     )
     group.add_argument(
+        "--head_hidden_dim",
+        default=2048,
+        type=int,
+        help="Width of the projection heads' hidden layers (DINO's 2048; smaller only for quick runs and tests).",
+    )
+    group.add_argument(
         "--drop_path_rate",
         default=0.1,
         type=float,
@@ -466,7 +472,7 @@ def build_loader(args: argparse.Namespace, device: torch.device) -> tuple[torch.
 def build_networks(args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
     """Student and teacher on the device, the student wrapped for DDP where the world is larger
     than 1, and the forwards the loop calls (compiled with --compile)."""
-    student = DeSDStudent(create_model(args.arch), args.out_dim, args.use_bn_in_head, args.norm_last_layer)
+    student = DeSDStudent(create_model(args.arch), args.out_dim, args.use_bn_in_head, args.norm_last_layer, args.head_hidden_dim)
     if args.use_bn_in_head and args.world_size > 1 and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher = DeSDTeacher.from_student(student)  # exact copy of the backbone and last head

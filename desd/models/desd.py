@@ -43,11 +43,14 @@ def pooled_stage_features(backbone: Res3D, crops: list[torch.Tensor]) -> list[to
 class DeSDStudent(nn.Module):
     """Backbone + one projection head per stage; returns the 4 head outputs, stage 1 first."""
 
-    def __init__(self, backbone: Res3D, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True):
+    def __init__(self, backbone: Res3D, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True, hidden_dim: int = 2048):
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(
-            {stage: DINOHead(ch, out_dim, use_bn, norm_last_layer) for stage, ch in zip(STAGES, backbone.stage_channels)}
+            {
+                stage: DINOHead(ch, out_dim, use_bn, norm_last_layer, hidden_dim=hidden_dim)
+                for stage, ch in zip(STAGES, backbone.stage_channels)
+            }
         )
 
     def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
