@@ -113,7 +113,7 @@ CONFIGS = {
     "smoke": Config(
         patients=3, png_size=128, context_mm=30, labelled_cases=6, msd_size=64, msd_slices=16, out_dim=64, batch=4,
         epochs=1, iters_per_epoch=2, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_draws=2, probe_rows=2000, probe_iters=20, ft_counts=(1,),
-        ft_steps=(1, 2), ft_batch=2, warmup_epochs=1, teacher_temp_warmup=1,
+        ft_steps=(1, 2), ft_batch=2, warmup_epochs=1, teacher_temp_warmup=1, extra=("--head_hidden_dim", "256"),
     ),
     "gpu": Config(
         arch="res3d18", spacing=1.0, patients=32, png_size=256, context_mm=48, labelled_cases=15, msd_size=160,

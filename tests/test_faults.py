@@ -92,13 +92,14 @@ def test_a_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
 
 def test_truncated_checkpoints_are_reported_and_the_newest_intact_one_is_used(patch_root, tmp_path, capsys):
     out = tmp_path / "out"
-    run_main_desd(["--data_path", patch_root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "2", "--saveckp_freq", "1"])
+    one = ("--max_iters_per_epoch", "1")
+    run_main_desd(["--data_path", patch_root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "2", "--saveckp_freq", "1", *one])
     for name in ("checkpoint.pth", "checkpoint.prev.pth"):
         data = (out / name).read_bytes()
         (out / name).write_bytes(data[: len(data) // 3])
         os.utime(out / name)  # the damaged files are the newest
     capsys.readouterr()
-    run_main_desd(["--data_path", patch_root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "3", "--saveckp_freq", "1"])
+    run_main_desd(["--data_path", patch_root, "--output_dir", str(out), *TINY_TRAIN_ARGS, "--epochs", "3", "--saveckp_freq", "1", *one])
     printed = capsys.readouterr().out
     assert "checkpoint.pth' is unreadable or truncated" in printed and "checkpoint.prev.pth' is unreadable" in printed
     assert "checkpoint0001.pth" in printed  # resumed from the newest intact one: after epoch 1
