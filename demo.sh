@@ -14,16 +14,16 @@ WORKERS=${WORKERS:-2}
 START=$(date +%s)
 
 echo "== 1/6 generating a synthetic DeepLesion and a labelled set"
-$PYTHON -m desd.preprocessing.synthetic_deeplesion --out "$DATA" --patients 3 --context_mm 24 --seed 0 \
+$PYTHON preprocessing/synthetic_deeplesion.py --out "$DATA" --patients 3 --context_mm 24 --seed 0 \
   --msd_dir "$TASK" --msd_cases 10 --msd_size 128 --msd_slices 48
 
 echo "== 2/6 PNG -> NIfTI"
-$PYTHON -m desd.preprocessing.DL_save_nifti --data_root "$DATA" --workers "$WORKERS"
+$PYTHON preprocessing/DL_save_nifti.py --data_root "$DATA" --workers "$WORKERS"
 echo "== 3/6 resampling to 1 mm"
-$PYTHON -m desd.preprocessing.re_spacing_ITK --data_root "$DATA" --workers "$WORKERS"
+$PYTHON preprocessing/re_spacing_ITK.py --data_root "$DATA" --workers "$WORKERS"
 echo "== 4/6 splitting into 24-slice patches"
-$PYTHON -m desd.preprocessing.splitting_to_patches --data_root "$DATA" --workers "$WORKERS" --ext .nii
-$PYTHON -m desd.tools.demo_figure --data_root "$DATA" --out "$OUT/demo.png"
+$PYTHON preprocessing/splitting_to_patches.py --data_root "$DATA" --workers "$WORKERS" --ext .nii
+$PYTHON tools/demo_figure.py --data_root "$DATA" --out "$OUT/demo.png"
 
 echo "== 5/6 DeSD pretraining (res3d50, published flags, a CPU-sized budget)"
 rm -rf "$OUT/pretrain"
@@ -31,7 +31,7 @@ PYTHON=$PYTHON DATA_PATH=$DATA OUTPUT_DIR=$OUT/pretrain NPROC_PER_NODE=1 sh run_
   --device cpu --epochs 2 --max_iters_per_epoch 12 --batch_size_per_gpu 2 --num_workers "$WORKERS" \
   --out_dim 8192 --warmup_epochs 1 --warmup_teacher_temp_epochs 1 --saveckp_freq 0 --print_freq 4
 # the demo keeps only the teacher backbone it fine-tunes from (the run's state is ~1 GB)
-$PYTHON -m desd.tools.export_teacher "$OUT/pretrain/checkpoint.pth" "$OUT/pretrain/teacher.pth"
+$PYTHON tools/export_teacher.py "$OUT/pretrain/checkpoint.pth" "$OUT/pretrain/teacher.pth"
 rm -f "$OUT/pretrain/checkpoint.pth" "$OUT/pretrain/checkpoint.prev.pth"
 
 echo "== 6/6 fine-tuning from the demo teacher and from scratch (same budget)"
@@ -46,7 +46,7 @@ done
 
 echo
 echo "Dice on the validation cases (synthetic labels; a CPU-sized budget, so expect small numbers):"
-$PYTHON -m desd.tools.compare_dice "pretrained=$OUT/ft_pretrained/dice.json" "scratch=$OUT/ft_scratch/dice.json"
+$PYTHON tools/compare_dice.py "pretrained=$OUT/ft_pretrained/dice.json" "scratch=$OUT/ft_scratch/dice.json"
 echo
 echo "== prediction: a label map for one case, in that case's own geometry"
 $PYTHON predict.py --model "$OUT/ft_pretrained" --input "$TASK/imagesTr/synth_000.nii.gz" --output "$OUT/predictions" --device cpu

@@ -69,7 +69,7 @@ def vmhwm_mib() -> float:
 
 def phase(args) -> dict:
     """One measurement in this process; returns its figures."""
-    from desd.downstream import cache, labelled, patches
+    from downstream import cache, labelled, patches
 
     data = labelled.read_dataset(args.task)
     cases = data.cases[: args.n]

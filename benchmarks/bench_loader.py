@@ -21,10 +21,10 @@ import time
 import torch
 from common import report  # noqa: I001
 
-from desd.augment import native_chain
-from desd.augment.intensity import augment_views
-from desd.dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory, views_from_crops
-from desd.tools.tiny_data import make_patch_set
+from augment import native_chain
+from augment.intensity import augment_views
+from dataset import SSLDataset, ViewConfig, collate, init_worker, keep_freed_memory, views_from_crops
+from tools.tiny_data import make_patch_set
 
 
 def samples_per_second_single(ds: SSLDataset, n: int, rounds: int, batch: int = 32) -> float:

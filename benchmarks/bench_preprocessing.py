@@ -18,10 +18,10 @@ import numpy as np
 import SimpleITK as sitk
 from common import report
 
-from desd.preprocessing import DL_save_nifti as s1
-from desd.preprocessing import re_spacing_ITK as s2
-from desd.preprocessing import splitting_to_patches as s3
-from desd.preprocessing.synthetic_deeplesion import Phantom, scanner, write_png
+from preprocessing import DL_save_nifti as s1
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
+from preprocessing.synthetic_deeplesion import Phantom, scanner, write_png
 
 
 def make_series(root: str, volumes: int, slices: int, size: int = 512) -> dict[str, str]:

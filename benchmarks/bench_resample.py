@@ -59,7 +59,7 @@ def former_preprocessing(spacing: float) -> list:
     """`labelled.preprocessing` as it was, with MONAI's Spacingd."""
     from monai.transforms import Orientationd, ScaleIntensityRanged, Spacingd
 
-    from desd.downstream import labelled
+    from downstream import labelled
 
     keys = ["image", "label"]
     return [
@@ -75,7 +75,7 @@ def former_itk(image, new_spacing: float = 1.0):
     """re_spacing_ITK.resample_volume as it was: SimpleITK's B-spline on the edge-aligned grid."""
     import SimpleITK as sitk
 
-    from desd.preprocessing.re_spacing_ITK import output_grid
+    from preprocessing.re_spacing_ITK import output_grid
 
     clipped = sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32, -1024.0, 1024.0)
     stats = sitk.MinimumMaximumImageFilter()
@@ -102,7 +102,7 @@ def phase(args) -> dict:
     if args.phase in ("build_former", "build_current"):
         from monai.transforms import Compose
 
-        from desd.downstream import labelled
+        from downstream import labelled
 
         steps = former_preprocessing(1.0) if args.phase == "build_former" else labelled.preprocessing(1.0)
         start = time.perf_counter()
@@ -127,10 +127,10 @@ def phase(args) -> dict:
     elif args.phase == "predict":
         from monai.transforms import Compose
 
-        from desd import predict
-        from desd.downstream import labelled
-        from desd.models import create_model
-        from desd.models.segmentation import Res3DSegmentation
+        import predict
+        from downstream import labelled
+        from models import create_model
+        from models.segmentation import Res3DSegmentation
 
         model = Res3DSegmentation(create_model("res3d10"), 3).eval()
         torch.set_num_threads(os.cpu_count() or 1)
@@ -162,7 +162,7 @@ def in_process(args, name: str) -> dict:
 def deeplesion(repeats: int) -> dict:
     import SimpleITK as sitk
 
-    from desd.preprocessing import re_spacing_ITK
+    from preprocessing import re_spacing_ITK
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core, as each worker of the script runs
     image = sitk.GetImageFromArray(ct_like(DL_SIZE, seed=1).transpose(2, 1, 0))

@@ -16,9 +16,9 @@ import time
 import torch
 from common import report  # noqa: I001
 
-from desd import utils
-from desd.loss import DeSDLoss
-from desd.models import DeSDStudent, DeSDTeacher, create_model
+import utils
+from loss import DeSDLoss
+from models import DeSDStudent, DeSDTeacher, create_model
 
 
 def measure(args, precision: str, channels_last: bool, compile_: bool) -> dict:

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: the machine line, JSON + table output. Their data comes from
-desd/tools/tiny_data.py (`make_patch_set`: patches of the real size)."""
+tools/tiny_data.py (`make_patch_set`: patches of the real size)."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ so that both see the same machine (a shared machine's speed drifts between runs)
     git worktree add /tmp/old <commit>
     python benchmarks/compare_loader.py /tmp/old .     # A = the old code, B = this checkout
 
-Each checkout's dataset.py and intensity chain (desd/augment/intensity.py; desd/augment/intensity.py
+Each checkout's dataset.py and intensity chain (augment/intensity.py; augment/intensity.py
 or augment.py in older checkouts) are loaded under their own names (the rest, such as
-desd/augment/native_chain.py, comes from this checkout). Prints CPU milliseconds a sample (collated into
+augment/native_chain.py, comes from this checkout). Prints CPU milliseconds a sample (collated into
 batches of 32, as a worker does) for the full path and without the intensity chain, as a JSON
 line and a table.
 """
@@ -18,17 +18,18 @@ import importlib.util
 import os
 import sys
 import time
+import types
 
 import torch
 from common import report
 
-from desd.tools.tiny_data import make_patch_set
+from tools.tiny_data import make_patch_set
 
 
 def load(folder: str, name: str):
-    """folder's dataset module, importing folder's augment module (checkouts with the `desd`
-    package, or older ones with top-level modules, which get this checkout's other modules under
-    their old names)."""
+    """folder's dataset module, importing folder's augment module (checkouts with top-level
+    modules, or those of the one-package layout, which get this checkout's other modules under
+    their `desd.` names)."""
 
     def module(file: str):
         key = f"{name}_{file.replace(os.sep, '_')}"
@@ -39,9 +40,9 @@ def load(folder: str, name: str):
         return loaded
 
     package = "desd" if os.path.isfile(os.path.join(folder, "desd", "dataset.py")) else ""
-    if not package:
-        for old in ("preprocessing", "preprocessing.network_input", "augment", "augment.native_chain"):
-            sys.modules.setdefault(old, importlib.import_module(f"desd.{old}"))
+    if package:  # a checkout of the one-package layout imports this checkout's modules as desd.*
+        for old in ("", "preprocessing", "preprocessing.network_input", "augment", "augment.native_chain"):
+            sys.modules.setdefault(".".join(filter(None, ["desd", old])), importlib.import_module(old) if old else types.ModuleType("desd"))
     key = ".".join(filter(None, [package, "augment.intensity"]))  # what dataset.py imports
     ours = sys.modules.get(key)
     try:

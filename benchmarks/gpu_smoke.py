@@ -10,8 +10,9 @@ import json
 
 import torch
 
-from desd import finetune, main_desd
-from desd.tools.tiny_data import TINY_TRAIN_ARGS, write_cube_task, write_patches
+import finetune
+import main_desd
+from tools.tiny_data import TINY_TRAIN_ARGS, write_cube_task, write_patches
 
 
 def run_main_desd(argv: list[str]) -> None:

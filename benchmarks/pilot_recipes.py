@@ -4,7 +4,7 @@ Every pilot pretrains res3d10 on the generated DeepLesion of `make evaluate` (th
 configuration's data: 2 mm grid, 303 patches) at batch 8 with 48 x 48 x 16 views for 8 epochs
 (296 steps) in fp32 (a bf16 trial of adamw_3e-4 stopped on a non-finite loss in its third epoch:
 bf16_trial/), then probes its teacher and a seed-matched random initialisation of the same arch
-with desd/downstream/probe.py on the generated labelled set. A recipe passes the gate only if, over the second
+with downstream/probe.py on the generated labelled set. A recipe passes the gate only if, over the second
 half of its epochs,
 - the teacher entropy does not rise (by more than 1% of ln(out_dim) from the first epoch of
   the half to the last),
@@ -33,8 +33,9 @@ import time
 import numpy as np
 import torch
 
-from desd import evaluate, utils
-from desd.downstream import probe
+import evaluate
+import utils
+from downstream import probe
 
 BATCH, VIEW, EPOCHS, OUT_DIM = 8, 48, 8, 256
 COMMON = [
@@ -73,14 +74,14 @@ def mean_dense(results: list[dict]) -> float:
 def run_pilot(name: str, data: str, task: str, out: str, results_dir: str, cases, classes, random_dense: float, patch) -> dict:
     folder, keep = os.path.join(out, name), os.path.join(results_dir, name)
     os.makedirs(keep, exist_ok=True)
-    cmd = ["-m", "desd.main_desd", "--data_path", data, "--output_dir", folder, *COMMON, *RECIPES[name]]
+    cmd = ["-m", "main_desd", "--data_path", data, "--output_dir", folder, *COMMON, *RECIPES[name]]
     start = time.time()
     log = os.path.join(keep, "console.log")
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT)
     seconds = time.time() - start
     if done.returncode:
-        verdict = {"name": name, "passes": False, "failed": f"desd.main_desd exited {done.returncode}; see {log}"}
+        verdict = {"name": name, "passes": False, "failed": f"main_desd exited {done.returncode}; see {log}"}
     else:
         records = [json.loads(line) for line in open(os.path.join(folder, "log.txt"))]
         ckpt = os.path.join(folder, "checkpoint.pth")

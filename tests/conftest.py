@@ -22,7 +22,7 @@ def patch_root(tmp_path):
 def compiled_chain():
     """The compiled intensity chain, built on first use by a test that needs it (not at
     collection); the test is skipped where no C compiler can build it."""
-    from desd.augment import native_chain
+    from augment import native_chain
 
     library = native_chain.library()
     if library is None:

@@ -1,6 +1,6 @@
 """What several test files share: the repository root, free ports, runs in this process, and
 small data written the way users' files are (DeepLesion series, NIfTI volumes, MSD and nnU-Net
-v2 labelled sets). The tiny pretraining and fine-tuning sets come from desd/tools/tiny_data.py."""
+v2 labelled sets). The tiny pretraining and fine-tuning sets come from tools/tiny_data.py."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from desd.downstream import labelled
-from desd.preprocessing import DL_save_nifti as s1
-from desd.tools.tiny_data import TINY_TRAIN_ARGS, write_cube_task, write_patches  # noqa: F401 - the tests import them from here
+from downstream import labelled
+from preprocessing import DL_save_nifti as s1
+from tools.tiny_data import TINY_TRAIN_ARGS, write_cube_task, write_patches  # noqa: F401 - the tests import them from here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def run_main_desd(argv: list[str]) -> None:
     """Run main_desd in this process with the given command line."""
-    from desd import main_desd
+    import main_desd
 
     parser = argparse.ArgumentParser("DeSD", parents=[main_desd.get_args_parser()])
     main_desd.train_desd(parser.parse_args(argv))

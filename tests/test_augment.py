@@ -1,4 +1,4 @@
-"""The intensity augmentation of the views (desd/augment/intensity.py): each step against its
+"""The intensity augmentation of the views (augment/intensity.py): each step against its
 definition, the fused chain on every path against the steps one after the other, and the
 drawn parameters against the published distributions (docs/method.md, section 3)."""
 
@@ -7,8 +7,8 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from desd.augment import intensity, native_chain
-from desd.augment.intensity import (
+from augment import intensity, native_chain
+from augment.intensity import (
     GLOBAL_1,
     GLOBAL_2,
     LOCAL,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from monai.transforms import Compose
 
-from desd.downstream import cache, labelled
-from desd.tools.tiny_data import write_cube_task
+from downstream import cache, labelled
+from tools.tiny_data import write_cube_task
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_a_parallel_build_after_torch_has_run_finishes(task, tmp_path):
     import sys
 
     code = (
-        "import torch\nfrom desd.downstream import cache, labelled\n"
+        "import torch\nfrom downstream import cache, labelled\n"
         "torch.ones(512, 512) @ torch.ones(512, 512)  # the thread pool is up\n"
         f"cases = labelled.read_dataset({task.root!r}).cases\n"
         f"print(len(cache.build(cases, 2.0, {str(tmp_path / 'cache')!r}, workers=2)))\n"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from desd.dataset import TO_FILE_ORDER, EpochSampler, SSLDataset, ViewConfig, collate, open_volume, read_list, read_slices, views_from_crops
+from dataset import TO_FILE_ORDER, EpochSampler, SSLDataset, ViewConfig, collate, open_volume, read_list, read_slices, views_from_crops
 from tests.helpers import write_patches
 
 
@@ -183,7 +183,7 @@ def test_sampler_splits_one_permutation_across_ranks_and_resumes_mid_epoch():
 def test_batched_device_augmentation_matches_the_per_sample_path_in_distribution(tmp_path):
     from scipy import stats
 
-    from desd.augment.intensity import augment_views
+    from augment.intensity import augment_views
 
     root = write_patches(str(tmp_path), n=1, shape=(130, 130, 24))
     n = 150

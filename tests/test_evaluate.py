@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from desd import evaluate
+import evaluate
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
 def test_every_configuration_pretrains_with_arguments_main_desd_accepts(config, encoder, capsys):
     """The GPU configuration runs only where a device is lent: its flags are checked here, so
     that a misspelt or out-of-range one cannot waste that run."""
-    from desd import main_desd
+    import main_desd
 
     cfg = evaluate.CONFIGS[config]
     args = main_desd.get_args_parser().parse_args(evaluate.pretrain_command(cfg, encoder, "data/DeepLesion", "out", seed=2))
@@ -61,7 +61,7 @@ def test_every_configuration_pretrains_with_arguments_main_desd_accepts(config, 
 
 
 def test_a_gap_is_claimed_only_when_it_exceeds_twice_its_spread_with_one_sign_for_every_seed():
-    from desd.evaluate import paired_gap
+    from evaluate import paired_gap
 
     held = paired_gap([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])  # gaps 0.10, 0.11, 0.09
     assert held["holds"] and abs(held["mean"] - 0.10) < 1e-9 and abs(held["std"] - 0.01) < 1e-9

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from desd import utils
+import utils
 from tests.helpers import ROOT, TINY_TRAIN_ARGS, free_port, run_main_desd, write_patches
 
 
@@ -166,7 +166,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_latest_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_preprocessing_killed_at_random_points_and_rerun_equals_an_uninterrupted_run(tmp_path):
-    from desd.preprocessing import synthetic_deeplesion
+    from preprocessing import synthetic_deeplesion
 
     def prepare(root):
         synthetic_deeplesion.make_deeplesion(str(root), patients=3, size=192, seed=5, context_mm=12)
@@ -174,7 +174,7 @@ def test_preprocessing_killed_at_random_points_and_rerun_equals_an_uninterrupted
     scripts = ["DL_save_nifti.py", "re_spacing_ITK.py", "splitting_to_patches.py"]
 
     def run(root, script, kill_after=None):
-        cmd = [sys.executable, "-m", f"desd.preprocessing.{script.removesuffix('.py')}", "--data_root", str(root), "--workers", "2"]
+        cmd = [sys.executable, "-m", f"preprocessing.{script.removesuffix('.py')}", "--data_root", str(root), "--workers", "2"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         if kill_after is not None:
             time.sleep(kill_after)

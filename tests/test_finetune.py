@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from desd import finetune
-from desd.models import create_model
-from desd.models.pretrained import load_pretrained_encoder
-from desd.models.segmentation import Res3DSegmentation
+import finetune
+from models import create_model
+from models.pretrained import load_pretrained_encoder
+from models.segmentation import Res3DSegmentation
 from tests.helpers import TINY_TRAIN_ARGS, free_port, run_main_desd, write_cube_task
 
 
@@ -39,7 +39,7 @@ def test_every_encoder_tensor_loads_from_a_checkpoint_our_trainer_wrote(patch_ro
     assert torch.equal(model.encoder.layer4[0].conv2.weight, teacher["module.backbone.layer4.0.conv2.weight"])
 
     # the exported backbone alone loads into the same encoder, and is much smaller
-    from desd.tools import export_teacher
+    from tools import export_teacher
 
     assert export_teacher.main([str(tmp_path / "checkpoint.pth"), str(tmp_path / "teacher.pth")]) == 0
     again = Res3DSegmentation(create_model("res3d10"), num_classes=2)
@@ -205,7 +205,7 @@ def test_a_broken_dataset_lists_its_problems_and_the_command_exits_non_zero(tmp_
 
 
 def test_compare_dice_names_a_missing_or_empty_result(tmp_path, capsys):
-    from desd.tools import compare_dice
+    from tools import compare_dice
 
     (tmp_path / "a.json").write_text(json.dumps({"classes": ["box"], "dice": [0.5], "finished": True}))
     (tmp_path / "empty.json").write_text(json.dumps({"classes": [], "dice": []}))
@@ -235,7 +235,7 @@ def test_two_process_fine_tuning_through_torchrun(tmp_path):
 def test_an_nnunet_v2_dataset_of_mha_files_with_an_ignore_label_and_a_fold_fine_tunes_from_its_cache_and_predicts(tmp_path):
     import SimpleITK as sitk
 
-    from desd import predict
+    import predict
     from tests.helpers import write_nnunet
 
     root = write_nnunet(str(tmp_path / "Dataset001_Tiny"), n=4, ending=".mha", ignore=True)
@@ -258,7 +258,7 @@ def test_an_nnunet_v2_dataset_of_mha_files_with_an_ignore_label_and_a_fold_fine_
     )  # fmt: skip
     result = finetune.main(args)
     assert result["classes"] == ["liver", "tumour"] and len(result["dice"]) == 2
-    from desd.downstream import cache as cache_module
+    from downstream import cache as cache_module
 
     cache = cache_module.default_dir(root, 2.0)
     assert cache.startswith(os.environ["DESD_CACHE"]) and not os.path.exists(f"{root}_preprocessed")  # never beside the dataset
@@ -273,7 +273,7 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_the_cache_names_an_un
     import subprocess
     import sys
 
-    from desd.downstream import cache, labelled
+    from downstream import cache, labelled
 
     write_cube_task(str(tmp_path / "task"), n=3)
     out = tmp_path / "out"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from desd.downstream import labelled
+from downstream import labelled
 from tests.helpers import NIH, volume, write_msd, write_nnunet
 
 

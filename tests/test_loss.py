@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from desd.loss import DeSDLoss
+from loss import DeSDLoss
 
 
 def reference_dino_term(
@@ -89,7 +89,7 @@ def test_teacher_temperature_warms_linearly_then_stays():
 
 
 def test_view_retrieval_is_1_on_identical_views_and_about_chance_on_random_ones():
-    from desd.loss import view_retrieval
+    from loss import view_retrieval
 
     torch.manual_seed(0)
     views = torch.randn(64, 32)

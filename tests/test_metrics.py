@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from desd import finetune
-from desd.downstream import metrics
+import finetune
+from downstream import metrics
 
 
 def _truth_with_ignore() -> torch.Tensor:

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from desd.models import DeSDStudent, DeSDTeacher, DINOHead, create_model, list_models
+from models import DeSDStudent, DeSDTeacher, DINOHead, create_model, list_models
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "res3d50_state_dict_shapes.tsv")  # the released weights' names
 ALL_DEPTHS = os.path.join(os.path.dirname(__file__), "data", "res3d_state_dict_shapes.json")  # the reference networks, every depth

@@ -1,4 +1,4 @@
-"""The compiled CPU intensity chain (desd/augment/native_chain.py, desd/augment/intensity.c) against the torch
+"""The compiled CPU intensity chain (augment/native_chain.py, augment/intensity.c) against the torch
 chain it reproduces, and the fallback where it cannot be built."""
 
 import os
@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from desd.augment import intensity, native_chain
-from desd.augment.intensity import GLOBAL_1, GLOBAL_2, LOCAL, apply_intensity, draw_intensity_params
+from augment import intensity, native_chain
+from augment.intensity import GLOBAL_1, GLOBAL_2, LOCAL, apply_intensity, draw_intensity_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_library = pytest.mark.usefixtures("compiled_chain")  # built when such a test runs, not at collection
@@ -87,7 +87,7 @@ def _splitmix64(state: int) -> tuple[int, int]:
 
 
 def _xoshiro128plus_lanes(n: int, stream: int, key: int, lanes: int = 8) -> list[int]:
-    """The published algorithms, one generator at a time, interleaved as desd/augment/intensity.c
+    """The published algorithms, one generator at a time, interleaved as augment/intensity.c
     documents: word j from generator j % lanes."""
     seed, states = key ^ (stream * 0xD1B54A32D192ED03) % 2**64, []
     for _ in range(lanes):
@@ -150,7 +150,7 @@ def test_processes_building_at_once_each_get_a_whole_library(tmp_path):
     source.parent.mkdir()
     source.write_bytes(open(native_chain.SOURCE, "rb").read())
     code = (
-        "import ctypes, sys; from desd.augment import native_chain; native_chain.SOURCE = sys.argv[1]; "
+        "import ctypes, sys; from augment import native_chain; native_chain.SOURCE = sys.argv[1]; "
         "path = native_chain._build(); ctypes.CDLL(path).desd_normal_room; print(path)"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,7 @@ def test_compiled_chain_refuses_what_it_cannot_take():
 @needs_library
 def test_loading_the_library_leaves_the_floating_point_environment_alone():
     code = (
-        "import numpy as np, torch\nfrom desd.augment import native_chain\n"
+        "import numpy as np, torch\nfrom augment import native_chain\n"
         "assert native_chain.library() is not None\n"
         "print(float(np.float32(1e-38) / np.float32(100)), (torch.tensor(1e-38) / 100).item())\n"
     )

@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from desd.downstream import nnunet
-from desd.models import create_model
-from desd.models.nnunet import DeSDUNet, ds_strides
+from downstream import nnunet
+from models import create_model
+from models.nnunet import DeSDUNet, ds_strides
 from tests.helpers import ROOT
 from tests.test_own_ct import NIH, stored_as
 
@@ -255,4 +255,4 @@ def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp
     assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
     plans = json.loads((tmp_path / "results" / "Dataset901_Box" / "nnUNetTrainer__nnUNetPlans_DeSD__3d_fullres" / "plans.json").read_text())
-    assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "desd.models.nnunet.DeSDUNet"
+    assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "models.nnunet.DeSDUNet"

@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from desd.preprocessing import ct_to_nifti
-from desd.preprocessing import re_spacing_ITK as s2
-from desd.preprocessing import splitting_to_patches as s3
-from desd.preprocessing.network_input import RAS_LABELS
+from preprocessing import ct_to_nifti
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
+from preprocessing.network_input import RAS_LABELS
 
 NIH = np.array([[0, -0.8, 0, 10.0], [-0.8, 0, 0, -20.0], [0, 0, -2.0, 30.0], [0, 0, 0, 1]])  # ('P', 'L', 'I'), DeepLesion's
 

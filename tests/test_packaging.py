@@ -8,9 +8,16 @@ from tests.helpers import ROOT
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
-def test_the_wheel_holds_one_top_level_package_with_every_subpackage_and_the_c_source(tmp_path):
-    """`pip install .` puts only `desd` into site-packages (no generic top-level names such as
-    `utils` or `dataset`), every package under it, and the C source that the CPU chain compiles."""
+# what a non-editable `pip install .` puts into site-packages: the design card's names, nothing more
+WHEEL_TOP_LEVEL = {
+    "main_desd.py", "finetune.py", "predict.py", "evaluate.py", "utils.py", "loss.py", "dataset.py",
+    "models", "preprocessing", "augment", "downstream", "tools",
+}  # fmt: skip
+
+
+def test_the_wheel_installs_exactly_the_cards_top_level_names_every_package_and_the_c_source(tmp_path):
+    """A new generic top-level name cannot slip into site-packages unnoticed: the set is pinned.
+    Every package of the checkout is inside, and so is the C source that the CPU chain compiles."""
     import subprocess
     import sys
     import zipfile
@@ -25,10 +32,22 @@ def test_the_wheel_holds_one_top_level_package_with_every_subpackage_and_the_c_s
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     packages = {
         os.path.relpath(os.path.dirname(p), ROOT).replace(os.sep, "/")
-        for p in glob.glob(os.path.join(ROOT, "desd", "**", "__init__.py"), recursive=True)
+        for top in WHEEL_TOP_LEVEL
+        for p in glob.glob(os.path.join(ROOT, top, "**", "__init__.py"), recursive=True)
     }
-    assert tops == {"desd"}
-    assert {f"{p}/__init__.py" for p in packages} <= set(names) and "desd/augment/intensity.c" in names
+    assert tops == WHEEL_TOP_LEVEL
+    assert {f"{p}/__init__.py" for p in packages} <= set(names) and "augment/intensity.c" in names
+
+
+def test_every_package_at_the_root_is_in_the_wheel():
+    """A new folder of library code at the root must be added to the pinned set (or be a leaf)."""
+    leaves = {"tests", "benchmarks", "docs", "build"}
+    found = {
+        name
+        for name in os.listdir(ROOT)
+        if os.path.isfile(os.path.join(ROOT, name, "__init__.py")) and name not in leaves and not name.startswith(".")
+    }
+    assert found == {t for t in WHEEL_TOP_LEVEL if not t.endswith(".py")}
 
 
 def test_every_command_names_a_function_that_exists():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from desd.downstream import cache, labelled, patches
-from desd.tools.tiny_data import write_cube_task
+from downstream import cache, labelled, patches
+from tools.tiny_data import write_cube_task
 
 
 @pytest.fixture

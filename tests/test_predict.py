@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from desd import finetune, predict
-from desd.tools.tiny_data import write_cube_task
+import finetune
+import predict
+from tools.tiny_data import write_cube_task
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_a_bad_image_is_named_the_others_are_predicted_and_the_exit_status_says_
 
 
 def test_a_two_file_prediction_keeps_no_temporary_name_and_survives_the_clean_up(trained, tmp_path):
-    from desd.preprocessing import files
+    from preprocessing import files
 
     image = sitk.ReadImage(str(trained / "task" / "imagesTr" / "c3.nii.gz"))
     sitk.WriteImage(image, str(tmp_path / "c3.mhd"))
@@ -172,7 +173,7 @@ def test_an_overlay_picture_is_drawn_on_request_beside_the_label_maps(trained, t
 def test_a_torchscript_export_loads_back_and_segments_as_the_network_does(trained, tmp_path):
     import torch
 
-    from desd.tools.export_torchscript import main as export
+    from tools.export_torchscript import main as export
 
     out = tmp_path / "model.pt"
     assert export([str(trained / "out"), str(out)]) == 0
@@ -190,7 +191,7 @@ def test_a_torchscript_export_loads_back_and_segments_as_the_network_does(traine
 def test_a_torchscript_export_that_differs_writes_nothing(trained, tmp_path, monkeypatch):
     import torch
 
-    from desd.tools import export_torchscript
+    from tools import export_torchscript
 
     real = torch.jit.load
 

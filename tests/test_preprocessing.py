@@ -9,10 +9,10 @@ import SimpleITK as sitk
 from PIL import Image
 from scipy import ndimage as ndi
 
-from desd.preprocessing import DL_save_nifti as s1
-from desd.preprocessing import re_spacing_ITK as s2
-from desd.preprocessing import splitting_to_patches as s3
-from desd.preprocessing import synthetic_deeplesion as syn
+from preprocessing import DL_save_nifti as s1
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
+from preprocessing import synthetic_deeplesion as syn
 from tests.helpers import make_volume, prepare_split_input, write_series
 
 

@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from desd.preprocessing import DL_save_nifti as s1
-from desd.preprocessing import re_spacing_ITK as s2
-from desd.preprocessing import splitting_to_patches as s3
+from preprocessing import DL_save_nifti as s1
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
 from tests.helpers import make_volume, prepare_split_input, write_series
 
 
@@ -87,7 +87,7 @@ def test_pool_workers_die_with_a_killed_parent(tmp_path):
     src.mkdir()
     for i in range(12):
         make_volume(str(src / f"{i:06d}_01_01_001-040.nii.gz"), np.zeros((40, 160, 160), np.int16), (0.7, 0.7, 2.5))
-    cmd = [sys.executable, "-m", "desd.preprocessing.re_spacing_ITK", "--data_root", str(tmp_path), "--workers", "2"]
+    cmd = [sys.executable, "-m", "preprocessing.re_spacing_ITK", "--data_root", str(tmp_path), "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children: list[int] = []
     deadline = time.time() + 60
@@ -191,7 +191,7 @@ def test_implausible_geometry_is_warned_about(tmp_path, capsys):
 
 
 def test_gzip_trailer_check_accepts_what_nibabel_and_simpleitk_write(tmp_path):
-    from desd.preprocessing.runner import nifti_problem
+    from preprocessing.runner import nifti_problem
 
     make_volume(str(tmp_path / "a.nii.gz"), np.zeros((5, 6, 7), np.int16), (1.0, 1.0, 1.0))
     import nibabel as nib
@@ -204,7 +204,7 @@ def test_gzip_trailer_check_accepts_what_nibabel_and_simpleitk_write(tmp_path):
 
 
 def test_a_zombie_owner_counts_as_gone():
-    from desd.preprocessing.files import pid_alive
+    from preprocessing.files import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 10

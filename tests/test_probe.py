@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from desd.downstream import probe
+from downstream import probe
 
 
 def test_auc_is_the_mann_whitney_statistic():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from desd.preprocessing.resample import axis_map, edge_aligned_positions, resample_axes, resample_to_grid
+from preprocessing.resample import axis_map, edge_aligned_positions, resample_axes, resample_to_grid
 from tests.helpers import ROOT
 
 
@@ -87,7 +87,7 @@ def test_the_fine_tuning_preprocessing_matches_monais_spacing_it_replaces(tmp_pa
     the same grid, to 1e-3 of the HU range."""
     from monai.transforms import Compose, Orientationd, ScaleIntensityRanged, Spacingd
 
-    from desd.downstream import labelled
+    from downstream import labelled
 
     image = smooth((40, 36, 20)) * 2
     label = (image > 200).astype(np.uint8) + (image > 500)
@@ -114,7 +114,7 @@ def test_the_fine_tuning_preprocessing_matches_monais_spacing_it_replaces(tmp_pa
 
 MEASURE = r"""
 import json, sys
-from desd.downstream import cache
+from downstream import cache
 
 def rss(key):
     for line in open("/proc/self/status"):
@@ -122,7 +122,7 @@ def rss(key):
             return int(line.split()[1]) * 1024
 
 case = json.loads(sys.argv[1])
-from desd.downstream import labelled  # everything the build imports, before the baseline
+from downstream import labelled  # everything the build imports, before the baseline
 from monai.transforms import Compose
 before = rss("VmRSS:")
 import os
@@ -137,7 +137,7 @@ print(json.dumps({"increase": rss("VmHWM:") - before, "voxels": cache.output_vox
 def test_one_case_builds_within_the_memory_the_build_plans_for(tmp_path):
     """A CT-sized case (256 x 256 x 150 at 0.8 x 0.8 x 1.5 mm) preprocessed in a process of its
     own: its peak RSS grows by no more than the bound that `processes_for` schedules with."""
-    from desd.downstream import cache
+    from downstream import cache
 
     rng = np.random.default_rng(0)
     image = rng.integers(-1000, 400, (256, 256, 150)).astype(np.int16)

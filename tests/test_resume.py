@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from desd import main_desd, utils
-from desd.models import create_model
+import main_desd
+import utils
+from models import create_model
 from tests.helpers import TINY_TRAIN_ARGS, run_main_desd, write_patches
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from desd.models import create_model
+from models import create_model
 from tests.helpers import ROOT, TINY_TRAIN_ARGS, free_port, run_main_desd, write_patches
 
 
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_and_leaves_the_last_checkpoint_intact(patch_root,
     out = tmp_path / "out"
     tiny_run(patch_root, out, "--epochs", "1")
     before = (out / "checkpoint.pth").read_bytes()
-    from desd import loss
+    import loss
 
     original = loss.DeSDLoss.forward
 
@@ -144,7 +144,7 @@ def test_non_finite_loss_stops_and_leaves_the_last_checkpoint_intact(patch_root,
 def test_collapse_warnings(capsys):
     import math
 
-    from desd import main_desd
+    import main_desd
 
     main_desd.warn_if_collapsing({"loss": math.log(1000), "teacher_entropy": 3.0}, 1000)
     assert "near ln(out_dim)" in capsys.readouterr().out
@@ -157,7 +157,7 @@ def test_collapse_warnings(capsys):
 def test_only_rank_0_prints_and_other_ranks_keep_their_warnings(capsys):
     import builtins
 
-    from desd import utils
+    import utils
 
     original = builtins.print
     try:
@@ -171,7 +171,7 @@ def test_only_rank_0_prints_and_other_ranks_keep_their_warnings(capsys):
 
 
 def test_plot_log_draws_several_runs_over_each_other(tmp_path):
-    from desd.utils import panels_for, plot_logs
+    from utils import panels_for, plot_logs
 
     for name, shift in (("desd", 0.0), ("dino", 0.5)):
         (tmp_path / name).mkdir()
@@ -188,7 +188,7 @@ def test_plot_log_draws_several_runs_over_each_other(tmp_path):
 def test_schedule_warnings_name_an_unscaled_min_lr_a_tiny_peak_and_a_warm_up_longer_than_the_run(capsys):
     import argparse
 
-    from desd import main_desd
+    import main_desd
 
     args = argparse.Namespace(lr=0.3, min_lr=0.048, warmup_epochs=10, epochs=7)
     main_desd.warn_about_schedule(args, None, 8, 10)  # peak 0.3 x 8 / 256 = 0.0094
@@ -219,7 +219,7 @@ def test_kl_is_logged_per_stage_as_the_loss_minus_the_teacher_entropy(patch_root
 
 
 def test_slow_collapse_warning_fires_on_rising_entropy_with_falling_kl_and_not_otherwise():
-    from desd.main_desd import CollapseTrend, slow_collapse_warning
+    from main_desd import CollapseTrend, slow_collapse_warning
 
     n = 10
     rising = [2.9 + 0.2 * i for i in range(n)]  # toward ln(256) = 5.55
@@ -239,8 +239,8 @@ def test_slow_collapse_warning_fires_on_rising_entropy_with_falling_kl_and_not_o
 def test_teacher_init_share_is_what_an_ema_of_a_zero_student_leaves_of_the_initial_teacher(capsys):
     import numpy as np
 
-    from desd import utils
-    from desd.main_desd import report_teacher_init_share, teacher_init_share
+    import utils
+    from main_desd import report_teacher_init_share, teacher_init_share
 
     schedule = utils.cosine_scheduler(0.99, 1.0, 8, 37)
     teacher = torch.ones(3)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from desd import utils
-from desd.models import DeSDStudent, DeSDTeacher, create_model
+import utils
+from models import DeSDStudent, DeSDTeacher, create_model
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_final():

@@ -5,7 +5,6 @@ import json
 import time
 
 import numpy as np
-
 from desd.downstream import probe
 
 cases, names = probe.load_cases("/tmp/pilots/Labelled", 2.0)

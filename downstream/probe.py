@@ -12,8 +12,8 @@ Per stage it reports
   upsampled to the patch.
 A JSON line per stage and a table; deterministic for a seed, on the CPU or CUDA.
 
-    python -m desd.downstream.probe --data_dir data/Task03_Liver --checkpoint snapshots/desd/checkpoint.pth --arch res3d50
-    python -m desd.downstream.probe --data_dir data/Task03_Liver --random --arch res3d50      # the baseline
+    python downstream/probe.py --data_dir data/Task03_Liver --checkpoint snapshots/desd/checkpoint.pth --arch res3d50
+    python downstream/probe.py --data_dir data/Task03_Liver --random --arch res3d50      # the baseline
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from desd import utils
-from desd.downstream import metrics, patches
-from desd.models import create_model, list_models
-from desd.models.pretrained import load_pretrained_encoder
-from desd.models.res3d import STAGE_NAMES
+import utils
+from downstream import metrics, patches
+from models import create_model, list_models
+from models.pretrained import load_pretrained_encoder
+from models.res3d import STAGE_NAMES
 
 PRESENT = 0.01  # an organ is "in the patch" when it covers at least this share of its voxels
 
@@ -43,7 +43,7 @@ def load_cases(data_dir: str, spacing: float) -> tuple[list[tuple[np.ndarray, np
     the pretraining orientation, and the class names (background excluded)."""
     from monai.transforms import Compose
 
-    from desd.downstream import labelled
+    from downstream import labelled
 
     data = labelled.read_dataset(data_dir)
     transform = Compose(labelled.preprocessing(spacing))

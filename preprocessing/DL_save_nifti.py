@@ -9,7 +9,7 @@ For each series folder `Images_png/{patient:06d}_{study:02d}_{series:02d}/` (sor
    `Images_nifti/{folder}_{first:03d}-{last:03d}.nii.gz`. SimpleITK reads its spacing back as
    (sx, sy, sz).
 
-    python -m desd.preprocessing.DL_save_nifti --data_root data/DeepLesion --workers 8
+    python preprocessing/DL_save_nifti.py --data_root data/DeepLesion --workers 8
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from desd.preprocessing.files import remove_stale_partials, write_atomic
-from desd.preprocessing.runner import JobResult, make_output_dir, run_jobs, spacing_warnings, summarise
+from preprocessing.files import remove_stale_partials, write_atomic
+from preprocessing.runner import JobResult, make_output_dir, run_jobs, spacing_warnings, summarise
 
 HU_OFFSET = 32768
 CSV_COLUMNS = (

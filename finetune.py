@@ -3,7 +3,7 @@ Dice, the 95th-percentile Hausdorff distance and the normalised surface Dice on 
 validation volumes.
 
 Data: a labelled set in the Medical Segmentation Decathlon layout or nnU-Net v2's (see
-desd/downstream/labelled.py), checked for integrity before any training (`python -m desd.downstream.labelled --data_dir ...`
+downstream/labelled.py), checked for integrity before any training (`python downstream/labelled.py --data_dir ...`
 runs the check alone). Every image and label is reoriented to the pretraining patches'
 anatomical orientation, resampled to `--spacing` mm (cubic for images, nearest for labels),
 clipped to [-1024, 1024] HU and divided by 1024, and put depth first: a network input is
@@ -41,12 +41,12 @@ from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftI
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from desd import utils
-from desd.downstream import cache, labelled, metrics, patches
-from desd.models import create_model, list_models
-from desd.models.pretrained import load_pretrained_encoder
-from desd.models.res3d import last_stage_shape
-from desd.models.segmentation import Res3DSegmentation
+import utils
+from downstream import cache, labelled, metrics, patches
+from models import create_model, list_models
+from models.pretrained import load_pretrained_encoder
+from models.res3d import last_stage_shape
+from models.segmentation import Res3DSegmentation
 
 # the settings a rerun must share with the run already in its output folder
 RUN_SETTINGS = (

@@ -8,7 +8,7 @@ One command runs the whole experiment:
    initialisation drawn with it; each run's second-half trends (teacher entropy, KL, view
    retrieval) are kept beside its scores;
 3. scores every encoder's teacher (and student) frozen, on one bench of patches and held-out
-   cases (desd/downstream/probe.py): per stage and on stages 1-3 together, a linear head trained to
+   cases (downstream/probe.py): per stage and on stages 1-3 together, a linear head trained to
    convergence on the coarse grid and k-NN label transfer, at 1, 2, 4 and 8 labelled cases
    with several draws of cases; the presence AUC as a secondary score; a no-network row
    (intensity features, the intensity histogram) in every table;
@@ -41,9 +41,9 @@ import time
 import numpy as np
 import torch
 
-from desd import utils
-from desd.downstream import cache, metrics, patches, probe
-from desd.models.pretrained import load_checkpoint
+import utils
+from downstream import cache, metrics, patches, probe
+from models.pretrained import load_checkpoint
 
 PRETRAINED = ("desd", "dino")
 ENCODERS = (*PRETRAINED, "none")
@@ -159,7 +159,7 @@ class Clock:
 def run(cmd: list[str], log: str, timeout: float = math.inf) -> None:
     """Run one step as a process of its own, its output in `log`; fail naming the log, or raise
     OutOfTime when it outlives `timeout` seconds."""
-    name = " ".join(os.path.basename(c) for c in cmd[:3])  # python -m desd.main_desd, say
+    name = " ".join(os.path.basename(c) for c in cmd[:3])  # python -m main_desd, say
     with open(log, "w") as f:
         try:
             done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=None if math.isinf(timeout) else timeout)
@@ -173,7 +173,7 @@ def run(cmd: list[str], log: str, timeout: float = math.inf) -> None:
 
 def make_data(cfg: Config, out: str) -> tuple[str, str]:
     """The unlabelled DeepLesion (preprocessed to patches) and the labelled set."""
-    from desd.preprocessing.synthetic_deeplesion import make_deeplesion, make_msd
+    from preprocessing.synthetic_deeplesion import make_deeplesion, make_msd
 
     data, task = os.path.join(out, "DeepLesion"), os.path.join(out, "Labelled")
     list_file = os.path.join(data, "SSL_data_deeplesion.txt")
@@ -182,9 +182,9 @@ def make_data(cfg: Config, out: str) -> tuple[str, str]:
         common = ["--data_root", data, "--workers", str(cfg.workers)]
         py = sys.executable
         # as modules from the repository root: they import the project's modules installed or not
-        run([py, "-m", "desd.preprocessing.DL_save_nifti", *common], os.path.join(out, "prep1.log"))
-        run([py, "-m", "desd.preprocessing.re_spacing_ITK", *common, "--spacing", str(cfg.spacing)], os.path.join(out, "prep2.log"))
-        run([py, "-m", "desd.preprocessing.splitting_to_patches", *common, "--ext", ".nii"], os.path.join(out, "prep3.log"))
+        run([py, "-m", "preprocessing.DL_save_nifti", *common], os.path.join(out, "prep1.log"))
+        run([py, "-m", "preprocessing.re_spacing_ITK", *common, "--spacing", str(cfg.spacing)], os.path.join(out, "prep2.log"))
+        run([py, "-m", "preprocessing.splitting_to_patches", *common, "--ext", ".nii"], os.path.join(out, "prep3.log"))
     if not os.path.isfile(os.path.join(task, "dataset.json")):
         make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices)  # other phantoms
     return data, task
@@ -218,7 +218,7 @@ def pretrain(cfg: Config, name: str, seed: int, data: str, out: str, iters_per_e
     ckpt = os.path.join(folder, "checkpoint.pth")
     if os.path.isfile(ckpt) and load_checkpoint(ckpt, mmap=True).get("epoch", 0) >= cfg.epochs:
         return ckpt
-    cmd = [sys.executable, "-m", "desd.main_desd", *pretrain_command(cfg, name, data, folder, seed, iters_per_epoch)]
+    cmd = [sys.executable, "-m", "main_desd", *pretrain_command(cfg, name, data, folder, seed, iters_per_epoch)]
     run(cmd, folder + ".log", timeout=clock.left())
     return ckpt
 
@@ -255,7 +255,7 @@ def calibrate(cfg: Config, data: str, out: str, clock: Clock) -> tuple[float, fl
     iteration per epoch: the step time is the median of the logged epochs after the first."""
     folder = os.path.join(out, "calibrate")
     start = time.time()
-    run([sys.executable, "-m", "desd.main_desd", *pretrain_command(cfg, "desd", data, folder, 0, 1)], folder + ".log", clock.left())
+    run([sys.executable, "-m", "main_desd", *pretrain_command(cfg, "desd", data, folder, 0, 1)], folder + ".log", clock.left())
     wall = time.time() - start
     per_iter = [r["train_time_per_iter"] for r in read_log(folder)]
     step = float(np.median(per_iter[1:] if len(per_iter) > 1 else per_iter))
@@ -284,9 +284,9 @@ def fine_tune(
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
 
-    from desd.models import create_model
-    from desd.models.pretrained import load_pretrained_encoder
-    from desd.models.segmentation import Res3DSegmentation
+    from models import create_model
+    from models.pretrained import load_pretrained_encoder
+    from models.segmentation import Res3DSegmentation
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

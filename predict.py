@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from desd import utils
-from desd.downstream import labelled
-from desd.models import create_model
-from desd.models.pretrained import load_checkpoint
-from desd.models.segmentation import Res3DSegmentation
-from desd.preprocessing import files
-from desd.preprocessing.network_input import HU_SCALE
+import utils
+from downstream import labelled
+from models import create_model
+from models.pretrained import load_checkpoint
+from models.segmentation import Res3DSegmentation
+from preprocessing import files
+from preprocessing.network_input import HU_SCALE
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -151,7 +151,7 @@ def to_input_grid(labels_zxy: np.ndarray, grid_affine, input_grid: tuple, path: 
     back on the input image's voxel grid (`input_grid`: shape and affine, as read), by nearest
     neighbour (separable: the grids' axes are parallel), with the geometry of the file at
     `path` (read from its header)."""
-    from desd.preprocessing.resample import resample_to_grid
+    from preprocessing.resample import resample_to_grid
 
     shape, affine = input_grid
     net_xyz = labels_zxy.astype(np.uint8, copy=False).transpose(1, 2, 0)  # (x, y, z), a view

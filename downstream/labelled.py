@@ -15,7 +15,7 @@ that NIH's affine gives DeepLesion (docs/method.md, section 3). Then depth is mo
 network input is (1, z, x, y) with z running to inferior, x to posterior and y to the patient's
 left, as in pretraining, whatever the orientation the file was stored in.
 
-    python -m desd.downstream.labelled --data_dir data/Dataset003_Liver      # the integrity check alone
+    python downstream/labelled.py --data_dir data/Dataset003_Liver      # the integrity check alone
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from desd.preprocessing.files import split_ending
-from desd.preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES, RAS_LABELS, ras_affine
+from preprocessing.files import split_ending
+from preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES, RAS_LABELS, ras_affine
 
 NIFTI = (".nii", ".nii.gz")
 
@@ -252,7 +252,7 @@ class ResampleToSpacing:
     "border" padding, to float32 rounding), labels by nearest neighbour (a label map keeps its
     label set; nnU-Net's per-label linear resampling of label maps smooths boundaries only
     when the label grid is coarser than the network's, which is not the case for CT at
-    0.6-1 mm going to the pretraining spacing). Separable (desd/preprocessing/resample.py): no dense
+    0.6-1 mm going to the pretraining spacing). Separable (preprocessing/resample.py): no dense
     coordinate grid, float32 blocks."""
 
     def __init__(self, keys, spacing: float):
@@ -270,7 +270,7 @@ class ResampleToSpacing:
     def __call__(self, data: dict) -> dict:
         from monai.data import MetaTensor
 
-        from desd.preprocessing.resample import resample_to_grid
+        from preprocessing.resample import resample_to_grid
 
         out = dict(data)
         for key in self.keys:

@@ -1,7 +1,7 @@
 """Picture of the demo data: generated DeepLesion slices, and the views the pretraining
 dataset makes from one patch (their middle slices).
 
-    python -m desd.tools.demo_figure --data_root demo_data/DeepLesion --out docs/demo.png
+    python tools/demo_figure.py --data_root demo_data/DeepLesion --out docs/demo.png
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from desd.dataset import SSLDataset, ViewConfig
+from dataset import SSLDataset, ViewConfig
 
 TILE = 192
 

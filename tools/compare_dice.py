@@ -1,6 +1,6 @@
 """Print the per-class Dice of several fine-tuning runs side by side.
 
-python -m desd.tools.compare_dice pretrained=out/ft_desd/dice.json scratch=out/ft_scratch/dice.json
+python tools/compare_dice.py pretrained=out/ft_desd/dice.json scratch=out/ft_scratch/dice.json
 
 A result that is missing, unreadable or empty is reported by name (and the exit status is 1);
 the others are still printed.
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from desd.downstream.metrics import dice_table
+from downstream.metrics import dice_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Curves of training runs from their log.txt (one JSON line per epoch).
 
-    python -m desd.tools.plot_log snapshots/desd/log.txt snapshots/dino/log.txt --out desd_vs_dino.png
-    python -m desd.tools.plot_log out/liver/log.txt --out liver.png          # a fine-tuning run
+    python tools/plot_log.py snapshots/desd/log.txt snapshots/dino/log.txt --out desd_vs_dino.png
+    python tools/plot_log.py out/liver/log.txt --out liver.png          # a fine-tuning run
 
 Pretraining logs give one panel each for the total loss, the per-stage losses, the teacher's
 entropy, the pretext retrieval score (where logged), the learning rate and the teacher
@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from desd.utils import plot_logs
+from utils import plot_logs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,15 +33,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from desd import utils
-from desd.augment import native_chain
-from desd.augment.intensity import augment_views
-from desd.dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
-from desd.loss import STAGE_NAMES, DeSDLoss, view_retrieval
-from desd.models import DeSDStudent, DeSDTeacher, create_model, list_models
-from desd.models.pretrained import PREFIX, check_layer1_shortcut
-from desd.models.res3d import last_stage_shape
-from desd.preprocessing import files
+import utils
+from augment import native_chain
+from augment.intensity import augment_views
+from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
+from loss import STAGE_NAMES, DeSDLoss, view_retrieval
+from models import DeSDStudent, DeSDTeacher, create_model, list_models
+from models.pretrained import PREFIX, check_layer1_shortcut
+from models.res3d import last_stage_shape
+from preprocessing import files
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -464,7 +464,7 @@ def build_loader(args: argparse.Namespace, device: torch.device) -> tuple[torch.
     if iters_per_epoch == 0:
         raise ValueError(f"an epoch has fewer than --accum_iter {args.accum_iter} batches")
     if cfg.output == "views":  # built here once, before the workers start (they load it)
-        chain = "compiled (desd/augment/intensity.c)" if native_chain.library() is not None else "torch (no C compiler)"
+        chain = "compiled (augment/intensity.c)" if native_chain.library() is not None else "torch (no C compiler)"
         print(f"Intensity augmentation in the loader workers: {chain}.")
     return loader, sampler, iters_per_epoch
 

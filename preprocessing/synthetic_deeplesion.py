@@ -13,8 +13,8 @@ It can also write, for the same kind of phantom, labelled volumes in the Medical
 Decathlon layout (dataset.json, imagesTr/, labelsTr/; labels 1 liver, 2 spleen, 3 kidney) for
 fine-tuning.
 
-    python -m desd.preprocessing.synthetic_deeplesion --out data/SyntheticDeepLesion --patients 4
-    python -m desd.preprocessing.synthetic_deeplesion --out data/SyntheticDeepLesion --patients 0 \
+    python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 4
+    python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 0 \
         --msd_dir data/Task01_SyntheticAbdomen --msd_cases 12 --msd_size 128
 """
 
@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from desd.preprocessing.DL_save_nifti import CSV_COLUMNS, HU_OFFSET, nih_affine
-from desd.preprocessing.files import write_atomic
+from preprocessing.DL_save_nifti import CSV_COLUMNS, HU_OFFSET, nih_affine
+from preprocessing.files import write_atomic
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 TRUNK_MM = 460.0  # lung apex (z = 0) to pelvis

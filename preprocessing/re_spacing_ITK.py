@@ -15,11 +15,11 @@ beyond the outermost input samples is interpolated with the volume mirrored at i
 boundary of ITK's B-spline and of skimage's resize), and the result is clipped to the input's
 range, as skimage's resize clips, which also holds axes of 1 to 4 samples in range.
 
-The resampling is separable (desd/preprocessing/resample.py): a prefilter and 4 taps per axis in
+The resampling is separable (preprocessing/resample.py): a prefilter and 4 taps per axis in
 float32 blocks, the values of SimpleITK's cubic B-spline at these positions to float32
 rounding, several times faster on one core and with no axis too short for it.
 
-    python -m desd.preprocessing.re_spacing_ITK --data_root data/DeepLesion --workers 8
+    python preprocessing/re_spacing_ITK.py --data_root data/DeepLesion --workers 8
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from desd.preprocessing.files import remove_stale_partials, write_atomic
-from desd.preprocessing.network_input import HU_RANGE
-from desd.preprocessing.resample import edge_aligned_positions, resample_axes
-from desd.preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
+from preprocessing.files import remove_stale_partials, write_atomic
+from preprocessing.network_input import HU_RANGE
+from preprocessing.resample import edge_aligned_positions, resample_axes
+from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
 
 MAX_SIDE = 1024  # a resampled axis longer than this is seldom a CT sub-volume
 

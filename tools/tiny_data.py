@@ -1,7 +1,7 @@
 """Small generated data for smoke runs, benchmarks and tests: noise patches written the way the
 preprocessing writes them, CT-like patches of the real size for the benchmarks, and a trivially
 learnable labelled task. Look-alike DeepLesion and labelled phantoms are in
-desd/preprocessing/synthetic_deeplesion.py."""
+preprocessing/synthetic_deeplesion.py."""
 
 from __future__ import annotations
 

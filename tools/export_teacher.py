@@ -2,7 +2,7 @@
 file to keep or share: a run's checkpoint also holds the student, the projection heads and the
 optimiser state (about 1 GB for res3d50 at out_dim 8192), the backbone alone about a fifth.
 
-    python -m desd.tools.export_teacher RUN/checkpoint.pth RUN/teacher.pth
+    python tools/export_teacher.py RUN/checkpoint.pth RUN/teacher.pth
 
 The output is itself a DeSD checkpoint in the layout that fine-tuning, probing and prediction
 read (key `teacher`, backbone keys `module.backbone.<name>`, the run's `args` and `epoch`).
@@ -15,8 +15,8 @@ import argparse
 import os
 import sys
 
-from desd import utils
-from desd.models.pretrained import PREFIX, checkpoint_arch, read_checkpoint, teacher_backbone
+import utils
+from models.pretrained import PREFIX, checkpoint_arch, read_checkpoint, teacher_backbone
 
 
 def export_teacher(checkpoint: str, out: str) -> int:

@@ -14,9 +14,9 @@ holds is a volume). Each volume is
 Finished volumes are skipped; bad inputs are named in the summary, and the exit status is 1 when
 any failed.
 
-    python -m desd.preprocessing.ct_to_nifti --in_dir my_ct/ --data_root data/MyCT --workers 8
-    python -m desd.preprocessing.re_spacing_ITK --data_root data/MyCT --workers 8
-    python -m desd.preprocessing.splitting_to_patches --data_root data/MyCT --workers 8 --ext .nii
+    python preprocessing/ct_to_nifti.py --in_dir my_ct/ --data_root data/MyCT --workers 8
+    python preprocessing/re_spacing_ITK.py --data_root data/MyCT --workers 8
+    python preprocessing/splitting_to_patches.py --data_root data/MyCT --workers 8 --ext .nii
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from desd.preprocessing.files import remove_stale_partials, split_ending, write_atomic
-from desd.preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES, ras_affine, reorient
-from desd.preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
+from preprocessing.files import remove_stale_partials, split_ending, write_atomic
+from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES, ras_affine, reorient
+from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
 
 NIFTI = (".nii", ".nii.gz")
 

@@ -1,7 +1,7 @@
 """The DeSD segmentation network as nnU-Net v2 builds it from its plans (docs/method.md,
 section 7), so that a DeSD teacher can be fine-tuned with `nnUNetv2_train`.
 
-nnU-Net locates the class by the dotted name in its plans (`desd.models.nnunet.DeSDUNet`) and
+nnU-Net locates the class by the dotted name in its plans (`models.nnunet.DeSDUNet`) and
 calls it with `input_channels`, `num_classes`, `deep_supervision` and the plans' `arch_kwargs`.
 `downstream.nnunet` writes those plans; what the class adds to `Res3DSegmentation`:
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from desd.preprocessing.network_input import HU_RANGE, HU_SCALE
+from preprocessing.network_input import HU_RANGE, HU_SCALE
 
 from . import create_model
 from .segmentation import Res3DSegmentation, pad_to_stride

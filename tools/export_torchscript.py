@@ -1,6 +1,6 @@
 """Write a fine-tuned segmentation network as TorchScript, to run without this project's code:
 
-    python -m desd.tools.export_torchscript snapshots/finetune_res3d50_desd model.pt
+    python tools/export_torchscript.py snapshots/finetune_res3d50_desd model.pt
 
 The file holds the compiled network (input (N, 1, D, H, W) in the pretraining orientation,
 spacing and intensity scaling, as predict.py prepares it; output the class logits on the same
@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from desd.predict import load_model
-from desd.preprocessing import files
+from predict import load_model
+from preprocessing import files
 
 
 def export_torchscript(run: str, out: str, tolerance: float = 1e-4) -> float:

@@ -11,8 +11,8 @@ both. The same code runs per sample in a data-loader worker (the two global view
 patch, CPU) or batched on the training device, which moves the bulk of the loader's work to
 the GPU. Order: noise, blur, brightness x, brightness +, contrast, gamma.
 
-On the CPU, `apply_intensity` runs the same arithmetic compiled (desd/augment/native_chain.py,
-desd/augment/intensity.c) where a C compiler could build it, and `augment_intensity` then lets the
+On the CPU, `apply_intensity` runs the same arithmetic compiled (augment/native_chain.py,
+augment/intensity.c) where a C compiler could build it, and `augment_intensity` then lets the
 compiled chain draw the Gaussian noise itself (xoshiro128+ and Box-Muller, keyed from the
 generator), which is most of what a loader worker spends; the torch code below remains the
 code of every other device and the fallback.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from desd.augment import native_chain
+from augment import native_chain
 
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
@@ -219,7 +219,7 @@ def apply_intensity(
     the result may reuse noise's memory. With swap_hw the result has its in-plane axes
     swapped, (B, D, W, H), contiguous (every step treats the two alike).
 
-    On the CPU the compiled chain (desd/augment/native_chain.py, the same arithmetic fused per slice) runs
+    On the CPU the compiled chain (augment/native_chain.py, the same arithmetic fused per slice) runs
     where it is available: `native` None uses it then, True requires it, False runs the torch
     code (`apply_intensity_torch`), which is also the code of every other device."""
     if native or (native is None and compiled_chain_runs(x)):
@@ -321,7 +321,7 @@ def augment_intensity(
     one set for every view or one per view. Returns a new tensor, (B, D, W, H) with swap_hw."""
     b, d = x.shape[:2]
     params = draw_intensity_params(b, d, probs, g, per_slice, x.device)
-    if compiled_chain_runs(x):  # it draws the noise itself, under a key drawn from g (desd/augment/intensity.c)
+    if compiled_chain_runs(x):  # it draws the noise itself, under a key drawn from g (augment/intensity.c)
         key = int(torch.randint(0, 2**62, (), generator=g))
         return native_chain.apply_intensity(x, params, None, swap_hw, key)
     return apply_intensity(x, params, torch.randn(x.shape, generator=g, device=x.device), swap_hw)

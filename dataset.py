@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from desd.augment.intensity import augment_intensity, probs_for_view, swap_in_plane
-from desd.preprocessing.network_input import HU_SCALE
+from augment.intensity import augment_intensity, probs_for_view, swap_in_plane
+from preprocessing.network_input import HU_SCALE
 
 BASE_SCALE = (1.4, 1.8)  # base crop side / global crop side
 GLOBAL_SCALE = (0.8, 1.2)  # global view side / global crop side
@@ -71,7 +71,7 @@ def read_list(data_path: str, list_path: str) -> list[str]:
     with open(full, encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is not part of the first entry
         numbered = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip() and not line.lstrip().startswith("#")]
     if not numbered:
-        raise ValueError(f"list file {full!r} is empty: run python -m desd.preprocessing.splitting_to_patches first")
+        raise ValueError(f"list file {full!r} is empty: run python preprocessing/splitting_to_patches.py first")
     for lineno, entry in numbered:
         path = os.path.join(data_path, entry)
         if os.path.isdir(path):

@@ -11,7 +11,7 @@ The run says how many entries it added to the earlier list, kept, and dropped (p
 from disk or found incomplete). Unlike the reference, whose list filter misses the `.nii`
 files it writes, the list is never empty when patches exist.
 
-    python -m desd.preprocessing.splitting_to_patches --data_root data/DeepLesion --workers 8
+    python preprocessing/splitting_to_patches.py --data_root data/DeepLesion --workers 8
     (add --ext .nii for uncompressed patches: larger on disk, faster to read in training)
 """
 
@@ -27,8 +27,8 @@ import sys
 import numpy as np
 import SimpleITK as sitk
 
-from desd.preprocessing.files import remove_stale_partials, split_ending, write_atomic
-from desd.preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, summarise
+from preprocessing.files import remove_stale_partials, split_ending, write_atomic
+from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, summarise
 
 TILE, STRIDE, MAX_ROWS = 24, 12, 320
 KEEP_FROM, KEEP_TO = 0.1, 0.9  # the central 80% of rows and columns

@@ -1,4 +1,4 @@
-"""The CPU intensity chain compiled from desd/augment/intensity.c: intensity.apply_intensity's
+"""The CPU intensity chain compiled from augment/intensity.c: intensity.apply_intensity's
 arithmetic, fused so that each slice goes through every step while it sits in the cache.
 A loader worker spends most of its time in this chain; see docs/performance.md.
 
@@ -120,7 +120,7 @@ def apply_intensity(
 ) -> torch.Tensor:
     """intensity.apply_intensity on the CPU with the compiled chain: x (B, D, H, W) float32,
     params as `intensity.draw_intensity_params` returns them, and standard normal noise of x's
-    shape, or None to draw it here under `key` (a 64-bit integer; see desd/augment/intensity.c).
+    shape, or None to draw it here under `key` (a 64-bit integer; see augment/intensity.c).
     A given noise tensor's memory takes the result: (B, D, H, W), or (B, D, W, H) with
     swap_hw."""
     lib = _required()

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from desd.models.pretrained import load_checkpoint
-from desd.preprocessing import files
-from desd.preprocessing.files import pid_alive
+from models.pretrained import load_checkpoint
+from preprocessing import files
+from preprocessing.files import pid_alive
 
 # ============ command line ============
 

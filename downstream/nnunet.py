@@ -1,5 +1,5 @@
 """Fine-tuning a DeSD teacher inside nnU-Net v2 (docs/method.md, section 7): plans that name
-the DeSD segmentation network (`desd.models.nnunet.DeSDUNet`), and the teacher converted to
+the DeSD segmentation network (`models.nnunet.DeSDUNet`), and the teacher converted to
 nnU-Net's `-pretrained_weights` format. From a raw nnU-Net dataset to predictions:
 
     nnUNetv2_plan_and_preprocess -d 3 --no_pp                  # nnU-Net's fingerprint and plans
@@ -37,12 +37,12 @@ from collections import Counter
 
 import torch
 
-from desd.models import list_models
-from desd.models.nnunet import DS_STRIDES, DeSDUNet, ds_strides
-from desd.models.pretrained import load_pretrained_encoder
-from desd.models.segmentation import STRIDE
-from desd.preprocessing.files import write_atomic
-from desd.preprocessing.network_input import PRETRAINING_AXCODES, RAS_LABELS
+from models import list_models
+from models.nnunet import DS_STRIDES, DeSDUNet, ds_strides
+from models.pretrained import load_pretrained_encoder
+from models.segmentation import STRIDE
+from preprocessing.files import write_atomic
+from preprocessing.network_input import PRETRAINING_AXCODES, RAS_LABELS
 
 from . import labelled
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from desd.models.res3d import STAGE_NAMES
+from models.res3d import STAGE_NAMES
 
 
 class DeSDLoss(nn.Module):

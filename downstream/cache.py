@@ -27,10 +27,10 @@ import zlib
 
 import numpy as np
 
-from desd.downstream import labelled
-from desd.preprocessing import files
-from desd.preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES
-from desd.preprocessing.runner import JobResult, run_jobs, summarise
+from downstream import labelled
+from preprocessing import files
+from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES
+from preprocessing.runner import JobResult, run_jobs, summarise
 
 VERSION = 3  # of the preprocessing: bump whenever labelled.preprocessing changes what it computes
 LOCATIONS_PER_CLASS = 10000
