@@ -722,112 +722,150 @@ def warn_if_collapsing(stats: dict, out_dim: int) -> None:
         )
 
 
+STAT_NAMES = ["loss", *STAGE_NAMES, "teacher_entropy", "retrieval", "kl", *(f"kl_{n}" for n in STAGE_NAMES)]  # a step's statistics
+
+
 def train_one_epoch(run: TrainingRun, epoch: int, first: int) -> dict:
     """One epoch from iteration `first` (non-zero when resuming inside it); returns its averaged
     statistics, reduced over all ranks."""
-    args, device, loader, optimizer = run.args, run.device, run.loader, run.optimizer
-    desd_loss, fp16_scaler = run.desd_loss, run.fp16_scaler
-    student, teacher, student_without_ddp = run.student, run.teacher, run.student_without_ddp
-    iters_per_epoch = run.iters_per_epoch
+    args, device, iters_per_epoch = run.args, run.device, run.iters_per_epoch
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    names = ["loss", *STAGE_NAMES, "teacher_entropy", "retrieval", "kl", *(f"kl_{n}" for n in STAGE_NAMES)]
-    weights = torch.tensor(desd_loss.stage_weights, dtype=torch.float64, device=device)
-    sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # summed on device: no host sync per step
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)  # summed on device: no host sync per step
     finite = torch.ones((), dtype=torch.bool, device=device)
     bad_patches, count = 0, 0
     centre_batch: list[torch.Tensor] = []
-    total = iters_per_epoch - first
-    batches = zip(range(first, iters_per_epoch), loader)
+    batches = zip(range(first, iters_per_epoch), run.loader)
     later = (args.epochs - epoch - 1) * iters_per_epoch  # for the progress line's whole-run ETA
-    for it, (views, bad) in metric_logger.log_every(batches, total, args.print_freq, header, later):
+    for it, (views, bad) in metric_logger.log_every(batches, iters_per_epoch - first, args.print_freq, header, later):
         step = epoch * (iters_per_epoch // args.accum_iter) + it // args.accum_iter  # global optimiser step
         if it % args.accum_iter == 0:
-            for i, param_group in enumerate(optimizer.param_groups):
-                param_group["lr"] = float(run.lr_schedule[step])
-                if i == 0:  # only the first group is regularised
-                    param_group["weight_decay"] = float(run.wd_schedule[step])
-        if args.augment_on_device:
-            crops, geometry = views
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            views = views_from_crops(crops, geometry.to(device, non_blocking=True), loader.dataset.cfg)
-            g = torch.Generator(device=device).manual_seed(utils.hashed_seed(args.seed, args.rank, epoch, it))
-            views = augment_views(views, g, per_slice=not args.augment_per_volume)
-        else:
-            views = [v.to(device, non_blocking=True) for v in views]
-        if args.channels_last and device.type == "cuda":
-            views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
+            set_step_schedules(run, step)
+        views = device_views(run, views, epoch, it)
         bad_patches += bad
 
-        # teacher and student forward passes + compute the loss
-        sync = contextlib.nullcontext() if (it + 1) % args.accum_iter == 0 or not utils.is_dist() else student.no_sync()
-        with sync:
-            with autocast_context(args, device):
-                with torch.no_grad():
-                    teacher_output = run.teacher_fwd(views[:2])  # only the 2 global views pass through the teacher
-                student_output = run.student_fwd(views)
-                terms = desd_loss(student_output, teacher_output, epoch)
-            loss = terms["loss"]
-            finite &= torch.isfinite(loss)
-            if fp16_scaler is None:
-                (loss / args.accum_iter).backward()
-            else:
-                fp16_scaler.scale(loss / args.accum_iter).backward()
+        # ============ teacher and student forward passes + the loss ... ============
+        teacher_output, terms = forward_backward(run, views, epoch, it)
+        finite &= torch.isfinite(terms["loss"])
         centre_batch.append(teacher_output.detach())
 
-        # student update, teacher EMA and centre: once per optimiser step
+        # ============ student update, teacher EMA and centre: once per optimiser step ... ============
         if (it + 1) % args.accum_iter == 0:
-            if fp16_scaler is not None and args.clip_grad:
-                fp16_scaler.unscale_(optimizer)
-            if args.clip_grad:
-                utils.clip_gradients(student_without_ddp, args.clip_grad)
-            utils.cancel_gradients_last_layer(epoch, student_without_ddp, args.freeze_last_layer)
-            if fp16_scaler is None:
-                optimizer.step()
-            else:
-                fp16_scaler.step(optimizer)
-                fp16_scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            utils.update_teacher(student_without_ddp, teacher, run.momentum_schedule[step])
-            desd_loss.update_center(torch.cat(centre_batch))
+            optimiser_step(run, epoch, step, centre_batch)
             centre_batch = []
 
-        with torch.no_grad():
-            probs = desd_loss.teacher_probs(teacher_output, epoch)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-            retrieval = view_retrieval(teacher_output)  # the two global views of a patch, found among the batch's
-            # each stage's cross-entropy is the teacher entropy plus the KL from teacher to that student head
-            stage_kl = torch.stack([terms[n].detach().double() for n in STAGE_NAMES]) - entropy.double()
-            kl = (weights * stage_kl).sum() / weights.sum()
-            values = torch.cat(
-                [
-                    torch.stack([terms[n].detach().double() for n in ("loss", *STAGE_NAMES)] + [entropy.double(), retrieval.double(), kl]),
-                    stage_kl,
-                ]
-            )
-            sums += values
+        # ============ statistics and progress ... ============
+        values = step_statistics(run, terms, teacher_output, epoch)
+        sums += values
         count += 1
-
         last = it == iters_per_epoch - 1
         saving = args.save_every_iters > 0 and (it + 1) % args.save_every_iters == 0 and (it + 1) % args.accum_iter == 0 and not last
         if (it - first) % args.print_freq == 0 or last or saving:
             check_finite(finite, epoch, it)
-            current = dict(zip(names, values.tolist()))
-            metric_logger.update(loss=current["loss"], KL=current["kl"], H=current["teacher_entropy"], ret=current["retrieval"])
-            if run.trend is not None:
-                run.trend.add(current["teacher_entropy"], current["kl"])
-            metric_logger.meters["lr"].fmt = "{global_avg:.2e}"
-            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+            report_progress(run, metric_logger, dict(zip(STAT_NAMES, values.tolist())))
         if saving:
             save_checkpoint(run, epoch, it + 1)
 
     check_finite(finite, epoch, iters_per_epoch - 1)
-    totals = torch.cat([sums, torch.tensor([count, bad_patches], dtype=torch.float64, device=device)])
+    return epoch_statistics(run, epoch, sums, count, bad_patches, metric_logger)
+
+
+def set_step_schedules(run: TrainingRun, step: int) -> None:
+    """The learning rate and weight decay of global optimiser step `step`."""
+    for i, param_group in enumerate(run.optimizer.param_groups):
+        param_group["lr"] = float(run.lr_schedule[step])
+        if i == 0:  # only the first group is regularised
+            param_group["weight_decay"] = float(run.wd_schedule[step])
+
+
+def device_views(run: TrainingRun, views, epoch: int, it: int) -> list[torch.Tensor]:
+    """The batch's views on the device; with --augment_on_device, made there from the raw crops."""
+    args, device = run.args, run.device
+    if args.augment_on_device:
+        crops, geometry = views
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        views = views_from_crops(crops, geometry.to(device, non_blocking=True), run.loader.dataset.cfg)
+        g = torch.Generator(device=device).manual_seed(utils.hashed_seed(args.seed, args.rank, epoch, it))
+        views = augment_views(views, g, per_slice=not args.augment_per_volume)
+    else:
+        views = [v.to(device, non_blocking=True) for v in views]
+    if args.channels_last and device.type == "cuda":
+        views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
+    return views
+
+
+def forward_backward(run: TrainingRun, views: list[torch.Tensor], epoch: int, it: int) -> tuple[torch.Tensor, dict]:
+    """The teacher's output on the global views and the loss terms; the loss's gradient is
+    accumulated in the student (gradients are all-reduced only on an optimiser step's last batch)."""
+    args = run.args
+    sync = contextlib.nullcontext() if (it + 1) % args.accum_iter == 0 or not utils.is_dist() else run.student.no_sync()
+    with sync:
+        with autocast_context(args, run.device):
+            with torch.no_grad():
+                teacher_output = run.teacher_fwd(views[:2])  # only the 2 global views pass through the teacher
+            student_output = run.student_fwd(views)
+            terms = run.desd_loss(student_output, teacher_output, epoch)
+        loss = terms["loss"] / args.accum_iter
+        if run.fp16_scaler is None:
+            loss.backward()
+        else:
+            run.fp16_scaler.scale(loss).backward()
+    return teacher_output, terms
+
+
+def optimiser_step(run: TrainingRun, epoch: int, step: int, centre_batch: list[torch.Tensor]) -> None:
+    """Clip, step and clear the student; move the teacher and the centre towards it."""
+    args, optimizer, fp16_scaler, student = run.args, run.optimizer, run.fp16_scaler, run.student_without_ddp
+    if fp16_scaler is not None and args.clip_grad:
+        fp16_scaler.unscale_(optimizer)
+    if args.clip_grad:
+        utils.clip_gradients(student, args.clip_grad)
+    utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    if fp16_scaler is None:
+        optimizer.step()
+    else:
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    utils.update_teacher(student, run.teacher, run.momentum_schedule[step])
+    run.desd_loss.update_center(torch.cat(centre_batch))
+
+
+@torch.no_grad()
+def step_statistics(run: TrainingRun, terms: dict, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The step's STAT_NAMES as one float64 tensor on the device (no host sync)."""
+    desd_loss = run.desd_loss
+    weights = torch.tensor(desd_loss.stage_weights, dtype=torch.float64, device=run.device)
+    probs = desd_loss.teacher_probs(teacher_output, epoch)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+    retrieval = view_retrieval(teacher_output)  # the two global views of a patch, found among the batch's
+    # each stage's cross-entropy is the teacher entropy plus the KL from teacher to that student head
+    stage_kl = torch.stack([terms[n].detach().double() for n in STAGE_NAMES]) - entropy.double()
+    kl = (weights * stage_kl).sum() / weights.sum()
+    losses = [terms[n].detach().double() for n in ("loss", *STAGE_NAMES)]
+    return torch.cat([torch.stack([*losses, entropy.double(), retrieval.double(), kl]), stage_kl])
+
+
+def report_progress(run: TrainingRun, metric_logger: utils.MetricLogger, current: dict) -> None:
+    """Feed the progress line (and the slow-collapse trend) with the current step's statistics."""
+    metric_logger.update(loss=current["loss"], KL=current["kl"], H=current["teacher_entropy"], ret=current["retrieval"])
+    if run.trend is not None:
+        run.trend.add(current["teacher_entropy"], current["kl"])
+    metric_logger.meters["lr"].fmt = "{global_avg:.2e}"
+    metric_logger.update(lr=run.optimizer.param_groups[0]["lr"])
+
+
+def epoch_statistics(
+    run: TrainingRun, epoch: int, sums: torch.Tensor, count: int, bad_patches: int, metric_logger: utils.MetricLogger
+) -> dict:
+    """The epoch's averages over every step of every rank, with its schedules and timings."""
+    optimizer, n = run.optimizer, len(STAT_NAMES)
+    totals = torch.cat([sums, torch.tensor([count, bad_patches], dtype=torch.float64, device=run.device)])
     if utils.is_dist():
         dist.all_reduce(totals)
-    stats = dict(zip(names, (totals[: len(names)] / totals[len(names)]).tolist()))
+    stats = dict(zip(STAT_NAMES, (totals[:n] / totals[n]).tolist()))
     stats.update(
-        lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"], teacher_temp=desd_loss.teacher_temp(epoch)
+        lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"], teacher_temp=run.desd_loss.teacher_temp(epoch)
     )
     stats["replaced_patches"] = int(totals[-1].item())
     stats["time_per_iter"] = metric_logger.step_time.global_avg
