@@ -74,7 +74,21 @@ def read_dataset(data_dir: str) -> LabelledSet:
             meta = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); is the file cut short?") from None
-    labels = meta.get("labels")
+    classes, ignore = read_classes(meta.get("labels"), path)
+    if "training" in meta:
+        layout, ending, cases = "msd", ".nii.gz", msd_cases(meta, data_dir, path)
+    elif "file_ending" in meta or "channel_names" in meta:
+        layout, ending = "nnunetv2", meta.get("file_ending", ".nii.gz")
+        cases = nnunet_cases(meta, data_dir, path, ending)
+    else:
+        raise ValueError(f"{path}: neither a 'training' list (MSD) nor 'file_ending'/'channel_names' (nnU-Net v2)")
+    check_cases(cases, path)
+    return LabelledSet(root=os.path.abspath(data_dir), cases=cases, classes=classes, ignore=ignore, layout=layout, file_ending=ending)
+
+
+def read_classes(labels, path: str) -> tuple[dict[int, str], int | None]:
+    """The foreground classes (index -> name) and the ignore index of dataset.json's `labels`:
+    MSD's index -> name or nnU-Net v2's name -> index (with an optional `ignore`)."""
     if not isinstance(labels, dict) or not labels:
         raise ValueError(f"{path}: no 'labels' mapping")
     ignore = None
@@ -91,40 +105,49 @@ def read_dataset(data_dir: str) -> LabelledSet:
             classes = {int(v): str(k) for k, v in labels.items()}
         except (TypeError, ValueError):
             raise ValueError(f"{path}: 'labels' must map indices to names or names to integer indices, got {labels}") from None
-        for name, index in list(classes.items()):
-            if index.lower() == "ignore":
-                ignore = name
-                del classes[name]
+        for index, name in list(classes.items()):
+            if name.lower() == "ignore":
+                ignore = index
+                del classes[index]
     classes = {i: n for i, n in classes.items() if i != 0}
     if not classes:
         raise ValueError(f"{path}: 'labels' declares no foreground class")
-    if "training" in meta:
-        layout, ending = "msd", ".nii.gz"
-        cases = []
-        for n, entry in enumerate(meta["training"]):
-            if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
-                raise ValueError(f"{path}: training entry {n} ({entry!r}) needs both 'image' and 'label'")
-            case = {k: os.path.normpath(os.path.join(data_dir, entry[k])) for k in ("image", "label")}
-            name = os.path.basename(case["image"])
-            case["id"] = name[: -len(_ext_of(name))]
-            cases.append(case)
-    elif "file_ending" in meta or "channel_names" in meta:
-        layout, ending = "nnunetv2", meta.get("file_ending", ".nii.gz")
-        channels = meta.get("channel_names", {"0": "CT"})
-        if len(channels) != 1:
-            raise ValueError(f"{path}: {len(channels)} input channels {channels}; the DeSD encoder takes one (CT)")
-        label_dir = os.path.join(data_dir, "labelsTr")
-        if not os.path.isdir(label_dir):
-            raise FileNotFoundError(f"{path}: nnU-Net v2 layout, but {label_dir!r} does not exist")
-        ids = sorted(f[: -len(ending)] for f in os.listdir(label_dir) if f.endswith(ending) and not f.startswith("."))
-        cases = [
-            {"id": c, "image": os.path.join(data_dir, "imagesTr", f"{c}_0000{ending}"), "label": os.path.join(label_dir, f"{c}{ending}")}
-            for c in ids
-        ]
-        if "numTraining" in meta and meta["numTraining"] != len(cases):
-            raise ValueError(f"{path}: numTraining is {meta['numTraining']}, but {label_dir} holds {len(cases)} labels ending in {ending}")
-    else:
-        raise ValueError(f"{path}: neither a 'training' list (MSD) nor 'file_ending'/'channel_names' (nnU-Net v2)")
+    return classes, ignore
+
+
+def msd_cases(meta: dict, data_dir: str, path: str) -> list[dict]:
+    """The cases of a Decathlon `training` list: image and label paths relative to the folder."""
+    cases = []
+    for n, entry in enumerate(meta["training"]):
+        if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+            raise ValueError(f"{path}: training entry {n} ({entry!r}) needs both 'image' and 'label'")
+        case = {k: os.path.normpath(os.path.join(data_dir, entry[k])) for k in ("image", "label")}
+        name = os.path.basename(case["image"])
+        case["id"] = name[: -len(_ext_of(name))]
+        cases.append(case)
+    return cases
+
+
+def nnunet_cases(meta: dict, data_dir: str, path: str, ending: str) -> list[dict]:
+    """The cases of an nnU-Net v2 set: one per label in labelsTr, its image `imagesTr/{case}_0000`."""
+    channels = meta.get("channel_names", {"0": "CT"})
+    if len(channels) != 1:
+        raise ValueError(f"{path}: {len(channels)} input channels {channels}; the DeSD encoder takes one (CT)")
+    label_dir = os.path.join(data_dir, "labelsTr")
+    if not os.path.isdir(label_dir):
+        raise FileNotFoundError(f"{path}: nnU-Net v2 layout, but {label_dir!r} does not exist")
+    ids = sorted(f[: -len(ending)] for f in os.listdir(label_dir) if f.endswith(ending) and not f.startswith("."))
+    cases = [
+        {"id": c, "image": os.path.join(data_dir, "imagesTr", f"{c}_0000{ending}"), "label": os.path.join(label_dir, f"{c}{ending}")}
+        for c in ids
+    ]
+    if "numTraining" in meta and meta["numTraining"] != len(cases):
+        raise ValueError(f"{path}: numTraining is {meta['numTraining']}, but {label_dir} holds {len(cases)} labels ending in {ending}")
+    return cases
+
+
+def check_cases(cases: list[dict], path: str) -> None:
+    """Unique case names, every file present, at least one case to train and one to validate."""
     seen: dict[str, dict] = {}
     for case in cases:
         if case["id"] in seen:
@@ -137,7 +160,6 @@ def read_dataset(data_dir: str) -> LabelledSet:
                 raise FileNotFoundError(f"{path}: {key} of case {case['id']} ({case[key]!r}) does not exist")
     if len(cases) < 2:
         raise ValueError(f"{path}: needs at least 2 labelled cases (one to train, one to validate), found {len(cases)}")
-    return LabelledSet(root=os.path.abspath(data_dir), cases=cases, classes=classes, ignore=ignore, layout=layout, file_ending=ending)
 
 
 # ============ splits ============
