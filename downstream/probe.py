@@ -33,7 +33,7 @@ import utils
 from downstream import metrics, patches
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
-from models.res3d import STAGE_NAMES
+from models.res3d import STAGE_NAMES, STAGE_REDUCTIONS
 
 PRESENT = 0.01  # an organ is "in the patch" when it covers at least this share of its voxels
 
@@ -252,45 +252,6 @@ def histogram_features(images: torch.Tensor, bins: int = 32) -> np.ndarray:
     return np.stack([np.bincount(row.numpy(), minlength=bins) / row.numel() for row in index]).astype(np.float64)
 
 
-def label_efficiency(
-    feature_maps: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    owner: np.ndarray,
-    held_out: list[int],
-    draws_by_count: dict[int, list[list[int]]],
-    num_classes: int,
-    limit: int = 10000,
-    seed: int = 0,
-    knn_sets=None,
-    device="cpu",
-    max_iter: int = 100,
-) -> dict:
-    """Mean foreground Dice on the held-out cases' patches of a converged linear head and of k-NN
-    transfer (on the feature sets in `knn_sets`, all when None), per feature set and label count,
-    one value per draw of training cases (the head: `fit_linear_head` with `max_iter`): {name: {"linear": {"count": [...]}, "knn": {...}}}.
-    The heads are fitted and applied on `device`; the maps stay where they are."""
-    test = np.isin(owner, held_out)
-    out = {}
-    for name, fmap in feature_maps.items():
-        targets = coarse_targets(labels, fmap.shape[2:], num_classes)
-        heads = [("linear", lambda x, t: fit_linear_head(x, t, max_iter=max_iter))] + (
-            [("knn", knn_head)] if knn_sets is None or name in knn_sets else []
-        )
-        res = {kind: {} for kind, _ in heads}
-        for count, subsets in draws_by_count.items():
-            count = str(count)  # as JSON keys are
-            for kind, _ in heads:
-                res[kind][count] = []
-            for d, subset in enumerate(subsets):
-                x, t = voxel_rows(fmap, targets, np.flatnonzero(np.isin(owner, subset)), limit, seed + d)
-                x, t = x.to(device), t.to(device)
-                for kind, make in heads:
-                    dice = dice_of(make(x, t), fmap[torch.from_numpy(np.flatnonzero(test))], labels[test], num_classes)
-                    res[kind][count].append(metrics.mean_or_nan(dice))
-        out[name] = res
-    return out
-
-
 def encoder_maps(
     arch: str, checkpoint: str | None, images: torch.Tensor, seed: int, device="cpu", part: str = "teacher"
 ) -> list[torch.Tensor]:
@@ -336,6 +297,36 @@ def bench(cases, class_names, patch=(16, 64, 64), per_case=24, counts=(1, 2, 4, 
     return Bench(images, labels, owner, list(class_names), held_out, case_draws(pool, counts, draws, seed), present, scored)
 
 
+def label_efficiency(
+    b: Bench, feature_maps: dict[str, torch.Tensor], seed: int = 0, knn_sets=None, device="cpu", limit: int = 10000, max_iter: int = 100
+) -> dict:
+    """Mean foreground Dice on the bench's held-out patches of a converged linear head and of k-NN
+    transfer (on the feature sets in `knn_sets`, all when None), per feature set and label count,
+    one value per draw of training cases (at most `limit` training voxels; the head:
+    `fit_linear_head` with `max_iter`): {name: {"linear": {"count": [...]}, "knn": {...}}}.
+    The heads are fitted and applied on `device`; the maps stay where they are."""
+    test = np.isin(b.owner, b.held_out)
+    out = {}
+    for name, fmap in feature_maps.items():
+        targets = coarse_targets(b.labels, fmap.shape[2:], b.num_classes)
+        heads = [("linear", lambda x, t: fit_linear_head(x, t, max_iter=max_iter))] + (
+            [("knn", knn_head)] if knn_sets is None or name in knn_sets else []
+        )
+        res = {kind: {} for kind, _ in heads}
+        for count, subsets in b.draws.items():
+            count = str(count)  # as JSON keys are
+            for kind, _ in heads:
+                res[kind][count] = []
+            for d, subset in enumerate(subsets):
+                x, t = voxel_rows(fmap, targets, np.flatnonzero(np.isin(b.owner, subset)), limit, seed + d)
+                x, t = x.to(device), t.to(device)
+                for kind, make in heads:
+                    dice = dice_of(make(x, t), fmap[torch.from_numpy(np.flatnonzero(test))], b.labels[test], b.num_classes)
+                    res[kind][count].append(metrics.mean_or_nan(dice))
+        out[name] = res
+    return out
+
+
 def encoder_row(
     b: Bench,
     maps: list[torch.Tensor],
@@ -351,19 +342,7 @@ def encoder_row(
     `limit` training voxels and `max_iter` L-BFGS iterations a fit) and the presence AUC of each stage."""
     sets = {fs: stack_stages(maps, FEATURE_SETS[fs]) for fs in feature_sets}
     return {
-        "dense": label_efficiency(
-            sets,
-            b.labels,
-            b.owner,
-            b.held_out,
-            b.draws,
-            b.num_classes,
-            limit=limit,
-            seed=seed,
-            knn_sets=knn_sets,
-            device=device,
-            max_iter=max_iter,
-        ),
+        "dense": label_efficiency(b, sets, seed=seed, knn_sets=knn_sets, device=device, limit=limit, max_iter=max_iter),
         "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), b.present, b.owner, b.scored) for k, m in enumerate(maps)},
     }
 
@@ -373,16 +352,7 @@ def floor_row(b: Bench, grid, seed: int = 0, device="cpu", limit: int = 10000, m
     stage-1 `grid`, and the presence AUC of the intensity histogram."""
     return {
         "dense": label_efficiency(
-            {"intensity": intensity_maps(b.images, grid)},
-            b.labels,
-            b.owner,
-            b.held_out,
-            b.draws,
-            b.num_classes,
-            limit=limit,
-            seed=seed,
-            device=device,
-            max_iter=max_iter,
+            b, {"intensity": intensity_maps(b.images, grid)}, seed=seed, device=device, limit=limit, max_iter=max_iter
         ),
         "auc": {"histogram": _mean_auc(histogram_features(b.images), b.present, b.owner, b.scored)},
     }
@@ -407,7 +377,7 @@ def sweep(
     b = bench(cases, class_names, patch, per_case, counts, draws, seed, min_present)
     rows = {name: encoder_row(b, maps, seed=seed) for name, maps in (encoders or {}).items()}
     first = next(iter((encoders or {}).values()), None)
-    grid = first[0].shape[2:] if first is not None else tuple(max(1, p // s) for p, s in zip(patch, (2, 4, 4)))
+    grid = first[0].shape[2:] if first is not None else tuple(max(1, p // s) for p, s in zip(patch, STAGE_REDUCTIONS[0]))
     rows["no network"] = floor_row(b, grid, seed)
     return {
         "held_out_cases": b.held_out,
