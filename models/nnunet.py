@@ -29,11 +29,14 @@ from torch import nn
 from preprocessing.network_input import HU_RANGE, HU_SCALE
 
 from . import create_model
+from .res3d import STAGE_REDUCTIONS
 from .segmentation import Res3DSegmentation, pad_to_stride
 
 # per-stage strides, pretraining order (depth, rows, cols); their running products are the
-# scales of the outputs: full resolution, stage 1 (2, 4, 4), stage 2 (4, 8, 8), stage 3 (8, 16, 16)
-DS_STRIDES = ((1, 1, 1), (2, 4, 4), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+# scales of the outputs: full resolution, then the stages' STAGE_REDUCTIONS, (2, 4, 4), (4, 8, 8), ...
+DS_STRIDES = ((1, 1, 1), STAGE_REDUCTIONS[0]) + tuple(
+    tuple(b // a for a, b in zip(finer, coarser)) for finer, coarser in zip(STAGE_REDUCTIONS, STAGE_REDUCTIONS[1:])
+)
 
 
 def ds_strides(input_axes) -> list[list[int]]:

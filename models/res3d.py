@@ -15,6 +15,8 @@ decoder.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -88,6 +90,11 @@ DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")  # the names of the four stages in logs, losses and probes
 STAGE_PLANES = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
+STEM_REDUCTION = (2, 4, 4)  # (depth, rows, cols) before stage 1: conv1's stride (1, 2, 2), then the max-pool's 2
+# the one vocabulary for stage grids: the reduction of each stage's map, (2, 4, 4) ... (16, 32, 32)
+STAGE_REDUCTIONS = tuple(
+    tuple(r * math.prod(STAGE_STRIDES[: k + 1]) for r in STEM_REDUCTION) for k in range(len(STAGE_STRIDES))
+)  # fmt: skip
 
 
 class Res3D(nn.Module):
@@ -109,12 +116,10 @@ class Res3D(nn.Module):
         self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
         self.in_planes = 64
         self.feature_info: list[dict] = []
-        depth_stride, plane_stride = 2, 4  # after the stem and max-pool
         for i, (planes, blocks, stride) in enumerate(zip(STAGE_PLANES, layers, STAGE_STRIDES)):
             setattr(self, f"layer{i + 1}", self._make_layer(block, planes, blocks, stride))
-            depth_stride, plane_stride = depth_stride * stride, plane_stride * stride
             self.feature_info.append(
-                {"module": f"layer{i + 1}", "num_chs": planes * block.expansion, "reduction": (depth_stride, plane_stride, plane_stride)}
+                {"module": f"layer{i + 1}", "name": STAGE_NAMES[i], "num_chs": planes * block.expansion, "reduction": STAGE_REDUCTIONS[i]}
             )
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from monai.networks.blocks import SimpleASPP
 from torch import nn
 
-from .res3d import Res3D
+from .res3d import STAGE_REDUCTIONS, Res3D
 
-STRIDE = (16, 32, 32)  # total reduction of the encoder's last stage (depth, rows, cols)
+STRIDE = STAGE_REDUCTIONS[-1]  # total reduction of the encoder's last stage (depth, rows, cols): (16, 32, 32)
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
