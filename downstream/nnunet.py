@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
+import inspect
 import json
 import math
 import os
+import pydoc
 import sys
 from collections import Counter
 
@@ -175,6 +177,25 @@ def convert_teacher(teacher: str, arch: str, out: str, seed: int = 0) -> int:
     return len(state)
 
 
+def check_network_resolves(name: str = NETWORK) -> None:
+    """Resolve `name` as nnU-Net does (`pydoc.locate`) and refuse, naming the file found, where it
+    is not this project's class: another `models` package earlier on the path would otherwise
+    train a network other than the one these plans describe."""
+    found = pydoc.locate(name)
+    if found is None:
+        raise SystemExit(f"{name} cannot be imported, so nnU-Net could not build the network: install this project (make install)")
+    ours = os.path.realpath(inspect.getsourcefile(DeSDUNet))
+    try:
+        theirs = inspect.getfile(found)
+    except TypeError:  # a built-in, or a class whose module is gone
+        theirs = None
+    if theirs is None or os.path.realpath(theirs) != ours:
+        raise SystemExit(
+            f"{name} resolves to {theirs or found!r}, not to this project's {ours}: another `models` package comes first on the "
+            "path; run from a folder without one, or fix PYTHONPATH"
+        )
+
+
 # ============ commands ============
 
 
@@ -230,6 +251,7 @@ def plans_main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    check_network_resolves()
     pre = dataset_folder("nnUNet_preprocessed", args.dataset)
     raw = dataset_folder("nnUNet_raw", os.path.basename(pre))
     hint = f"run `nnUNetv2_plan_and_preprocess -d {args.dataset} --no_pp` first"

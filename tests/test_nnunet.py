@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pydoc
+import re
 import subprocess
 import sys
 
@@ -256,3 +257,19 @@ def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
     plans = json.loads((tmp_path / "results" / "Dataset901_Box" / "nnUNetTrainer__nnUNetPlans_DeSD__3d_fullres" / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "models.nnunet.DeSDUNet"
+
+
+def test_plans_refuse_a_network_name_that_resolves_to_another_models_package(tmp_path, monkeypatch):
+    import models
+
+    fake_file = tmp_path / "elsewhere" / "models" / "nnunet.py"
+    fake_file.parent.mkdir(parents=True)
+    fake_file.write_text("class DeSDUNet:\n    pass\n")
+    spec = importlib.util.spec_from_file_location("fake_nnunet", fake_file)
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    monkeypatch.setitem(sys.modules, "fake_nnunet", fake)
+    nnunet.check_network_resolves()  # the real class: accepted
+    monkeypatch.setattr(models, "nnunet", fake)  # what pydoc.locate walks to
+    with pytest.raises(SystemExit, match=re.escape(str(fake_file))):
+        nnunet.check_network_resolves()
