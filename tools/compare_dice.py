@@ -8,6 +8,7 @@ the others are still printed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -16,9 +17,11 @@ from downstream.metrics import dice_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser("desd-compare-dice", description="Print the per-class Dice of several fine-tuning runs side by side.")
+    parser.add_argument("results", nargs="+", metavar="LABEL=DICE_JSON", help="A run's dice.json, with a column label before '='.")
+    args = parser.parse_args(argv)
     columns, names, status = {}, None, 0
-    for arg in argv:
+    for arg in args.results:
         label, _, path = arg.partition("=")
         path = path or label
         problem = None
