@@ -44,6 +44,7 @@ import torch
 import utils
 from downstream import cache, metrics, patches, probe
 from models.pretrained import load_checkpoint
+from preprocessing import files
 
 PRETRAINED = ("desd", "dino")
 ENCODERS = (*PRETRAINED, "none")
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CONFIGS[args.config]
     if args.time_limit is not None:
         cfg = dataclasses.replace(cfg, time_limit=args.time_limit)
-    os.makedirs(args.out, exist_ok=True)
+    files.prepare_output_folder(args.out, "--out")
     device = torch.device(cfg.device)
     torch.set_num_threads(os.cpu_count() or 1)
     clock = Clock(cfg.time_limit)

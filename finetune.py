@@ -47,6 +47,8 @@ from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import last_stage_shape
 from models.segmentation import Res3DSegmentation
+from preprocessing import files
+from preprocessing.runner import positive_float
 
 # the settings a rerun must share with the run already in its output folder
 RUN_SETTINGS = (
@@ -71,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--train_fraction", default=1.0, type=float, help="Use only this share of the training cases (label-efficiency experiments)."
     )
     group.add_argument(
-        "--spacing", default=1.0, type=float, help="Isotropic spacing in mm; 1 mm is what the DeSD encoder was pretrained on."
+        "--spacing", default=1.0, type=positive_float, help="Isotropic spacing in mm; 1 mm is what the DeSD encoder was pretrained on."
     )
     group.add_argument(
         "--patch_size", default=(64, 128, 128), type=int, nargs=3, help="Training patch (depth, rows, cols) and sliding-window size."
@@ -278,10 +280,8 @@ def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     device = utils.init_distributed_mode(args)
     lock = None
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise NotADirectoryError(f"--output_dir {args.output_dir!r} is a file, not a folder")
-    if utils.is_main_process():  # one live run per output folder
-        os.makedirs(args.output_dir, exist_ok=True)
+    if utils.is_main_process():  # one live run per output folder, checked for writing before the lock
+        files.prepare_output_folder(args.output_dir, "--output_dir")
         lock = utils.RunLock(args.output_dir).acquire()
     try:
         return fine_tune(args, device)

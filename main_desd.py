@@ -315,8 +315,8 @@ def train_desd(args: argparse.Namespace) -> None:
     validate_args(args)
     device = utils.init_distributed_mode(args)
     lock = None
-    if utils.is_main_process():  # one live run per output folder
-        os.makedirs(args.output_dir, exist_ok=True)
+    if utils.is_main_process():  # one live run per output folder, checked for writing before the lock
+        files.prepare_output_folder(args.output_dir, "--output_dir")
         lock = utils.RunLock(args.output_dir).acquire()
     try:
         run_training(args, device)
@@ -893,8 +893,6 @@ def cli(argv: list[str] | None = None) -> int:
     """The command line (`python main_desd.py ...`, or the `desd-pretrain` command)."""
     parser = argparse.ArgumentParser("DeSD", parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
     train_desd(args)
     return 0
 

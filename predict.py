@@ -196,20 +196,47 @@ def predict_file(
     from monai.transforms import Compose
 
     spacing = float(run_args["spacing"])
-    item = Compose(labelled.preprocessing(spacing, keys=("image",), grid_only=True))({"image": path})
+    load, *steps = labelled.preprocessing(spacing, keys=("image",), grid_only=True)
+    item = load({"image": path})
+    warn_if_label_map(item["image"], path)  # on the stored values, before any resampling
+    item = Compose(steps)(item)
     grid_affine = item["image"].affine  # the network's grid, before the depth-first transpose
     image = Compose(labelled.network_layout(("image",)))(item)["image"]
     probs = segment(model, image[None].to(device), tuple(run_args["patch_size"]), overlap, tta)
     labels_zxy = probs.argmax(1)[0].cpu().numpy()
     result = to_input_grid(labels_zxy, grid_affine, item["image_input_grid"], path)
     out = output_path(path, out_dir)
-    if overlay:
-        stem = files.split_ending(os.path.basename(out))[0]
-        os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
-        draw_overlay(image[0].numpy(), labels_zxy, run_args.get("classes"), os.path.join(out_dir, "overlays", f"{stem}.png"))
     ext = files.split_ending(out)[1]
     files.write_atomic(out, lambda tmp: sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz")))
+    if overlay:  # after the label map: a picture that cannot be drawn costs only the picture
+        stem = files.split_ending(os.path.basename(out))[0]
+        picture = os.path.join(out_dir, "overlays", f"{stem}.png")
+        try:
+            os.makedirs(os.path.dirname(picture), exist_ok=True)
+            draw_overlay(image[0].numpy(), labels_zxy, run_args.get("classes"), picture)
+        except OSError as err:
+            print(f"WARNING: {path}: its overlay could not be drawn ({err}); the label map {out} is written", file=sys.stderr, flush=True)
     return out
+
+
+def warn_if_label_map(image: torch.Tensor, path: str, max_values: int = 32) -> bool:
+    """Warn where an input looks like a label map rather than CT in HU: no negative value (CT
+    holds air, about -1000 HU) and at most `max_values` distinct integers."""
+    flat = image.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 100_000)]  # most CT is told apart by its air on a sample
+    if sample.numel() == 0 or float(sample.min()) < 0 or float(flat.min()) < 0:
+        return False
+    values = torch.unique(flat)
+    if len(values) > max_values or not torch.equal(values, values.round()):
+        return False
+    shown = ", ".join(f"{v:g}" for v in values.tolist()[:8])
+    print(
+        f"WARNING: {path} holds only {len(values)} distinct non-negative integers ({shown}{', ...' if len(values) > 8 else ''}): "
+        "it looks like a label map, not CT in HU; it is segmented as CT anyway",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     model, run_args = load_models(args.model, device)
     images = find_images(args.input)
     check_outputs(images, args.output)
-    os.makedirs(args.output, exist_ok=True)
+    files.prepare_output_folder(args.output, "--output")
+    if args.overlay:
+        try:
+            files.prepare_output_folder(os.path.join(args.output, "overlays"), "--overlay True: overlays folder")
+        except OSError as err:  # the label maps matter more than their pictures
+            print(f"WARNING: {err}; writing the label maps without overlays", file=sys.stderr, flush=True)
+            args.overlay = False
     lock = utils.RunLock(args.output, flag="--output").acquire()  # one live prediction per output folder
     try:
         return predict_all(model, run_args, images, args, device)
@@ -258,6 +291,7 @@ def predict_all(model, run_args: dict, images: list[str], args: argparse.Namespa
         try:
             predict_file(model, run_args, path, args.output, args.tta, args.overlap, device, args.overlay)
         except Exception as err:  # one bad image does not stop the others; each is named at the end
+            err = labelled.transform_error(err)
             failed.append(f"{path}: {type(err).__name__}: {err}")
             print(f"ERROR: {failed[-1]}", file=sys.stderr, flush=True)
     print(f"{len(images) - len(failed)} label maps in {args.output}")

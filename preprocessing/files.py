@@ -5,7 +5,10 @@ A file is written under a hidden temporary name beside its final one
 (`.<stem>.partial<pid><ext>`, the extension kept so that writers choose the format by it), then
 renamed over the final name. A killed run thus never leaves a file under the final name that
 a rerun would take for finished; it may leave a temporary, which `remove_stale_partials`
-deletes once its writer is gone, while another live run's temporaries are left alone."""
+deletes once its writer is gone, while another live run's temporaries are left alone.
+
+Output folders are checked before any lock or work (`prepare_output_folder`), and names taken
+from a flag stay inside their folder (`name_inside`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 
 TWO_FILE_ENDINGS = (".mhd", ".nhdr")  # a header naming a data file beside it (.raw, .zraw, ...)
@@ -36,6 +40,33 @@ def previous_name(path: str) -> str:
     """Where `write_atomic(..., keep_previous=True)` keeps the file it replaces."""
     root, ext = os.path.splitext(path)
     return f"{root}.prev{ext}"
+
+
+def prepare_output_folder(folder: str, flag: str) -> str:
+    """Create `folder` where needed and check that a file can be written in it (a probe file is
+    created and removed: permission bits alone say nothing to root or on a read-only mount).
+    Refuses, naming `flag`, a path that is a file or a folder that cannot be written; nothing is
+    written then."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{flag} {folder!r} is a file, not a folder: give a folder (a new one is created)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"{flag} {folder!r} cannot be written ({err.strerror or err}); nothing was written: give a folder you can write to"
+        ) from None
+    return folder
+
+
+def name_inside(folder: str, name: str, flag: str) -> str:
+    """`folder`/`name` for a file name taken from a flag, refused where it would leave `folder`
+    (a path separator, `..`, an absolute path)."""
+    if not name or name in (".", "..") or os.path.basename(name) != name or "/" in name or "\\" in name:
+        raise ValueError(f"{flag} {name!r}: expected a plain file name, without folders, so that the file stays in {folder!r}")
+    return os.path.join(folder, name)
 
 
 def write_atomic(path: str, write: Callable[[str], None], keep_previous: bool = False, fsync: bool = False) -> None:

@@ -126,7 +126,7 @@ def test_a_model_that_is_not_a_fine_tuning_checkpoint_is_named(tmp_path):
     with pytest.raises(KeyError, match=r"pretrain.pth' holds no 'model' or 'num_classes' entry .*expected a fine-tuning checkpoint"):
         predict.load_model(str(tmp_path / "pretrain.pth"), torch.device("cpu"))
     (tmp_path / "notes.pth").write_text("not a checkpoint")
-    with pytest.raises(RuntimeError, match=r"notes.pth' is unreadable or truncated"):
+    with pytest.raises(RuntimeError, match=r"notes.pth' is not a torch checkpoint"):
         predict.load_model(str(tmp_path / "notes.pth"), torch.device("cpu"))
 
 
@@ -204,3 +204,91 @@ def test_a_torchscript_export_that_differs_writes_nothing(trained, tmp_path, mon
     with pytest.raises(RuntimeError, match="differs"):
         export_torchscript.export_torchscript(str(trained / "out"), str(out))
     assert not out.exists()
+
+
+# ============ refusals: nothing lost, every message names its file or flag ============
+
+
+def test_an_export_never_writes_over_its_checkpoint_nor_a_file_it_did_not_write(trained, tmp_path):
+    from tools import export_torchscript
+
+    best = trained / "out" / "best.pth"
+    before = best.read_bytes()
+    with pytest.raises(ValueError, match=r"best.pth' is the fine-tuned checkpoint being exported"):
+        export_torchscript.main([str(trained / "out"), str(best)])
+    assert best.read_bytes() == before
+    other = tmp_path / "notes.pt"
+    other.write_text("someone's file")
+    with pytest.raises(FileExistsError, match=r"notes.pt' exists and is not a TorchScript export.*--overwrite"):
+        export_torchscript.main([str(best), str(other)])
+    assert other.read_text() == "someone's file"
+    out = tmp_path / "model.pt"
+    assert export_torchscript.main([str(best), str(out)]) == 0
+    assert export_torchscript.main([str(best), str(out)]) == 0  # its own export: replaced without asking
+    assert export_torchscript.main([str(best), str(other), "--overwrite"]) == 0
+
+
+def test_a_read_only_output_is_refused_before_the_lock_and_names_the_flag(trained, tmp_path, monkeypatch):
+    """Permission bits do not stop root (CI runs as root), so the folder's refusal is injected
+    where the write check creates its probe file."""
+    import tempfile
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(out):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    image = trained / "task" / "imagesTr" / "c3.nii.gz"
+    with pytest.raises(PermissionError, match=r"--output '.*ro' cannot be written \(Permission denied\); nothing was written"):
+        predict.main(["--model", str(trained / "out"), "--input", str(image), "--output", str(out), "--device", "cpu"])
+    assert os.listdir(out) == []  # no run.lock left behind
+
+
+def test_a_read_only_overlays_folder_costs_the_pictures_not_the_label_maps(trained, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    out = tmp_path / "p"
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and os.path.basename(str(dir)) == "overlays":
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    image = trained / "task" / "imagesTr" / "c3.nii.gz"
+    argv = ["--model", str(trained / "out"), "--input", str(image), "--output", str(out), "--device", "cpu", "--overlay", "True"]
+    assert predict.main(argv) == 0
+    assert (out / "c3.nii.gz").exists() and not (out / "overlays" / "c3.png").exists()
+    assert "overlays' cannot be written" in capsys.readouterr().err
+
+
+def test_a_4d_image_is_named_with_its_shape_not_the_transform_object(trained, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.int16), np.eye(4)), folder / "four_d.nii.gz")
+    assert predict.main(["--model", str(trained / "out"), "--input", str(folder), "--output", str(tmp_path / "p"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "four_d.nii.gz: ValueError" in err and "got shape (8, 8, 8, 2)" in err and "applying transform" not in err
+
+
+def test_a_label_map_given_as_an_image_is_warned_about(trained, tmp_path, capsys):
+    label = trained / "task" / "labelsTr" / "c3.nii.gz"
+    assert predict.main(["--model", str(trained / "out"), "--input", str(label), "--output", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert "looks like a label map, not CT in HU" in capsys.readouterr().err
+    image = trained / "task" / "imagesTr" / "c3.nii.gz"
+    assert predict.main(["--model", str(trained / "out"), "--input", str(image), "--output", str(tmp_path / "q"), "--device", "cpu"]) == 0
+    assert "looks like a label map" not in capsys.readouterr().err
+
+
+def test_an_image_whose_header_spacing_is_absurd_is_refused_before_allocating(trained, tmp_path, capsys):
+    path = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.diag([500.0, 500.0, 500.0, 1.0])), path)
+    assert predict.main(["--model", str(trained / "out"), "--input", str(path), "--output", str(tmp_path / "p"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "huge.nii.gz: ValueError" in err and "spanning [4000, 4000, 4000] mm" in err and "is the header's spacing right?" in err

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import sys
+import zipfile
 
 import torch
 
@@ -23,9 +24,32 @@ from predict import load_model
 from preprocessing import files
 
 
-def export_torchscript(run: str, out: str, tolerance: float = 1e-4) -> float:
+def our_export(path: str) -> bool:
+    """Whether `path` is a TorchScript file this tool wrote (a zip archive with `desd.json`)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/extra/desd.json") for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_output(run: str, out: str, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is the run's own checkpoint (or its folder), or an
+    existing file that this tool did not write (unless `overwrite`)."""
+    checkpoint = os.path.join(run, "best.pth") if os.path.isdir(run) else run
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"out {out!r} is a folder: give the file to write (model.pt)")
+    if os.path.exists(out) and os.path.exists(checkpoint) and os.path.samefile(out, checkpoint):
+        raise ValueError(f"out {out!r} is the fine-tuned checkpoint being exported: give another file name (model.pt)")
+    if os.path.exists(out) and not overwrite and not our_export(out):
+        raise FileExistsError(f"out {out!r} exists and is not a TorchScript export of this tool: give another name, or pass --overwrite")
+
+
+def export_torchscript(run: str, out: str, tolerance: float = 1e-4, overwrite: bool = False) -> float:
     """Compile the network of `run` (a fine-tuning folder or its best.pth) to `out`, atomically;
-    returns the largest difference between the loaded file's output and the network's."""
+    returns the largest difference between the loaded file's output and the network's. Never
+    writes over the run's checkpoint, nor over a file it did not write unless `overwrite`."""
+    check_output(run, out, overwrite)
     model, args = load_model(run, torch.device("cpu"))
     meta = {k: args.get(k) for k in ("arch", "spacing", "patch_size", "num_classes", "classes")}
     scripted = torch.jit.script(model)
@@ -55,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("Export a fine-tuned DeSD segmentation network as TorchScript")
     parser.add_argument("run", help="A fine-tuning output folder or its best.pth.")
     parser.add_argument("out", help="The TorchScript file to write (.pt).")
+    parser.add_argument("--overwrite", action="store_true", help="Write over an existing file that this tool did not write.")
     args = parser.parse_args(argv)
-    gap = export_torchscript(args.run, args.out)
+    gap = export_torchscript(args.run, args.out, overwrite=args.overwrite)
     print(f"{args.out}: TorchScript, {os.path.getsize(args.out) / 2**20:.1f} MiB; loaded back, it differs from the network by {gap:.2g}")
     return 0
 
