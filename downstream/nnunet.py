@@ -43,8 +43,10 @@ from models import list_models
 from models.nnunet import DS_STRIDES, DeSDUNet, ds_strides
 from models.pretrained import load_pretrained_encoder
 from models.segmentation import STRIDE
+from preprocessing import files
 from preprocessing.files import write_atomic
 from preprocessing.network_input import PRETRAINING_AXCODES, RAS_LABELS
+from preprocessing.runner import positive_float
 
 from . import labelled
 
@@ -132,6 +134,11 @@ def desd_plans(
             f"the plans {plans.get('plans_name')!r} have no configuration {configuration!r} (found {sorted(plans.get('configurations', {}))})"
         )
     source = plans["configurations"][configuration]
+    if len(source.get("patch_size", ())) != 3:
+        raise ValueError(
+            f"configuration {configuration!r} is {len(source.get('patch_size', ()))}-D; the DeSD network is 3-D: name a 3-D "
+            "configuration (3d_fullres)"
+        )
     if "inherits_from" in source:
         raise ValueError(
             f"configuration {configuration!r} inherits from {source['inherits_from']!r}; name a full configuration (3d_fullres)"
@@ -225,8 +232,47 @@ def write_json(path: str, data: dict) -> None:
 def read_json(path: str, hint: str) -> dict:
     if not os.path.isfile(path):
         raise SystemExit(f"{path} not found; {hint}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: not valid JSON ({err}); is the file cut short? {hint}") from None
+
+
+PLANS_KEYS = ("configurations", "transpose_forward", "image_reader_writer", "original_median_shape_after_transp")
+
+
+def check_plans(plans: dict, path: str, hint: str) -> None:
+    """Refuse plans that lack what the DeSD plans are made from, naming the file and the keys."""
+    missing = [k for k in (*PLANS_KEYS, "original_median_spacing_after_transp") if k not in plans]
+    if missing:
+        raise SystemExit(f"{path}: not nnU-Net v2 plans, or damaged: no {', '.join(missing)}; {hint}")
+
+
+def refuse_overwrite(path: str, ours, overwrite: bool) -> None:
+    """Never write over a file this tool did not write (`ours(path)` says whether it did) unless
+    --overwrite is given."""
+    if os.path.exists(path) and not overwrite and not ours(path):
+        raise SystemExit(
+            f"{path} exists and was not written by desd-nnunet-plans (nnU-Net's own, or another file): "
+            "choose another --plans_name / --weights_out, or pass --overwrite"
+        )
+
+
+def desd_plans_file(path: str) -> bool:
+    try:
+        with open(path) as f:
+            configs = json.load(f).get("configurations", {})
+        return any(c.get("architecture", {}).get("network_class_name") == NETWORK for c in configs.values())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def desd_weights_file(path: str) -> bool:
+    try:
+        return "desd" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file at all: not ours
+        return False
 
 
 def plans_main(argv: list[str] | None = None) -> int:
@@ -240,22 +286,39 @@ def plans_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--weights_out", default="", help="Where to write it (default: <plans_name>_<arch>.pth beside the plans).")
     parser.add_argument("--source_plans", default="nnUNetPlans", help="The nnU-Net plans to start from.")
-    parser.add_argument("--plans_name", default="nnUNetPlans_DeSD")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("--spacing", default=1.0, type=float, help="Isotropic spacing in mm; 1 mm is the pretraining spacing.")
+    parser.add_argument("--plans_name", default="nnUNetPlans_DeSD", help="Name of the new plans (a file name in the preprocessed folder).")
+    parser.add_argument("-c", "--configuration", default="3d_fullres", help="The 3-D configuration of the source plans to adapt.")
+    parser.add_argument("--spacing", default=1.0, type=positive_float, help="Isotropic spacing in mm; 1 mm is the pretraining spacing.")
     parser.add_argument("--patch_size", default=DEFAULT_PATCH, type=int, nargs=3, help="Patch (depth, rows, cols), pretraining order.")
     parser.add_argument(
         "--reader",
         default="",
         help="nnU-Net reader for the new plans (default: the source plans'); SimpleITKIOWithReorient takes any orientation.",
     )
+    parser.add_argument("--overwrite", action="store_true", help="Write over plans or weights files that this tool did not write.")
     args = parser.parse_args(argv)
+    if any(side % stride for side, stride in zip(args.patch_size, STRIDE)):
+        parser.error(f"--patch_size {' '.join(map(str, args.patch_size))}: each side must be a multiple of the encoder's stride {STRIDE}")
 
     check_network_resolves()
     pre = dataset_folder("nnUNet_preprocessed", args.dataset)
     raw = dataset_folder("nnUNet_raw", os.path.basename(pre))
+    try:
+        path = files.name_inside(pre, f"{args.plans_name}.json", "--plans_name")
+        source_path = files.name_inside(pre, f"{args.source_plans}.json", "--source_plans")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if os.path.realpath(path) == os.path.realpath(source_path):
+        raise SystemExit(f"--plans_name {args.plans_name!r} is the source plans' name: the DeSD plans would replace {source_path}")
+    weights = ""
+    if args.pretrained:
+        weights = args.weights_out or os.path.join(pre, f"{args.plans_name}_{args.arch}.pth")
+    refuse_overwrite(path, desd_plans_file, args.overwrite)
+    if weights:
+        refuse_overwrite(weights, desd_weights_file, args.overwrite)
     hint = f"run `nnUNetv2_plan_and_preprocess -d {args.dataset} --no_pp` first"
-    plans = read_json(os.path.join(pre, f"{args.source_plans}.json"), hint)
+    plans = read_json(source_path, hint)
+    check_plans(plans, source_path, hint)
     if not os.path.isfile(os.path.join(raw, "dataset.json")):
         raise SystemExit(f"{raw}/dataset.json not found; is $nnUNet_raw the folder the plans were made from?")
     reader = args.reader or plans["image_reader_writer"]
@@ -266,16 +329,13 @@ def plans_main(argv: list[str] | None = None) -> int:
     try:
         out = desd_plans(plans, codes, args.arch, args.plans_name, args.configuration, args.spacing, args.patch_size, reader)
     except (KeyError, ValueError) as err:
-        raise SystemExit(f"{os.path.join(pre, args.source_plans + '.json')}: {err}") from err
-    weights = ""
-    if args.pretrained:
-        weights = args.weights_out or os.path.join(pre, f"{args.plans_name}_{args.arch}.pth")
+        raise SystemExit(f"{source_path}: {err}") from err
+    if weights:
         try:
             n = convert_teacher(args.pretrained, args.arch, weights)
         except (KeyError, RuntimeError, ValueError) as err:
             raise SystemExit(str(err)) from err
         print(f"wrote {weights}: {n} tensors, the encoder from {args.pretrained}")
-    path = os.path.join(pre, f"{args.plans_name}.json")
     write_atomic(path, lambda tmp: write_json(tmp, out))
     config = out["configurations"][args.configuration]
     kwargs = config["architecture"]["arch_kwargs"]
@@ -288,8 +348,11 @@ def plans_main(argv: list[str] | None = None) -> int:
     print("next:")
     print(f"  nnUNetv2_preprocess -d {args.dataset} -plans_name {args.plans_name} -c {args.configuration}")
     weights_flag = f" -pretrained_weights {weights}" if weights else ""
-    print(f"  nnUNetv2_train {args.dataset} {args.configuration} 0 -p {args.plans_name}{weights_flag}")
-    print(f"  nnUNetv2_predict -i $nnUNet_raw/{ds}/imagesTs -o preds -d {args.dataset} -c {args.configuration} -p {args.plans_name} -f 0")
+    device = "" if torch.cuda.is_available() else " -device cpu"  # nnU-Net's commands default to CUDA
+    print(f"  nnUNetv2_train {args.dataset} {args.configuration} 0 -p {args.plans_name}{weights_flag}{device}")
+    print(
+        f"  nnUNetv2_predict -i $nnUNet_raw/{ds}/imagesTs -o preds -d {args.dataset} -c {args.configuration} -p {args.plans_name} -f 0{device}"
+    )
     return 0
 
 

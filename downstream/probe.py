@@ -34,6 +34,7 @@ from downstream import metrics, patches
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import STAGE_NAMES, STAGE_REDUCTIONS
+from preprocessing.runner import positive_float
 
 PRESENT = 0.01  # an organ is "in the patch" when it covers at least this share of its voxels
 
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="", help="DeSD checkpoint whose teacher backbone is probed.")
     parser.add_argument("--random", action="store_true", help="Probe a random initialisation instead (the baseline).")
     parser.add_argument("--arch", default="res3d50", choices=list_models())
-    parser.add_argument("--spacing", default=1.0, type=float, help="The pretraining spacing in mm.")
+    parser.add_argument("--spacing", default=1.0, type=positive_float, help="The pretraining spacing in mm.")
     parser.add_argument("--patch", default=(16, 64, 64), type=int, nargs=3, help="Patch (depth, rows, cols).")
     parser.add_argument("--patches_per_case", default=24, type=int)
     parser.add_argument("--seed", default=0, type=int)

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from preprocessing.files import remove_stale_partials, write_atomic
 from preprocessing.network_input import HU_RANGE
 from preprocessing.resample import edge_aligned_positions, resample_axes
-from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
+from preprocessing.runner import JobResult, make_output_dir, nifti_problem, positive_float, run_jobs, spacing_warnings, summarise
 
 MAX_SIDE = 1024  # a resampled axis longer than this is seldom a CT sub-volume
 
@@ -135,7 +135,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default=None, help="Default: <data_root>/Images_nifti_spacing.")
     parser.add_argument("--workers", default=os.cpu_count() or 1, type=int, help="Parallel processes.")
     parser.add_argument(
-        "--spacing", default=1.0, type=float, help="Isotropic output spacing in mm (1 mm is the method's; coarser ones suit CPU runs)."
+        "--spacing",
+        default=1.0,
+        type=positive_float,
+        help="Isotropic output spacing in mm (1 mm is the method's; coarser ones suit CPU runs).",
     )
     return parser
 

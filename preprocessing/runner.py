@@ -1,10 +1,13 @@
 """What the three preprocessing scripts share besides atomic writes (`files`): a check that a
 NIfTI file is complete, a parallel job runner with a tqdm bar whose workers die with it, and
-the closing summary (written / skipped / failed, with reasons, and warnings)."""
+the closing summary (written / skipped / failed, with reasons, and warnings); and the
+command-line checks that every command shares (`positive_float`)."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import math
 import multiprocessing
 import os
 import signal
@@ -18,6 +21,17 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a finite number above 0 (a spacing, a size), refused at parse time."""
+    try:
+        value = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a number above 0")
+    return value
 
 
 @dataclass
