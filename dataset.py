@@ -66,6 +66,8 @@ def read_list(data_path: str, list_path: str) -> list[str]:
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"data path {data_path!r} is not a directory")
     full = list_path if os.path.isabs(list_path) else os.path.join(data_path, list_path)
+    if os.path.isdir(full):
+        raise IsADirectoryError(f"--list_path {list_path!r}: {full!r} is a folder; expected the list file (one patch path a line)")
     if not os.path.isfile(full):
         raise FileNotFoundError(f"list file {full!r} does not exist (expected one patch path a line)")
     with open(full, encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is not part of the first entry
@@ -283,6 +285,27 @@ def views_from_crops(crops: list[torch.Tensor], geometry: torch.Tensor, cfg: Vie
     return views
 
 
+def warn_about_small_patches(paths: list[str], cfg: ViewConfig, sample: int = 32) -> list[str]:
+    """Warn where patches (a sample of up to `sample`, read from their headers) are smaller than
+    the global views: their views would be mostly padding. Returns the small ones found."""
+    small = []
+    for path in paths[:: max(1, len(paths) // sample)][:sample]:
+        try:
+            x, y, z = nib.load(path).shape[:3]
+        except Exception:  # unreadable or odd: reported where it is read
+            continue
+        if min(x, y) < cfg.global_size or z < cfg.depth:
+            small.append(f"{os.path.basename(path)} ({x} x {y} x {z})")
+    if small:
+        print(
+            f"WARNING: {len(small)} of the patches sampled are smaller than the global views ({cfg.global_size} x "
+            f"{cfg.global_size} in-plane, {cfg.depth} slices), e.g. {', '.join(small[:3])}: their views are mostly padding. "
+            "Were they split from volumes resampled to 1 mm (or give --global_crop_size / --crop_depth to match)?",
+            flush=True,
+        )
+    return small
+
+
 class SSLDataset(Dataset):
     """Patches named by a list file. Indexed by (index, epoch) pairs (see EpochSampler);
     returns (views, number of unreadable patches replaced to make this sample), views being
@@ -294,6 +317,7 @@ class SSLDataset(Dataset):
         self.seed = seed
         self.skip_bad_patches = skip_bad_patches
         self.reported: set[int] = set()
+        warn_about_small_patches(self.paths, cfg)
 
     def __len__(self) -> int:
         return len(self.paths)

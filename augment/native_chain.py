@@ -4,8 +4,9 @@ A loader worker spends most of its time in this chain; see docs/performance.md.
 
 The library is built on first use with the system C compiler ($CC, else `cc`) into
 augment/build/ (or ~/.cache/desd/ where the checkout is read-only): one file per source,
-compiler, flags and CPU, written under a temporary name and renamed, so processes that start
-together do not trip over each other. Where no compiler works, `library()` returns None after
+compiler (its file, size and time), flags and CPU, written under a temporary name and renamed, so
+processes that start together do not trip over each other. Beside each library, its SHA-256:
+a cached library is loaded only while it matches (else it is rebuilt). Where no compiler works, `library()` returns None after
 one warning and the torch chain runs instead. DESD_NATIVE=0 turns the library off.
 """
 
@@ -15,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -38,6 +40,30 @@ def _cpu_features() -> str:
         return platform.processor() or platform.machine()
 
 
+def _compiler_identity(compiler: str) -> tuple:
+    """The compiler's resolved file with its size and modification time: a compiler upgraded in
+    place gets a new library."""
+    path = shutil.which(compiler)
+    if path is None:
+        return (compiler,)
+    st = os.stat(os.path.realpath(path))
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _intact(path: str) -> bool:
+    """Whether the library at `path` is the one built there: its recorded SHA-256 matches."""
+    try:
+        with open(path + ".sha256") as f:
+            return f.read().strip() == _digest(path)
+    except OSError:
+        return False
+
+
 def _build() -> str:
     """Path of the compiled library, built if not there yet. Raises OSError or
     subprocess.SubprocessError with the compiler's message."""
@@ -47,10 +73,10 @@ def _build() -> str:
     folders = [os.path.join(os.path.dirname(SOURCE), "build"), os.path.join(os.path.expanduser("~"), ".cache", "desd")]
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(source + repr((compiler, flags, LINK, _cpu_features())).encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + repr((_compiler_identity(compiler), flags, LINK, _cpu_features())).encode()).hexdigest()[:16]
         name = f"intensity-{key}.so"
         for folder in folders:
-            if os.path.exists(os.path.join(folder, name)):
+            if os.path.exists(os.path.join(folder, name)) and _intact(os.path.join(folder, name)):
                 return os.path.join(folder, name)
         for folder in folders:
             path = os.path.join(folder, name)
@@ -73,11 +99,15 @@ def _build() -> str:
                         errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
                         break
                 else:
+                    digest = _digest(tmp)
+                    with open(tmp + ".sha256", "w") as f:
+                        f.write(digest)
+                    os.replace(tmp + ".sha256", path + ".sha256")  # the record first: a library is never found without it
                     os.replace(tmp, path)
                     return path
                 break  # the next flag set
             finally:
-                for leftover in (tmp, obj):
+                for leftover in (tmp, obj, tmp + ".sha256"):
                     if os.path.exists(leftover):
                         os.remove(leftover)
     raise OSError("could not build " + SOURCE + ": " + "; ".join(errors))

@@ -196,12 +196,15 @@ def preprocess_case(case: dict, spacing: float, cache_dir: str, checked: bool = 
     image, for the summary."""
     try:
         return _preprocess_case(case, spacing, cache_dir, checked)
+    except CacheWriteError as err:  # the cache's disk, not the input
+        return JobResult(case["id"], error=str(err))
     except Exception as err:
-        while err.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
-            err = err.__cause__
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # the cache's disk, not the input
-            return JobResult(case["id"], error=f"{cache_dir}: the disk is full ({err})")
+        err = labelled.transform_error(err)
         return JobResult(case["id"], error=f"{case['image']}: {type(err).__name__}: {err}")
+
+
+class CacheWriteError(OSError):
+    """A case's arrays could not be written into the cache (a full disk, a lost mount)."""
 
 
 def _write_meta(path: str, meta: dict) -> None:
@@ -228,8 +231,13 @@ def _preprocess_case(case: dict, spacing: float, cache_dir: str, checked: bool) 
     if image.shape != label.shape:
         raise ValueError(f"{case['image']}: preprocessed image {image.shape} and label {label.shape} differ")
     locations = foreground_locations(label, np.random.default_rng(zlib.crc32(case["id"].encode())))
-    for key, arr in (("image", image), ("label", label), ("locations", locations)):
-        files.write_atomic(p[key], lambda tmp, arr=arr: np.save(tmp, arr))
+    try:
+        for key, arr in (("image", image), ("label", label), ("locations", locations)):
+            files.write_atomic(p[key], lambda tmp, arr=arr: np.save(tmp, arr))
+    except OSError as err:
+        raise CacheWriteError(
+            f"the preprocessed cache {cache_dir}: {err.strerror or err}; give --preprocessed_dir a disk with room"
+        ) from err
     meta = {
         "id": case["id"],
         "shape": list(image.shape),

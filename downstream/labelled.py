@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -240,6 +241,17 @@ def label_values(arr: np.ndarray, path: str) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def transform_error(err: BaseException) -> BaseException:
+    """The error that a transform raised, out of MONAI's "applying transform <...>" wrapper, so
+    that a message names the file and the problem rather than the transform object."""
+    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+MAX_VOXELS = 2**30  # 4 GiB of float32 after resampling: far beyond any CT, a sign of a wrong header spacing
+
+
 class LoadCT:
     """MONAI-style dictionary transform: read `keys` with `read_volume` into MetaTensors of
     shape (1, x, y, z) with their affine (images float32, labels uint8)."""
@@ -301,6 +313,13 @@ class ResampleToSpacing:
             img = data[key]
             affine = np.asarray(img.affine, dtype=np.float64)
             new_affine, shape = self.grid(img.shape[1:], affine)
+            if math.prod(shape) > MAX_VOXELS:
+                extent = [round(n * s) for n, s in zip(img.shape[1:], np.linalg.norm(affine[:3, :3], axis=0))]
+                raise ValueError(
+                    f"{data.get(f'{key}_path', key)}: {tuple(img.shape[1:])} voxels spanning {extent} mm would be "
+                    f"{tuple(shape)} voxels at {self.spacing:g} mm ({math.prod(shape) * 4 / 2**30:.0f} GiB): "
+                    "is the header's spacing right?"
+                )
             arr = resample_to_grid(img[0].numpy(), affine, new_affine, shape, order=3 if key == "image" else 0, mode="nearest")
             out[key] = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(new_affine, dtype=torch.float64))
         return out

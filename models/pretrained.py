@@ -12,6 +12,7 @@ shape.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch import nn
@@ -25,11 +26,22 @@ def load_checkpoint(path: str, needs: tuple[str, ...] = (), expected: str = "a c
     (argparse.Namespace allowed for the released format; never with the safety off). Names the
     file when it is unreadable or truncated, holds no dict, or lacks one of the `needs` keys
     (then saying that it is not `expected`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} {'is a folder' if os.path.isdir(path) else 'does not exist'}; expected {expected}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch's zip format (since 1.6; the released file too), or a pickle before it
+        raise RuntimeError(f"{path!r} is not a torch checkpoint (neither torch's zip format nor a pickle); expected {expected}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated (read in safe mode): {err}") from err
+        # torch's own message suggests turning the safe mode off: never do that for a file of unknown origin
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip().startswith("WeightsUnpickler error")), "")
+        reason = reason or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if "weights_only" in reason:
+            reason = "it holds objects other than tensors and plain values"
+        raise RuntimeError(f"checkpoint {path!r} is unreadable or truncated (read in safe mode, which stays on): {reason}") from None
     if not isinstance(ckpt, dict):
         raise KeyError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dictionary; expected {expected}")
     missing = [k for k in needs if k not in ckpt]

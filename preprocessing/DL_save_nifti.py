@@ -151,13 +151,16 @@ def convert_series(folder: str, png_dir: str, out_dir: str, spacing_text: dict[s
         raise ValueError(f"series {folder} has no usable row in DL_info.csv")
     spacing = parse_spacing(spacing_text[folder])
     result.warnings += spacing_warnings(f"series {folder}", spacing)
-    files = [f for f in os.listdir(os.path.join(png_dir, folder)) if f.endswith(".png")]
-    indices = []
+    files = [f for f in os.listdir(os.path.join(png_dir, folder)) if f.lower().endswith(".png")]  # 109.png, 109.PNG
+    by_index: dict[int, str] = {}  # slice index -> file name: 109.png, or 1.png unpadded
     for f in files:
         stem = f[: -len(".png")]
         if not stem.isdigit():
             raise ValueError(f"{os.path.join(png_dir, folder, f)}: slice file names must be numbers, like 109.png")
-        indices.append(int(stem))
+        if int(stem) in by_index:
+            raise ValueError(f"{os.path.join(png_dir, folder)}: {by_index[int(stem)]} and {f} are both slice {int(stem)}")
+        by_index[int(stem)] = f
+    indices = list(by_index)
     if not indices:
         raise ValueError(f"series folder {os.path.join(png_dir, folder)} holds no PNG slice")
     for run in split_runs(indices):
@@ -167,7 +170,7 @@ def convert_series(folder: str, png_dir: str, out_dir: str, spacing_text: dict[s
             result.skipped.append(name)
             continue
         try:
-            volume = stack_slices([os.path.join(png_dir, folder, f"{i:03d}.png") for i in run])  # (rows, cols, slices)
+            volume = stack_slices([os.path.join(png_dir, folder, by_index[i]) for i in run])  # (rows, cols, slices)
         except ValueError as err:
             result.error = "; ".join(filter(None, [result.error, str(err)]))
             continue

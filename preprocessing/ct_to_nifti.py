@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser("Own CT -> NIfTI in the pretraining orientation", parents=[get_args_parser()]).parse_args(argv)
     out_dir = args.out_dir or os.path.join(args.data_root, "Images_nifti")
     if not os.path.isdir(args.in_dir):
-        raise SystemExit(f"input folder {args.in_dir!r} does not exist")
+        problem = "is a file, not a folder" if os.path.exists(args.in_dir) else "does not exist"
+        raise SystemExit(f"--in_dir {args.in_dir!r} {problem}: give the folder that holds the NIfTI files or DICOM series")
     volumes = find_volumes(args.in_dir)
     if not volumes:
         print(f"no NIfTI volume (.nii, .nii.gz) or DICOM series found under {args.in_dir}", file=sys.stderr)

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -67,6 +68,24 @@ def patch_names(name: str, depth: int, ext: str) -> list[str]:
 SMALL_SIDE, SMALL_DEPTH = 96, 16  # the global view: a patch smaller than it is padded, warned about
 
 
+def as_int16(volume: np.ndarray, path: str, result: JobResult) -> np.ndarray:
+    """The patches' int16 HU. A float volume with no finite value is refused; one with some
+    NaN or infinite voxels gets its lowest finite value there (padding, as outside a scan's
+    field of view), with a warning."""
+    if np.issubdtype(volume.dtype, np.floating):
+        finite = np.isfinite(volume)
+        if not finite.any():
+            raise ValueError(f"{path}: no finite value (all {volume.size} voxels are NaN or infinite)")
+        if not finite.all():
+            low = float(volume[finite].min())
+            result.warnings.append(
+                f"{path}: {volume.size - int(finite.sum())} NaN or infinite voxels, written as {low:g} (its lowest value)"
+            )
+            volume = np.where(finite, volume, low)
+        volume = np.rint(np.clip(volume, -32768, 32767))
+    return volume.astype(np.int16)
+
+
 def split_file(name: str, in_dir: str, out_dir: str, ext: str) -> JobResult:
     result = JobResult(name=name)
     in_path = os.path.join(in_dir, name)
@@ -92,7 +111,10 @@ def split_file(name: str, in_dir: str, out_dir: str, ext: str) -> JobResult:
             "its patches will be mostly padding"
         )
     image = reader.Execute()
-    tiles = split_volume(sitk.GetArrayFromImage(image).astype(np.int16))
+    voxels = sitk.GetArrayFromImage(image)  # (z, y, x)
+    if voxels.dtype.kind == "f" and in_path.endswith((".nii", ".nii.gz")):
+        voxels = np.asanyarray(nib.load(in_path).dataobj).T  # ITK's NIfTI reader turns NaN into 0: read the stored values
+    tiles = split_volume(as_int16(voxels, in_path, result))
     for patch_name, tile in zip(names, tiles):
         path = os.path.join(out_dir, patch_name)
         if os.path.exists(path):

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from utils import plot_logs
+from utils import plot_logs, read_log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.logs:
         if not os.path.isfile(path):
             parser.error(f"{path!r} does not exist")
+        if not read_log(path):
+            parser.error(f"{path!r} holds no epoch yet (no JSON line): nothing to draw; was the run stopped before its first epoch ended?")
     print(plot_logs(args.logs, args.out, args.labels))
     return 0
 
