@@ -73,7 +73,8 @@ def test_the_build_leaves_one_library_and_is_reused(tmp_path, monkeypatch):
     source.write_bytes(open(native_chain.SOURCE, "rb").read())
     monkeypatch.setattr(native_chain, "SOURCE", str(source))
     path = native_chain._build()
-    assert os.listdir(tmp_path / "native" / "build") == [os.path.basename(path)]  # no temporary file left
+    name = os.path.basename(path)  # the library and the record of its SHA-256; no temporary file left
+    assert sorted(os.listdir(tmp_path / "native" / "build")) == [name, name + ".sha256"]
     built = os.stat(path).st_mtime_ns
     assert native_chain._build() == path and os.stat(path).st_mtime_ns == built  # found, not built again
 
@@ -157,7 +158,9 @@ def test_processes_building_at_once_each_get_a_whole_library(tmp_path):
     runs = [subprocess.Popen([sys.executable, "-c", code, str(source)], cwd=root, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     paths = {run.communicate(timeout=300)[0].strip() for run in runs}
     assert all(run.returncode == 0 for run in runs) and len(paths) == 1
-    assert os.listdir(tmp_path / "native" / "build") == [os.path.basename(paths.pop())]
+    name = os.path.basename(paths.pop())
+    assert sorted(os.listdir(tmp_path / "native" / "build")) == [name, name + ".sha256"]
+    assert native_chain._intact(str(tmp_path / "native" / "build" / name))
 
 
 @needs_library
