@@ -9,9 +9,11 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project is not installed there: its root on the path
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, nibabel; print('torch', torch.__version__, 'nibabel', nibabel.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 
