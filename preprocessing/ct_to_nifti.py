@@ -2,9 +2,11 @@
 CT other than DeepLesion, in place of DL_save_nifti.py; re_spacing_ITK.py and
 splitting_to_patches.py then run as for DeepLesion (docs/method.md, section 2).
 
-Input: a folder of NIfTI volumes (`.nii`, `.nii.gz`, any orientation), or of DICOM series (each
-series in a folder of its own, read with SimpleITK's series reader; every series a folder
-holds is a volume). Each volume is
+Input: a folder of NIfTI volumes (`.nii`, `.nii.gz`, any orientation), or of DICOM series, read
+as preprocessing/dicom.py says: one volume per CT series (SeriesInstanceUID) of each folder, on
+the grid its slice positions give (gaps, uneven spacing and gantry tilt resampled, with a
+warning), localizers and other modalities left out with a line. An output folder inside the
+input folder is never read back. Each volume is
 1. checked: whole (a NIfTI cut short is refused), 3-D, one channel, plausible spacing;
 2. reoriented to the DeepLesion patches' orientation, nibabel axis codes ('P', 'L', 'I'), by
    the permutation and flips MONAI's Orientation applies in fine-tuning (no resampling), so
@@ -32,6 +34,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from preprocessing import dicom
+from preprocessing.dicom import Series
 from preprocessing.files import remove_stale_partials, split_ending, write_atomic
 from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES, ras_affine, reorient
 from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
@@ -39,41 +43,35 @@ from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_
 NIFTI = (".nii", ".nii.gz")
 
 
-def find_volumes(in_dir: str) -> list[tuple[str, str]]:
-    """(output name, source) of every volume under `in_dir`: a NIfTI file, or a DICOM series as
-    `<folder>::<series id>` (the folder's path relative to in_dir names it)."""
+def find_volumes(in_dir: str, out_dir: str | None = None) -> tuple[list[tuple[str, str | Series]], list[str]]:
+    """(output name, source) of every volume under `in_dir`, a NIfTI file's path or a DICOM
+    `Series` (preprocessing/dicom.py), and the lines of series left out. `out_dir`, where it lies
+    inside `in_dir`, is never read back as input."""
+    skip = os.path.realpath(out_dir) if out_dir else None
     volumes = []
     for folder, dirs, files in os.walk(in_dir):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(folder, d)) != skip)
         rel = os.path.relpath(folder, in_dir)
         prefix = "" if rel == "." else re.sub(r"[^\w.-]+", "_", rel) + "_"
         for f in sorted(files):
             if f.endswith(NIFTI) and not f.startswith("."):
                 volumes.append((prefix + split_ending(f)[0] + ".nii.gz", os.path.join(folder, f)))
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) if any(not f.endswith(NIFTI) for f in files) else ()
-        for k, uid in enumerate(series):
-            name = (prefix.rstrip("_") or "series") + (f"_{k}" if len(series) > 1 else "")
-            volumes.append((name + ".nii.gz", f"{folder}::{uid}"))
-    return volumes
+    series, notes = dicom.series_in(in_dir, skip=out_dir)
+    return volumes + [(name + ".nii.gz", s) for name, s in series], notes
 
 
-def read_source(source: str) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """(array (x, y, z), RAS affine, spacing) of a NIfTI file or a `<folder>::<uid>` DICOM series."""
-    if "::" in source:
-        folder, uid = source.rsplit("::", 1)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
-        image = reader.Execute()
-        if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
-            raise ValueError(f"{folder}: DICOM series {uid} is not a single-channel 3-D volume")
-        return sitk.GetArrayFromImage(image).transpose(2, 1, 0), ras_affine(image), image.GetSpacing()
+def read_source(source: str | Series) -> tuple[np.ndarray, np.ndarray, tuple, list[str]]:
+    """(array (x, y, z), RAS affine, spacing, warnings) of a NIfTI file or a DICOM series."""
+    if isinstance(source, Series):
+        image, warnings = dicom.read_series(source)
+        return sitk.GetArrayFromImage(image).transpose(2, 1, 0), ras_affine(image), image.GetSpacing(), warnings
     problem = nifti_problem(source)
     if problem:
         raise ValueError(problem)
     img = nib.load(source)
     if len(img.shape) != 3:
         raise ValueError(f"shape {img.shape}: expected a single-channel 3-D volume")
-    return np.asanyarray(img.dataobj), img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.asanyarray(img.dataobj), img.affine, tuple(float(z) for z in img.header.get_zooms()[:3]), []
 
 
 def to_hu_int16(arr: np.ndarray) -> tuple[np.ndarray, int]:
@@ -94,11 +92,12 @@ def convert(item: tuple[str, str], out_dir: str) -> JobResult:
         result.skipped.append(name)
         return result
     try:
-        arr, affine, spacing = read_source(source)
+        arr, affine, spacing, warnings = read_source(source)
         hu, bad = to_hu_int16(arr)
     except (ValueError, RuntimeError, OSError) as err:
-        raise ValueError(f"{source}: {str(err).strip().splitlines()[-1]}") from None
-    result.warnings += spacing_warnings(source, spacing)
+        message = str(err).strip().splitlines()[-1]
+        raise ValueError(message if message.startswith(str(source)) else f"{source}: {message}") from None
+    result.warnings += warnings + spacing_warnings(str(source), spacing)
     if bad:
         result.warnings.append(f"{source}: {bad} NaN or infinite voxels, written as {HU_RANGE[0]:g} HU (air)")
     hu, affine = reorient(hu, affine)
@@ -125,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.in_dir):
         problem = "is a file, not a folder" if os.path.exists(args.in_dir) else "does not exist"
         raise SystemExit(f"--in_dir {args.in_dir!r} {problem}: give the folder that holds the NIfTI files or DICOM series")
-    volumes = find_volumes(args.in_dir)
+    volumes, notes = find_volumes(args.in_dir, out_dir)
+    for line in notes:
+        print(line, file=sys.stderr)
     if not volumes:
         print(f"no NIfTI volume (.nii, .nii.gz) or DICOM series found under {args.in_dir}", file=sys.stderr)
         return 1
