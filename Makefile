@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 NNUNET_PACKAGES ?= nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
 
-.PHONY: install install-nnunet demo test test-fast bench evaluate lint format clean
+.PHONY: install install-nnunet realct demo test test-fast bench evaluate lint format clean
 
 # one stamp per torch version: `make TORCH_VERSION=2.5.1 test` reinstalls into the same .venv
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
@@ -30,14 +30,32 @@ $(NNUNET_STAMP): $(STAMP) requirements-nnunet.txt
 	$(PY) -m pip install -q --no-deps $(NNUNET_PACKAGES)
 	touch $@
 
+# Real CT for the tests, fetched once through pip and kept outside the repository (nothing is
+# committed; the product never downloads): the reference scans that the source distribution of
+# TotalSegmentator 2.18.0 (Apache-2.0) ships, with that tool's predicted labels.
+REALCT ?= $(or $(DESD_REALCT),$(HOME)/.cache/desd/realct)
+REALCT_SDIST := totalsegmentator-2.18.0.tar.gz
+REALCT_SHA256 := 5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
+realct: $(REALCT)/.complete
+
+$(REALCT)/.complete: | $(STAMP)
+	mkdir -p $(REALCT)/download
+	[ -f $(REALCT)/download/$(REALCT_SDIST) ] || $(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+	  totalsegmentator==2.18.0 -d $(REALCT)/download
+	echo "$(REALCT_SHA256)  $(REALCT)/download/$(REALCT_SDIST)" | sha256sum -c --quiet -
+	tar xzf $(REALCT)/download/$(REALCT_SDIST) -C $(REALCT) --strip-components=1 \
+	  totalsegmentator-2.18.0/tests/reference_files totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py
+	rm -f $(REALCT)/download/$(REALCT_SDIST)
+	touch $@
+
 demo: install
 	PYTHON=$(abspath $(PY)) sh demo.sh
 
-test: install install-nnunet
+test: install install-nnunet realct
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -m "not slow"
-	$(PY) -m pytest -q -m slow
+	DESD_REALCT=$(REALCT) DESD_REQUIRE_REALCT=1 $(PY) -m pytest -q -m "not slow"
+	DESD_REALCT=$(REALCT) DESD_REQUIRE_REALCT=1 $(PY) -m pytest -q -m slow
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -1,0 +1,128 @@
+"""Real CT through the pretraining preprocessing: the reference scans that TotalSegmentator 2.18.0
+ships (an abdomen CT stored as int32 NIfTI in RAS, and a JPEG 2000 DICOM series of the upper
+abdomen), fetched once by `make realct`. Their labels are TotalSegmentator's predictions, not
+manual ground truth. Every check is in world (scanner) coordinates: a value or a centroid must
+be where the scanner put it, whatever the conversion did to the axes."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from preprocessing import ct_to_nifti
+from preprocessing import re_spacing_ITK as s2
+from preprocessing import splitting_to_patches as s3
+from tests.helpers import TINY_TRAIN_ARGS, run_main_desd
+
+REALCT = os.environ.get("DESD_REALCT") or os.path.join(os.path.expanduser("~"), ".cache", "desd", "realct")
+FILES = os.path.join(REALCT, "tests", "reference_files")
+if not os.path.isdir(os.path.join(FILES, "example_ct_dicom")):
+    message = f"the real CT scans are not in {REALCT}: fetch them with `make realct` (once; about 40 MB through pip)"
+    if os.environ.get("DESD_REQUIRE_REALCT"):  # make test never skips them
+        raise RuntimeError(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def class_id(name: str) -> int:
+    """The label of `name` in TotalSegmentator's `total` task (its map_to_binary.py)."""
+    with open(os.path.join(REALCT, "totalsegmentator", "map_to_binary.py")) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "class_map":
+            classes = ast.literal_eval(node.value)["total"]
+            return next(k for k, v in classes.items() if v == name)
+    raise KeyError(name)
+
+
+def world_lps_of_sitk(image: sitk.Image, ijk: np.ndarray) -> np.ndarray:
+    """World points (LPS mm) of SimpleITK voxel indices (N, 3) in (x, y, z) order."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return np.asarray(image.GetOrigin()) + (ijk * np.asarray(image.GetSpacing())) @ direction.T
+
+
+def values_at(path: str, lps: np.ndarray) -> np.ndarray:
+    """The NIfTI file's voxels at world points (LPS mm), nearest voxel."""
+    img = nib.load(path)
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    ijk = np.rint((ras - img.affine[:3, 3]) @ np.linalg.inv(img.affine[:3, :3]).T).astype(int)
+    assert (ijk >= 0).all() and (ijk < np.array(img.shape)).all(), "a world point fell outside the converted volume"
+    return np.asanyarray(img.dataobj)[tuple(ijk.T)]
+
+
+def centroid_ras(path: str, label: int) -> np.ndarray:
+    img = nib.load(path)
+    ijk = np.argwhere(np.asanyarray(img.dataobj) == label)
+    return ijk.mean(0) @ img.affine[:3, :3].T + img.affine[:3, 3]
+
+
+def convert(in_dir, data_root) -> str:
+    assert ct_to_nifti.main(["--in_dir", str(in_dir), "--data_root", str(data_root)]) == 0
+    return str(data_root / "Images_nifti")
+
+
+def test_the_jpeg2000_dicom_series_keeps_every_value_at_its_world_position(tmp_path):
+    series = os.path.join(FILES, "example_ct_dicom")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(series))
+    plain = reader.Execute()  # SimpleITK's own series read: the reference
+    out = convert(series, tmp_path / "data")
+    (name,) = os.listdir(out)
+    converted = nib.load(os.path.join(out, name))
+    assert nib.aff2axcodes(converted.affine) == ("P", "L", "I") and sorted(converted.shape) == [20, 512, 512]
+    ijk = np.random.default_rng(0).integers(0, plain.GetSize(), (5000, 3))
+    expected = sitk.GetArrayViewFromImage(plain)[ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+    assert np.array_equal(values_at(os.path.join(out, name), world_lps_of_sitk(plain, ijk)), expected)
+
+
+def test_the_labels_carried_along_land_on_the_same_anatomy(tmp_path):
+    liver = class_id("liver")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(os.path.join(FILES, "example_seg_dicom.nii.gz"), labels / "seg.nii.gz")  # stored with y flipped
+    out_seg = os.path.join(convert(labels, tmp_path / "seg"), "seg.nii.gz")
+    voxel = max(nib.load(out_seg).header.get_zooms())
+    before, after = centroid_ras(str(labels / "seg.nii.gz"), liver), centroid_ras(out_seg, liver)
+    assert np.linalg.norm(before - after) < voxel
+    out_ct = os.path.join(convert(os.path.join(FILES, "example_ct_dicom"), tmp_path / "ct"), "series.nii.gz")
+    seg = nib.load(out_seg)
+    stored = np.asanyarray(seg.dataobj)
+    # median HU of each structure's voxels, read at their world positions in the converted CT
+    # (with the label's y flip ignored: T12 -70, aorta 12, spleen -86)
+    for name, low, high in (("vertebrae_T12", 150, 600), ("aorta", 120, 400), ("spleen", 40, 200), ("liver", 40, 200)):
+        ijk = np.argwhere(stored == class_id(name))
+        lps = (ijk @ seg.affine[:3, :3].T + seg.affine[:3, 3]) * np.array([-1.0, -1.0, 1.0])
+        assert low < np.median(values_at(out_ct, lps)) < high, name
+
+
+def test_the_int32_ras_abdomen_becomes_patches_that_a_short_pretraining_reads(tmp_path):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    shutil.copy(os.path.join(FILES, "example_ct.nii.gz"), in_dir / "abdomen.nii.gz")
+    root = tmp_path / "data"
+    out = os.path.join(convert(in_dir, root), "abdomen.nii.gz")
+    source = sitk.ReadImage(str(in_dir / "abdomen.nii.gz"))
+    ijk = np.random.default_rng(1).integers(0, source.GetSize(), (5000, 3))
+    expected = sitk.GetArrayViewFromImage(source)[ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+    assert np.array_equal(values_at(out, world_lps_of_sitk(source, ijk)), expected)
+
+    liver = class_id("liver")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(os.path.join(FILES, "example_seg_fast_force_split.nii.gz"), labels / "abdomen_seg.nii.gz")
+    out_seg = os.path.join(convert(labels, tmp_path / "seg"), "abdomen_seg.nii.gz")
+    assert np.linalg.norm(centroid_ras(str(labels / "abdomen_seg.nii.gz"), liver) - centroid_ras(out_seg, liver)) < 3.0
+
+    assert s2.main(["--data_root", str(root), "--workers", "1"]) == 0
+    assert s3.main(["--data_root", str(root), "--workers", "1", "--ext", ".nii"]) == 0
+    patches = (root / "SSL_data_deeplesion.txt").read_text().split()
+    assert len(patches) >= 10  # 112 slices at 3 mm: 336 slices at 1 mm, 24-slice patches every 12
+    run_main_desd(
+        ["--data_path", str(root), "--output_dir", str(tmp_path / "run"), *TINY_TRAIN_ARGS, "--epochs", "1", "--max_iters_per_epoch", "2"]
+    )
+    assert len((tmp_path / "run" / "log.txt").read_text().splitlines()) == 1
