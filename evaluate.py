@@ -29,7 +29,6 @@ read as fine-tuning reads them (the pretraining orientation, spacing and intensi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -45,6 +44,7 @@ import utils
 from downstream import cache, metrics, patches, probe
 from models.pretrained import load_checkpoint
 from preprocessing import files
+from preprocessing.runner import command_parser, entry, run_command
 
 PRETRAINED = ("desd", "dino")
 ENCODERS = (*PRETRAINED, "none")
@@ -507,8 +507,13 @@ def draw_figure(results: dict, figure: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("DeSD vs DINO vs no pretraining")
-    parser.add_argument("--config", default="cpu", choices=list(CONFIGS))
+    parser = command_parser("DeSD vs DINO vs no pretraining")
+    parser.add_argument(
+        "--config",
+        default="cpu",
+        choices=list(CONFIGS),
+        help="cpu: about an hour on 2 cores; gpu: one H100/H200; smoke: the tests' minute.",
+    )
     parser.add_argument("--out", default="evidence", help="Working folder (data, runs, results).")
     parser.add_argument("--figure", default="", help="Where the figure goes (default: <out>/evidence.png).")
     parser.add_argument("--time_limit", default=None, type=float, help="Seconds for the whole run (default: the configuration's).")
@@ -675,5 +680,7 @@ def fine_tuning(cfg: Config, cases, b, checkpoints, device, clock: Clock, result
         )
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

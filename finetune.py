@@ -48,7 +48,7 @@ from models.pretrained import load_pretrained_encoder
 from models.res3d import last_stage_shape
 from models.segmentation import Res3DSegmentation
 from preprocessing import files
-from preprocessing.runner import positive_float
+from preprocessing.runner import command_parser, entry, positive_float, run_command
 
 # the settings a rerun must share with the run already in its output folder
 RUN_SETTINGS = (
@@ -88,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Where each case is preprocessed once and read memory-mapped from "
         "(default: $DESD_CACHE or ~/.cache/desd, under preprocessed/<dataset>-<hash>/<spacing>mm).",
     )
-    group.add_argument("--num_workers", default=4, type=int)
+    group.add_argument("--num_workers", default=4, type=int, help="Loader processes per GPU (0: in the main process).")
 
     group = parser.add_argument_group("model")
     group.add_argument("--arch", default="res3d50", choices=list_models(), help="Encoder; must match the pretrained checkpoint.")
@@ -103,30 +103,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", default=100, type=int)
+    group.add_argument("--epochs", default=100, type=int, help="Training epochs of --max_iters_per_epoch iterations.")
     group.add_argument(
         "--max_iters_per_epoch", default=0, type=int, help="Cap on iterations per epoch (0: every training volume visited once)."
     )
     group.add_argument(
         "--batch_size", default=2, type=int, help="Volumes per process and iteration (each gives --samples_per_volume patches)."
     )
-    group.add_argument("--lr", default=3e-4, type=float)
-    group.add_argument("--weight_decay", default=1e-5, type=float)
+    group.add_argument("--lr", default=3e-4, type=float, help="Peak AdamW learning rate, after the warm-up; cosine decay to 0.")
+    group.add_argument("--weight_decay", default=1e-5, type=float, help="AdamW weight decay (not on norms and biases).")
     group.add_argument("--use_bf16", default=False, type=utils.bool_flag, help="bf16 autocast.")
 
     group = parser.add_argument_group("evaluation and misc")
     group.add_argument("--eval_every", default=1, type=int, help="Epochs between validations (the last epoch is always evaluated).")
     group.add_argument("--nsd_tolerance", default=2.0, type=float, help="Tolerance in mm of the normalised surface Dice.")
-    group.add_argument("--sw_batch_size", default=2, type=int)
-    group.add_argument("--sw_overlap", default=0.5, type=float)
+    group.add_argument("--sw_batch_size", default=2, type=int, help="Windows per forward pass in sliding-window validation.")
+    group.add_argument("--sw_overlap", default=0.5, type=float, help="Overlap of the validation windows (0 to <1).")
     group.add_argument("--print_every", default=10, type=int, help="Iterations between progress lines within an epoch.")
-    group.add_argument("--output_dir", default="finetune_out")
+    group.add_argument("--output_dir", default="finetune_out", help="Where best.pth, checkpoint.pth, log.txt and dice.json go.")
     group.add_argument(
         "--restart", default=False, type=utils.bool_flag, help="Start over in an output folder whose run had other settings."
     )
-    group.add_argument("--seed", default=0, type=int)
-    group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    group.add_argument("--dist_url", default="env://")
+    group.add_argument("--seed", default=0, type=int, help="Seed of the split, the decoder's initialisation and the sampling.")
+    group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA where available.")
+    group.add_argument("--dist_url", default="env://", help="Rendezvous of the distributed run (torchrun sets the environment).")
     group.add_argument("--local_rank", default=0, type=int, help="Ignored; torchrun's LOCAL_RANK is used.")
     return parser
 
@@ -430,12 +430,13 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """The command line (`python finetune.py ...`, or the `desd-finetune` command); any failure
-    raises, and the exit status is then non-zero."""
-    main(argparse.ArgumentParser("DeSD fine-tuning", parents=[get_args_parser()]).parse_args(argv))
+def run(argv: list[str] | None = None) -> int:
+    """The command line (`python finetune.py ...`, or the `desd-finetune` command)."""
+    main(command_parser("DeSD fine-tuning", parents=[get_args_parser()]).parse_args(argv))
     return 0
 
 
+cli = entry(run)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_command(run))

@@ -42,6 +42,7 @@ from models import DeSDStudent, DeSDTeacher, create_model, list_models
 from models.pretrained import PREFIX, check_layer1_shortcut
 from models.res3d import last_stage_shape
 from preprocessing import files
+from preprocessing.runner import command_parser, entry, run_command
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -889,13 +890,14 @@ def check_finite(finite: torch.Tensor, epoch: int, it: int) -> None:
         sys.exit(1)
 
 
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The command line (`python main_desd.py ...`, or the `desd-pretrain` command)."""
-    parser = argparse.ArgumentParser("DeSD", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    train_desd(args)
+    parser = command_parser("DeSD pretraining (DINO's self-distillation at every stage of a 3D ResNet)", parents=[get_args_parser()])
+    train_desd(parser.parse_args(argv))
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_command(main))

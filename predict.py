@@ -32,6 +32,7 @@ from models.pretrained import load_checkpoint
 from models.segmentation import Res3DSegmentation
 from preprocessing import files
 from preprocessing.network_input import HU_SCALE
+from preprocessing.runner import command_parser, entry, run_command
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -240,7 +241,7 @@ def warn_if_label_map(image: torch.Tensor, path: str, max_values: int = 32) -> b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Predict with a fine-tuned DeSD segmentation network")
+    parser = command_parser("Predict with a fine-tuned DeSD segmentation network")
     parser.add_argument(
         "--model",
         required=True,
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         type=utils.bool_flag,
         help="Also draw three slices of each image with its label map (<output>/overlays/).",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where the network runs.")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     model, run_args = load_models(args.model, device)
@@ -301,5 +302,7 @@ def predict_all(model, run_args: dict, images: list[str], args: argparse.Namespa
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -9,6 +9,11 @@
 #   MASTER_PORT [a free port on one node; 29501 on several]  PYTHON [python]
 # Extra arguments are passed on to finetune.py, e.g. --train_fraction 0.1 --epochs 200
 set -e
+here=$PWD  # paths given relative to the caller's folder stay so after the cd below
+abs() { case "$1" in "" | /*) printf '%s' "$1" ;; *) printf '%s/%s' "$here" "$1" ;; esac; }
+if [ -n "${DATA_DIR:-}" ]; then DATA_DIR=$(abs "$DATA_DIR"); fi
+if [ -n "${OUTPUT_DIR:-}" ]; then OUTPUT_DIR=$(abs "$OUTPUT_DIR"); fi
+if [ -n "${PRETRAINED:-}" ]; then PRETRAINED=$(abs "$PRETRAINED"); fi
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 DATA_DIR=${DATA_DIR:-data/Task03_Liver}

@@ -12,6 +12,10 @@
 # Extra arguments are passed on to main_desd.py and override the values below, e.g.
 #   sh run_ssl.sh --batch_size_per_gpu 16 --num_workers 8
 set -e
+here=$PWD  # paths given relative to the caller's folder stay so after the cd below
+abs() { case "$1" in "" | /*) printf '%s' "$1" ;; *) printf '%s/%s' "$here" "$1" ;; esac; }
+if [ -n "${DATA_PATH:-}" ]; then DATA_PATH=$(abs "$DATA_PATH"); fi
+if [ -n "${OUTPUT_DIR:-}" ]; then OUTPUT_DIR=$(abs "$OUTPUT_DIR"); fi
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 DATA_PATH=${DATA_PATH:-data/DeepLesion}

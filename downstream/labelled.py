@@ -20,7 +20,6 @@ left, as in pretraining, whatever the orientation the file was stored in.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import torch
 
 from preprocessing.files import split_ending
 from preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES, RAS_LABELS, ras_affine
+from preprocessing.runner import command_parser, entry, run_command
 
 NIFTI = (".nii", ".nii.gz")
 
@@ -119,10 +119,10 @@ def read_classes(labels, path: str) -> tuple[dict[int, str], int | None]:
 def msd_cases(meta: dict, data_dir: str, path: str) -> list[dict]:
     """The cases of a Decathlon `training` list: image and label paths relative to the folder."""
     cases = []
-    for n, entry in enumerate(meta["training"]):
-        if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
-            raise ValueError(f"{path}: training entry {n} ({entry!r}) needs both 'image' and 'label'")
-        case = {k: os.path.normpath(os.path.join(data_dir, entry[k])) for k in ("image", "label")}
+    for n, item in enumerate(meta["training"]):
+        if not isinstance(item, dict) or not {"image", "label"} <= set(item):
+            raise ValueError(f"{path}: training entry {n} ({item!r}) needs both 'image' and 'label'")
+        case = {k: os.path.normpath(os.path.join(data_dir, item[k])) for k in ("image", "label")}
         name = os.path.basename(case["image"])
         case["id"] = name[: -len(_ext_of(name))]
         cases.append(case)
@@ -464,7 +464,7 @@ def verify(data_dir: str) -> LabelledSet:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Check a labelled set before fine-tuning")
+    parser = command_parser("Check a labelled set before fine-tuning")
     parser.add_argument("--data_dir", required=True, help="An MSD or nnU-Net v2 dataset folder (with dataset.json).")
     args = parser.parse_args(argv)
     try:
@@ -476,5 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

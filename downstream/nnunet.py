@@ -26,7 +26,6 @@ nnU-Net leaves out), so it fits any number of classes.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import glob
 import inspect
@@ -46,7 +45,7 @@ from models.segmentation import STRIDE
 from preprocessing import files
 from preprocessing.files import write_atomic
 from preprocessing.network_input import PRETRAINING_AXCODES, RAS_LABELS
-from preprocessing.runner import positive_float
+from preprocessing.runner import command_parser, entry, positive_float, run_command
 
 from . import labelled
 
@@ -276,9 +275,7 @@ def desd_weights_file(path: str) -> bool:
 
 
 def plans_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        "desd-nnunet-plans", description="nnU-Net v2 plans for the DeSD network (and the teacher as its weights)."
-    )
+    parser = command_parser("nnU-Net v2 plans for the DeSD network (and the teacher as its weights).")
     parser.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name (Dataset003_Liver).")
     parser.add_argument("--arch", default="res3d50", choices=list_models(), help="The teacher's encoder.")
     parser.add_argument(
@@ -357,7 +354,7 @@ def plans_main(argv: list[str] | None = None) -> int:
 
 
 def weights_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("desd-nnunet-weights", description="A DeSD teacher as nnU-Net v2 -pretrained_weights.")
+    parser = command_parser("A DeSD teacher as nnU-Net v2 -pretrained_weights.")
     parser.add_argument("teacher", help="DeSD checkpoint (ours or the released format) or export_teacher file.")
     parser.add_argument("out", help="The weights file to write.")
     parser.add_argument("--arch", default="res3d50", choices=list_models(), help="The teacher's encoder (must be the plans' arch).")
@@ -371,5 +368,7 @@ def weights_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+plans_cli, weights_cli = entry(plans_main), entry(weights_main)  # the installed commands
+
 if __name__ == "__main__":
-    sys.exit(plans_main())
+    sys.exit(run_command(plans_main))

@@ -18,7 +18,6 @@ A JSON line per stage and a table; deterministic for a seed, on the CPU or CUDA.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,7 +33,7 @@ from downstream import metrics, patches
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import STAGE_NAMES, STAGE_REDUCTIONS
-from preprocessing.runner import positive_float
+from preprocessing.runner import command_parser, entry, positive_float, run_command
 
 PRESENT = 0.01  # an organ is "in the patch" when it covers at least this share of its voxels
 
@@ -433,16 +432,16 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Probe a DeSD encoder")
+    parser = command_parser("Probe a DeSD encoder")
     parser.add_argument("--data_dir", required=True, help="A labelled set (Decathlon layout, dataset.json).")
     parser.add_argument("--checkpoint", default="", help="DeSD checkpoint whose teacher backbone is probed.")
     parser.add_argument("--random", action="store_true", help="Probe a random initialisation instead (the baseline).")
-    parser.add_argument("--arch", default="res3d50", choices=list_models())
+    parser.add_argument("--arch", default="res3d50", choices=list_models(), help="The encoder's depth (the checkpoint's).")
     parser.add_argument("--spacing", default=1.0, type=positive_float, help="The pretraining spacing in mm.")
     parser.add_argument("--patch", default=(16, 64, 64), type=int, nargs=3, help="Patch (depth, rows, cols).")
-    parser.add_argument("--patches_per_case", default=24, type=int)
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--patches_per_case", default=24, type=int, help="Patches drawn from each labelled case.")
+    parser.add_argument("--seed", default=0, type=int, help="Seed of the patches, the case draws and the random encoder.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where the encoder and heads run.")
     parser.add_argument("--json", default="", help="Also write the results here.")
     args = parser.parse_args(argv)
     if bool(args.checkpoint) == args.random:
@@ -458,5 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from preprocessing.files import remove_stale_partials, write_atomic
-from preprocessing.runner import JobResult, make_output_dir, run_jobs, spacing_warnings, summarise
+from preprocessing.runner import JobResult, command_parser, entry, make_output_dir, run_command, run_jobs, spacing_warnings, summarise
 
 HU_OFFSET = 32768
 CSV_COLUMNS = (
@@ -191,7 +191,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argparse.ArgumentParser("DeepLesion PNG -> NIfTI", parents=[get_args_parser()]).parse_args(argv)
+    args = command_parser("DeepLesion PNG -> NIfTI", parents=[get_args_parser()]).parse_args(argv)
     png_dir = args.png_dir or os.path.join(args.data_root, "Images_png")
     csv_path = args.csv or os.path.join(args.data_root, "DL_info.csv")
     out_dir = args.out_dir or os.path.join(args.data_root, "Images_nifti")
@@ -219,5 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     return summarise(results, f"sub-volumes in {out_dir}")
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -38,7 +38,17 @@ from preprocessing import dicom
 from preprocessing.dicom import Series
 from preprocessing.files import remove_stale_partials, split_ending, write_atomic
 from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES, ras_affine, reorient
-from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, spacing_warnings, summarise
+from preprocessing.runner import (
+    JobResult,
+    command_parser,
+    entry,
+    make_output_dir,
+    nifti_problem,
+    run_command,
+    run_jobs,
+    spacing_warnings,
+    summarise,
+)
 
 NIFTI = (".nii", ".nii.gz")
 
@@ -114,12 +124,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in_dir", required=True, help="A folder of NIfTI volumes, or of DICOM series (one series a folder).")
     parser.add_argument("--data_root", default="data/MyCT", help="Where Images_nifti/ is written (the later steps' --data_root).")
     parser.add_argument("--out_dir", default=None, help="Default: <data_root>/Images_nifti.")
-    parser.add_argument("--workers", default=1, type=int)
+    parser.add_argument("--workers", default=1, type=int, help="Volumes converted at once (one process each).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argparse.ArgumentParser("Own CT -> NIfTI in the pretraining orientation", parents=[get_args_parser()]).parse_args(argv)
+    args = command_parser("Own CT -> NIfTI in the pretraining orientation", parents=[get_args_parser()]).parse_args(argv)
     out_dir = args.out_dir or os.path.join(args.data_root, "Images_nifti")
     if not os.path.isdir(args.in_dir):
         problem = "is a file, not a folder" if os.path.exists(args.in_dir) else "does not exist"
@@ -140,5 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     return summarise(results, f"volumes in {out_dir}")
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -36,7 +36,18 @@ import SimpleITK as sitk
 from preprocessing.files import remove_stale_partials, write_atomic
 from preprocessing.network_input import HU_RANGE
 from preprocessing.resample import edge_aligned_positions, resample_axes
-from preprocessing.runner import JobResult, make_output_dir, nifti_problem, positive_float, run_jobs, spacing_warnings, summarise
+from preprocessing.runner import (
+    JobResult,
+    command_parser,
+    entry,
+    make_output_dir,
+    nifti_problem,
+    positive_float,
+    run_command,
+    run_jobs,
+    spacing_warnings,
+    summarise,
+)
 
 MAX_SIDE = 1024  # a resampled axis longer than this is seldom a CT sub-volume
 
@@ -144,7 +155,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argparse.ArgumentParser("Resample to 1 mm", parents=[get_args_parser()]).parse_args(argv)
+    args = command_parser("Resample to 1 mm", parents=[get_args_parser()]).parse_args(argv)
     in_dir = args.in_dir or os.path.join(args.data_root, "Images_nifti")
     out_dir = args.out_dir or os.path.join(args.data_root, "Images_nifti_spacing")
     if not os.path.isdir(in_dir):
@@ -164,5 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     return summarise(results, f"volumes in {out_dir}")
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

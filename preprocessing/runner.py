@@ -1,12 +1,15 @@
 """What the three preprocessing scripts share besides atomic writes (`files`): a check that a
 NIfTI file is complete, a parallel job runner with a tqdm bar whose workers die with it, and
-the closing summary (written / skipped / failed, with reasons, and warnings); and the
-command-line checks that every command shares (`positive_float`)."""
+the closing summary (written / skipped / failed, with reasons, and warnings); and what every
+command of the project shares on the command line: its parser (`command_parser`: named as it
+was called, defaults in the help, `--version`), the way it ends (`run_command`: a known error
+as one `error: ...` line and exit status 1, Ctrl-C quietly with 130), `positive_float`."""
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.metadata
 import math
 import multiprocessing
 import os
@@ -21,6 +24,53 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
+
+
+def version() -> str:
+    """The project's version, as installed (`make install` installs it editable)."""
+    try:
+        return importlib.metadata.version("desd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: make install)"
+
+
+def command_parser(description: str, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    """A command's parser: its usage names the program as it was called (`desd-predict`, or
+    `predict.py`), the help shows every default, and `--version` answers."""
+    parser = argparse.ArgumentParser(
+        description=description, parents=list(parents), add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    return parser
+
+
+KNOWN_ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # what the project raises with a message naming the file or flag
+
+
+def run_command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a command's `main(argv)`: a known error ends as one `error: ...` line on stderr with exit
+    status 1 (DESD_DEBUG=1 shows the traceback instead); Ctrl-C ends quietly with 130."""
+    try:
+        return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as stop:
+        if isinstance(stop.code, str):  # a refusal raised as SystemExit("message")
+            print(f"error: {stop.code}", file=sys.stderr)
+            return 1
+        raise
+    except KNOWN_ERRORS as err:
+        if os.environ.get("DESD_DEBUG", "0") not in ("", "0"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() quotes its message
+        print(f"error: {message} (DESD_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
+
+
+def entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """The installed command (`[project.scripts]`) of a module's `main`, run by `run_command`."""
+    return lambda argv=None: run_command(main, argv)
 
 
 def positive_float(s: str) -> float:

@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from preprocessing.files import remove_stale_partials, split_ending, write_atomic
-from preprocessing.runner import JobResult, make_output_dir, nifti_problem, run_jobs, summarise
+from preprocessing.runner import JobResult, command_parser, entry, make_output_dir, nifti_problem, run_command, run_jobs, summarise
 
 TILE, STRIDE, MAX_ROWS = 24, 12, 320
 KEEP_FROM, KEEP_TO = 0.1, 0.9  # the central 80% of rows and columns
@@ -179,7 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argparse.ArgumentParser("Split into 24-slice patches", parents=[get_args_parser()]).parse_args(argv)
+    args = command_parser("Split into 24-slice patches", parents=[get_args_parser()]).parse_args(argv)
     in_dir = args.in_dir or os.path.join(args.data_root, "Images_nifti_spacing")
     out_dir = os.path.join(args.data_root, args.patch_folder)
     if not os.path.isdir(in_dir):
@@ -202,5 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -20,7 +20,6 @@ fine-tuning.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -35,6 +34,7 @@ from scipy import ndimage as ndi
 
 from preprocessing.DL_save_nifti import CSV_COLUMNS, HU_OFFSET, nih_affine
 from preprocessing.files import write_atomic
+from preprocessing.runner import command_parser, run_command
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 TRUNK_MM = 460.0  # lung apex (z = 0) to pelvis
@@ -395,7 +395,7 @@ def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Synthetic DeepLesion")
+    parser = command_parser("Synthetic DeepLesion")
     parser.add_argument("--out", default="data/SyntheticDeepLesion", help="Data root to create (Images_png/, DL_info.csv).")
     parser.add_argument("--patients", default=4, type=int, help="Patients; each has 1-2 studies of 1-2 series.")
     parser.add_argument("--size", default=512, type=int, help="Image side in pixels (DeepLesion: 512).")
@@ -420,4 +420,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -117,7 +117,7 @@ def test_an_output_dir_that_is_a_file_is_named_for_every_trainer(tmp_path, patch
         run_main_desd(["--data_path", patch_root, "--output_dir", str(taken), *TINY_TRAIN_ARGS])
     write_cube_task(str(tmp_path / "task"), n=3)
     with pytest.raises(NotADirectoryError, match=r"--output_dir '.*taken' is a file, not a folder"):
-        finetune.cli(["--data_dir", str(tmp_path / "task"), "--output_dir", str(taken), "--device", "cpu"])
+        finetune.run(["--data_dir", str(tmp_path / "task"), "--output_dir", str(taken), "--device", "cpu"])
     with pytest.raises(NotADirectoryError, match=r"--out '.*taken' is a file, not a folder"):
         evaluate.main(["--config", "smoke", "--out", str(taken)])
     assert taken.read_text() == "a file"

@@ -8,16 +8,16 @@ the others are still printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 from downstream.metrics import dice_table
+from preprocessing.runner import command_parser, entry, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("desd-compare-dice", description="Print the per-class Dice of several fine-tuning runs side by side.")
+    parser = command_parser("Print the per-class Dice of several fine-tuning runs side by side.")
     parser.add_argument("results", nargs="+", metavar="LABEL=DICE_JSON", help="A run's dice.json, with a column label before '='.")
     args = parser.parse_args(argv)
     columns, names, status = {}, None, 0
@@ -49,5 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -17,6 +17,7 @@ import sys
 
 import utils
 from models.pretrained import PREFIX, checkpoint_arch, read_checkpoint, teacher_backbone
+from preprocessing.runner import command_parser, entry, run_command
 
 
 def export_teacher(checkpoint: str, out: str) -> int:
@@ -34,7 +35,7 @@ def export_teacher(checkpoint: str, out: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Export a DeSD teacher backbone")
+    parser = command_parser("Export a DeSD teacher backbone")
     parser.add_argument("checkpoint", help="A pretraining checkpoint (checkpoint.pth), or the released DeSD file.")
     parser.add_argument("out", help="Where to write the backbone-only checkpoint.")
     args = parser.parse_args(argv)
@@ -49,5 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -11,7 +11,6 @@ size before it replaces anything; `torch.jit.load(path, _extra_files={"desd.json
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import torch
 
 from predict import load_model
 from preprocessing import files
+from preprocessing.runner import command_parser, entry, run_command
 
 
 def our_export(path: str) -> bool:
@@ -76,7 +76,7 @@ def export_torchscript(run: str, out: str, tolerance: float = 1e-4, overwrite: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Export a fine-tuned DeSD segmentation network as TorchScript")
+    parser = command_parser("Export a fine-tuned DeSD segmentation network as TorchScript")
     parser.add_argument("run", help="A fine-tuning output folder or its best.pth.")
     parser.add_argument("out", help="The TorchScript file to write (.pt).")
     parser.add_argument("--overwrite", action="store_true", help="Write over an existing file that this tool did not write.")
@@ -86,5 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

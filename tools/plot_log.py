@@ -13,17 +13,17 @@ minute, and after the last) to keep `curves.png` next to their log.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from preprocessing.runner import command_parser, entry, run_command
 from utils import plot_logs, read_log
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("Plot training logs")
+    parser = command_parser("Plot training logs")
     parser.add_argument("logs", nargs="+", help="log.txt files of pretraining or fine-tuning runs.")
-    parser.add_argument("--out", default="curves.png")
+    parser.add_argument("--out", default="curves.png", help="The PNG to write.")
     parser.add_argument("--labels", nargs="*", default=None, help="One label per log (default: its folder's name).")
     args = parser.parse_args(argv)
     for path in args.logs:
@@ -35,5 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

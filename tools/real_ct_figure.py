@@ -10,7 +10,6 @@ The labels are TotalSegmentator's predictions, not manual ground truth.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import os
 import shutil
@@ -21,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from preprocessing import ct_to_nifti
+from preprocessing.runner import command_parser, entry, run_command
 
 SHOWN = ("liver", "spleen", "kidney_right", "kidney_left", "stomach", "aorta", "vertebrae_L1", "pancreas", "gallbladder")
 
@@ -44,7 +44,7 @@ def converted(path: str, work: str, name: str) -> nib.Nifti1Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("real_ct_figure", description="A real abdomen CT after conversion, with its reference labels.")
+    parser = command_parser("A real abdomen CT after conversion, with its reference labels.")
     default = os.environ.get("DESD_REALCT") or os.path.join(os.path.expanduser("~"), ".cache", "desd", "realct")
     parser.add_argument("--realct", default=default, help="Where `make realct` put the reference scans.")
     parser.add_argument("--out", default="docs/real_ct.png", help="The PNG to write.")
@@ -94,5 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = entry(main)  # the installed command
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))
