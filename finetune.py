@@ -47,8 +47,7 @@ from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import last_stage_shape
 from models.segmentation import Res3DSegmentation
-from preprocessing import files
-from preprocessing.runner import command_parser, entry, positive_float, run_command
+from preprocessing.runner import command_parser, entry, parse_with_config, positive_float, run_command
 
 # the settings a rerun must share with the run already in its output folder
 RUN_SETTINGS = (
@@ -59,6 +58,7 @@ RUN_SETTINGS = (
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DeSD fine-tuning", add_help=False)
+    parser.add_argument("--config", default="", help="A JSON file of flag values (a run's args.json); flags on the command line win.")
     group = parser.add_argument_group("data")
     group.add_argument("--data_dir", required=True, help="An MSD or nnU-Net v2 dataset folder (with dataset.json).")
     group.add_argument(
@@ -279,15 +279,8 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     device = utils.init_distributed_mode(args)
-    lock = None
-    if utils.is_main_process():  # one live run per output folder, checked for writing before the lock
-        files.prepare_output_folder(args.output_dir, "--output_dir")
-        lock = utils.RunLock(args.output_dir).acquire()
-    try:
+    with utils.output_folder(args.output_dir, main=utils.is_main_process()):  # checked, locked, console.log
         return fine_tune(args, device)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def train_one_epoch(model, loader, optimizer, lr_schedule, epoch: int, iters: int, ignore, args, device, progress: dict) -> float:
@@ -432,7 +425,7 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     """The command line (`python finetune.py ...`, or the `desd-finetune` command)."""
-    main(command_parser("DeSD fine-tuning", parents=[get_args_parser()]).parse_args(argv))
+    main(parse_with_config(command_parser("DeSD fine-tuning", parents=[get_args_parser()]), argv))
     return 0
 
 

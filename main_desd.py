@@ -42,11 +42,17 @@ from models import DeSDStudent, DeSDTeacher, create_model, list_models
 from models.pretrained import PREFIX, check_layer1_shortcut
 from models.res3d import last_stage_shape
 from preprocessing import files
-from preprocessing.runner import command_parser, entry, run_command
+from preprocessing.runner import command_parser, entry, parse_with_config, run_command
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DeSD", add_help=False)
+    parser.add_argument(
+        "--config",
+        default="",
+        help="A JSON file of flag values (a run's args.json, or recipes/desd_res3d50.json, the published setting); "
+        "flags on the command line win.",
+    )
 
     # Model parameters
     group = parser.add_argument_group("model")
@@ -315,15 +321,8 @@ def autocast_context(args: argparse.Namespace, device: torch.device):
 def train_desd(args: argparse.Namespace) -> None:
     validate_args(args)
     device = utils.init_distributed_mode(args)
-    lock = None
-    if utils.is_main_process():  # one live run per output folder, checked for writing before the lock
-        files.prepare_output_folder(args.output_dir, "--output_dir")
-        lock = utils.RunLock(args.output_dir).acquire()
-    try:
+    with utils.output_folder(args.output_dir, main=utils.is_main_process()):  # checked, locked, console.log
         run_training(args, device)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def run_training(args: argparse.Namespace, device: torch.device) -> None:
@@ -376,7 +375,7 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
         fp16_scaler=fp16_scaler,
         **schedules,
         iters_per_epoch=iters_per_epoch,
-        trend=CollapseTrend(args.out_dim),
+        trend=CollapseTrend(args.out_dim, args=args),
         curves=utils.Curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png")),
     )
     writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
@@ -556,7 +555,7 @@ def write_logs(run: TrainingRun, epoch: int, train_stats: dict, writer) -> None:
             writer.add_scalar(key, value, epoch)
         writer.flush()
     if epoch > 0:  # every run starts near ln(out_dim)
-        warn_if_collapsing(train_stats, args.out_dim)
+        warn_if_collapsing(train_stats, args.out_dim, args)
     trend = run.trend.warning()
     if trend:
         print(trend)
@@ -666,7 +665,16 @@ def report_teacher_init_share(momentum_schedule, limit: float = 0.1) -> None:
         )
 
 
-def slow_collapse_warning(entropy: list[float], kl: list[float], out_dim: int, min_rise: float = 0.02) -> str | None:
+def advice(args: argparse.Namespace | None, *tips: tuple[str, str, object]) -> str:
+    """The tips whose flag the run has not already set to the advised value: each tip is (text,
+    flag, advised value); a value of None, or no `args`, always keeps the tip."""
+    kept = [text for text, flag, value in tips if args is None or value is None or getattr(args, flag, None) != value]
+    return ", ".join(kept[:-1]) + (" or " if len(kept) > 1 else "") + kept[-1] if kept else "(the run already has every usual remedy)"
+
+
+def slow_collapse_warning(
+    entropy: list[float], kl: list[float], out_dim: int, min_rise: float = 0.02, args: argparse.Namespace | None = None
+) -> str | None:
     """The slow collapse toward a uniform teacher, from the trend of a window of progress
     points: the teacher entropy rises (by more than `min_rise` of ln(out_dim) between the
     window's first and second half) while the KL between teacher and student falls, so the
@@ -683,8 +691,16 @@ def slow_collapse_warning(entropy: list[float], kl: list[float], out_dim: int, m
     return (
         f"WARNING: over the last {n} progress points the teacher entropy rose from {e0:.3f} to {e1:.3f} (uniform: ln(out_dim) = "
         f"{uniform:.3f}) while the KL between teacher and student fell from {k0:.3f} to {k1:.3f}: the student is following a teacher "
-        "that flattens toward uniform (a slow collapse). Try a lower learning rate or --optimizer sgd, a sharper teacher "
-        "(a lower --teacher_temp), gradient clipping (--clip_grad 3), or a larger batch."
+        "that flattens toward uniform (a slow collapse). Try "
+        + advice(
+            args,
+            ("a lower learning rate", "lr", None),
+            ("--optimizer sgd", "optimizer", "sgd"),
+            ("a sharper teacher (a lower --teacher_temp)", "teacher_temp", None),
+            ("gradient clipping (--clip_grad 3)", "clip_grad", 3.0),
+            ("a larger batch", "batch_size_per_gpu", None),
+        )
+        + "."
     )
 
 
@@ -694,6 +710,7 @@ class CollapseTrend:
 
     out_dim: int
     window: int = 10
+    args: argparse.Namespace | None = None  # the run's flags: advice skips what it already has
     entropy: list = dataclasses.field(default_factory=list)
     kl: list = dataclasses.field(default_factory=list)
 
@@ -703,18 +720,25 @@ class CollapseTrend:
 
     def warning(self) -> str | None:
         """The slow-collapse warning once the window is full (the first steps' rise is the warm-up's)."""
-        return slow_collapse_warning(self.entropy, self.kl, self.out_dim) if len(self.entropy) == self.window else None
+        return slow_collapse_warning(self.entropy, self.kl, self.out_dim, args=self.args) if len(self.entropy) == self.window else None
 
 
-def warn_if_collapsing(stats: dict, out_dim: int) -> None:
+def warn_if_collapsing(stats: dict, out_dim: int, args: argparse.Namespace | None = None) -> None:
     """DINO's failure modes: a uniform teacher (loss at ln(out_dim)) or a one-hot teacher
     (entropy near zero)."""
     uniform = math.log(out_dim)
     if abs(stats["loss"] - uniform) < 0.02 * uniform:
         print(
             f"WARNING: loss {stats['loss']:.3f} sits near ln(out_dim) = {uniform:.3f}: the teacher output looks uniform (collapse). "
-            "Try a sharper teacher (--teacher_temp 0.04), batch norms in the heads (--use_bn_in_head True), a larger batch, "
-            "or a peak learning rate (printed at start) of 1e-3 or more."
+            "Try "
+            + advice(
+                args,
+                ("a sharper teacher (--teacher_temp 0.04)", "teacher_temp", 0.04),
+                ("batch norms in the heads (--use_bn_in_head True)", "use_bn_in_head", True),
+                ("a larger batch", "batch_size_per_gpu", None),
+                ("a peak learning rate (printed at start) of 1e-3 or more", "lr", None),
+            )
+            + "."
         )
     if stats["teacher_entropy"] < 0.01 * uniform:
         print(
@@ -893,7 +917,7 @@ def check_finite(finite: torch.Tensor, epoch: int, it: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The command line (`python main_desd.py ...`, or the `desd-pretrain` command)."""
     parser = command_parser("DeSD pretraining (DINO's self-distillation at every stage of a 3D ResNet)", parents=[get_args_parser()])
-    train_desd(parser.parse_args(argv))
+    train_desd(parse_with_config(parser, argv))
     return 0
 
 

@@ -186,8 +186,12 @@ def draw_overlay(image_zxy: np.ndarray, labels_zxy: np.ndarray, classes: list[st
         ax.imshow(shown, cmap="tab10", vmin=0, vmax=9, alpha=0.45, interpolation="nearest")
         ax.set_title(f"slice {z} of {labels_zxy.shape[0]}", fontsize=9)
         ax.axis("off")
-    if classes:
-        fig.suptitle(", ".join(f"{i + 1}: {name}" for i, name in enumerate(classes)), fontsize=9)
+    if classes:  # the colour key: label k is drawn in tab10's colour k
+        from matplotlib.patches import Patch
+
+        colours = plt.get_cmap("tab10")
+        key = [Patch(color=colours(i + 1), label=f"{i + 1}: {name}") for i, name in enumerate(classes[:9])]
+        fig.legend(handles=key, loc="lower center", ncol=min(len(key), 5), fontsize=8, frameon=False)
     return utils.save_figure(fig, out, dpi=90)
 
 
@@ -271,18 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     model, run_args = load_models(args.model, device)
     images = find_images(args.input)
     check_outputs(images, args.output)
-    files.prepare_output_folder(args.output, "--output")
-    if args.overlay:
-        try:
-            files.prepare_output_folder(os.path.join(args.output, "overlays"), "--overlay True: overlays folder")
-        except OSError as err:  # the label maps matter more than their pictures
-            print(f"WARNING: {err}; writing the label maps without overlays", file=sys.stderr, flush=True)
-            args.overlay = False
-    lock = utils.RunLock(args.output, flag="--output").acquire()  # one live prediction per output folder
-    try:
+    with utils.output_folder(args.output, "--output"):  # checked, locked (one live prediction a folder), console.log
+        if args.overlay:
+            try:
+                files.prepare_output_folder(os.path.join(args.output, "overlays"), "--overlay True: overlays folder")
+            except OSError as err:  # the label maps matter more than their pictures
+                print(f"WARNING: {err}; writing the label maps without overlays", file=sys.stderr, flush=True)
+                args.overlay = False
         return predict_all(model, run_args, images, args, device)
-    finally:
-        lock.release()
 
 
 def predict_all(model, run_args: dict, images: list[str], args: argparse.Namespace, device: torch.device) -> int:

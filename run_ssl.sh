@@ -1,5 +1,6 @@
 #!/bin/sh
-# DeSD pretraining with the published hyperparameters (6 GPUs x 32 patches, 300 epochs).
+# DeSD pretraining with the published hyperparameters (6 GPUs x 32 patches, 300 epochs), which
+# recipes/desd_res3d50.json holds (desd-pretrain --config recipes/desd_res3d50.json reads the same file).
 #
 # Settings from the environment (defaults in brackets):
 #   DATA_PATH [data/DeepLesion]  LIST_PATH [SSL_data_deeplesion.txt]  OUTPUT_DIR [snapshots/DeSD_res3d50]
@@ -45,30 +46,9 @@ $PYTHON -m torch.distributed.run \
   --master_port="$MASTER_PORT" \
   --max_restarts="$MAX_RESTARTS" \
   main_desd.py \
-  --arch res3d50 \
+  --config recipes/desd_res3d50.json \
   --data_path "$DATA_PATH" \
   --list_path "$LIST_PATH" \
   --output_dir "$OUTPUT_DIR" \
   --device "$DEVICE" \
-  --batch_size_per_gpu 32 \
-  --epochs 300 \
-  --optimizer sgd \
-  --lr 0.3 \
-  --min_lr 0.048 \
-  --warmup_epochs 10 \
-  --weight_decay 1e-6 \
-  --weight_decay_end 1e-6 \
-  --clip_grad 0 \
-  --momentum_teacher 0.996 \
-  --out_dim 60000 \
-  --use_bn_in_head True \
-  --norm_last_layer True \
-  --use_fp16 False \
-  --freeze_last_layer 1 \
-  --warmup_teacher_temp 0.04 \
-  --teacher_temp 0.07 \
-  --warmup_teacher_temp_epochs 20 \
-  --local_crops_number 0 \
-  --saveckp_freq 20 \
-  --num_workers 10 \
   "$@"

@@ -21,6 +21,9 @@ from torch import nn
 from models.pretrained import load_checkpoint
 from preprocessing import files
 from preprocessing.files import pid_alive
+from preprocessing.runner import version
+
+__version__ = version()  # the installed project's (pyproject.toml), as `--version` prints it
 
 # ============ command line ============
 
@@ -437,6 +440,58 @@ class RunLock:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
         self.held = False
+
+
+@contextlib.contextmanager
+def output_folder(folder: str, flag: str = "--output_dir", main: bool = True):
+    """Hold `folder` for a run (on the main process; elsewhere nothing): checked for writing
+    before the lock (files.prepare_output_folder), locked (one live run a folder), and the
+    console teed into `<folder>/console.log` while the run lasts."""
+    if not main:
+        yield
+        return
+    files.prepare_output_folder(folder, flag)
+    lock = RunLock(folder, flag=flag).acquire()
+    try:
+        with console_log(folder):
+            yield
+    finally:
+        lock.release()
+
+
+class _Tee:
+    """A console stream that also writes into a log file (progress bars, redrawn with \r, left out)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        if "\r" not in text and not self.log.closed:
+            self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        if not self.log.closed:
+            self.log.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def console_log(folder: str):
+    """Tee stdout and stderr into `<folder>/console.log` (appended, one header line a run)."""
+    import sys
+
+    with open(os.path.join(folder, "console.log"), "a", buffering=1) as log:
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
 
 
 # ============ logging ============

@@ -76,4 +76,6 @@ def dice_table(columns: dict[str, list[float]], names: list[str]) -> str:
     for i, name in enumerate(names):
         lines.append(f"{name:<{width}}" + "".join(f"{v[i]:>14.4f}" for v in values.values()))
     lines.append(f"{'mean':<{width}}" + "".join(f"{mean_or_nan(v):>14.4f}" for v in values.values()))
+    if any(math.isnan(x) for v in values.values() for x in v):
+        lines.append("nan: undefined for that case or class (HD95 needs a surface in both the prediction and the truth)")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.metadata
+import json
 import math
 import multiprocessing
 import os
@@ -42,6 +43,33 @@ def command_parser(description: str, parents=(), add_help: bool = True) -> argpa
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return parser
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv`, where `--config FILE` (a JSON object of flag values, such as a run's
+    args.json or a recipe) supplies the defaults and the command line still wins. Keys that are
+    no flag of the command (a run's rank, world size, ...) are ignored, with one line naming
+    them; a file that cannot be read is a parse error naming it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    path = pre.parse_known_args(argv)[0].config
+    if path:
+        try:
+            with open(path) as f:
+                values = json.load(f)
+            if not isinstance(values, dict):
+                raise ValueError(f"a JSON {type(values).__name__}, not an object of flag values")
+        except (OSError, ValueError) as err:
+            parser.error(f"--config {path!r}: {err}")
+        flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "version", "config")}
+        ignored = sorted(set(values) - set(flags) - {"config"})
+        if ignored:
+            print(f"--config {path}: not flags of this command, ignored: {', '.join(ignored)}", file=sys.stderr)
+        for dest, value in values.items():
+            if dest in flags:
+                flags[dest].required = False  # the file supplies it
+                parser.set_defaults(**{dest: value})
+    return parser.parse_args(argv)
 
 
 KNOWN_ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # what the project raises with a message naming the file or flag

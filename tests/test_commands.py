@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -121,3 +122,36 @@ def test_the_run_scripts_resolve_relative_paths_against_the_callers_folder(tmp_p
     for piece in expected:
         assert piece.format(here=caller) in out.stdout + " ", out.stdout
     assert not os.path.exists(os.path.join(ROOT, "o"))  # nothing created inside the checkout
+
+
+def test_the_published_recipe_is_one_file_that_run_ssl_and_desd_pretrain_read(tmp_path, monkeypatch, capsys):
+    parser = parser_of("desd-pretrain", monkeypatch)
+    monkeypatch.undo()
+    from preprocessing.runner import parse_with_config
+
+    recipe = os.path.join(ROOT, "recipes", "desd_res3d50.json")
+    args = parse_with_config(parser, ["--config", recipe])
+    published = dict(optimizer="sgd", lr=0.3, min_lr=0.048, weight_decay=1e-6, clip_grad=0.0, use_bn_in_head=True, use_fp16=False)
+    published.update(batch_size_per_gpu=32, epochs=300, out_dim=60000, teacher_temp=0.07, warmup_teacher_temp_epochs=20, arch="res3d50")
+    assert {k: getattr(args, k) for k in published} == published
+    assert parse_with_config(parser, ["--config", recipe, "--lr", "0.1"]).lr == 0.1  # the command line wins
+    with open(os.path.join(ROOT, "run_ssl.sh")) as f:
+        assert "--config recipes/desd_res3d50.json" in f.read()
+    run = tmp_path / "args.json"  # a run's args.json: its non-flags are named and ignored
+    run.write_text('{"lr": 0.2, "rank": 3, "world_size": 8}')
+    assert parse_with_config(parser, ["--config", str(run)]).lr == 0.2
+    assert "not flags of this command, ignored: rank, world_size" in capsys.readouterr().err
+    run.write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        parse_with_config(parser, ["--config", str(run)])
+    assert "--config" in capsys.readouterr().err
+
+
+def test_finetune_takes_its_required_data_dir_from_a_config(tmp_path, monkeypatch):
+    parser = parser_of("desd-finetune", monkeypatch)
+    monkeypatch.undo()
+    from preprocessing.runner import parse_with_config
+
+    (tmp_path / "args.json").write_text(json.dumps({"data_dir": "data/Task03_Liver", "epochs": 7}))
+    args = parse_with_config(parser, ["--config", str(tmp_path / "args.json"), "--epochs", "9"])
+    assert args.data_dir == "data/Task03_Liver" and args.epochs == 9

@@ -102,7 +102,7 @@ def test_a_bad_image_is_named_the_others_are_predicted_and_the_exit_status_says_
     (folder / "broken.nii.gz").write_bytes(b"not a volume")
     status = predict.main(["--model", str(trained / "out"), "--input", str(folder), "--output", str(tmp_path / "p"), "--device", "cpu"])
     assert status == 1
-    assert sorted(os.listdir(tmp_path / "p")) == ["c2.nii.gz", "c3.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "p")) == ["c2.nii.gz", "c3.nii.gz", "console.log"]
     err = capsys.readouterr().err
     assert "1 image(s) could not be predicted" in err and "broken.nii.gz" in err
 
@@ -114,7 +114,7 @@ def test_a_two_file_prediction_keeps_no_temporary_name_and_survives_the_clean_up
     sitk.WriteImage(image, str(tmp_path / "c3.mhd"))
     assert predict.main(["--model", str(trained / "out"), "--input", str(tmp_path / "c3.mhd"), "--output", str(tmp_path / "p")]) == 0
     written = sorted(os.listdir(tmp_path / "p"))
-    assert written == ["c3.mhd", "c3.raw"] or written == ["c3.mhd", "c3.zraw"]
+    assert written in (["c3.mhd", "c3.raw", "console.log"], ["c3.mhd", "c3.zraw", "console.log"])
     files.remove_stale_partials(str(tmp_path / "p"))
     assert sitk.ReadImage(str(tmp_path / "p" / "c3.mhd")).GetSize() == image.GetSize()  # its data file is the one it names
 
@@ -165,7 +165,7 @@ def test_an_overlay_picture_is_drawn_on_request_beside_the_label_maps(trained, t
     image = trained / "task" / "imagesTr" / "c3.nii.gz"
     out = tmp_path / "p"
     assert predict.main(["--model", str(trained / "out"), "--input", str(image), "--output", str(out), "--overlay", "True"]) == 0
-    assert sorted(os.listdir(out)) == ["c3.nii.gz", "overlays"] and os.listdir(out / "overlays") == ["c3.png"]
+    assert sorted(os.listdir(out)) == ["c3.nii.gz", "console.log", "overlays"] and os.listdir(out / "overlays") == ["c3.png"]
     picture = Image.open(out / "overlays" / "c3.png")
     assert picture.format == "PNG" and picture.size[0] > 600
 
@@ -292,3 +292,15 @@ def test_an_image_whose_header_spacing_is_absurd_is_refused_before_allocating(tr
     assert predict.main(["--model", str(trained / "out"), "--input", str(path), "--output", str(tmp_path / "p"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "huge.nii.gz: ValueError" in err and "spanning [4000, 4000, 4000] mm" in err and "is the header's spacing right?" in err
+
+
+def test_a_run_keeps_its_console_in_console_log(trained, tmp_path, capsys):
+    image = trained / "task" / "imagesTr" / "c3.nii.gz"
+    label = trained / "task" / "labelsTr" / "c3.nii.gz"
+    for path in (image, label):
+        predict.main(["--model", str(trained / "out"), "--input", str(path), "--output", str(tmp_path / "p"), "--device", "cpu"])
+    log = (tmp_path / "p" / "console.log").read_text()
+    assert log.count("==== ") == 2 and "1 label maps in" in log and "looks like a label map" in log  # stdout and stderr
+    assert "\r" not in log  # no progress bars
+    assert "1 label maps in" in capsys.readouterr().out  # still on the console
+    assert "==== " in (trained / "out" / "console.log").read_text() and "Dice" in (trained / "out" / "console.log").read_text()

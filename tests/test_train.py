@@ -154,6 +154,22 @@ def test_collapse_warnings(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_collapse_advice_skips_what_the_run_already_has(capsys):
+    import argparse
+    import math
+
+    import main_desd
+
+    has = argparse.Namespace(teacher_temp=0.04, use_bn_in_head=True, optimizer="sgd", clip_grad=3.0)
+    main_desd.warn_if_collapsing({"loss": math.log(1000), "teacher_entropy": 3.0}, 1000, has)
+    out = capsys.readouterr().out
+    assert "--use_bn_in_head" not in out and "--teacher_temp 0.04" not in out and "a larger batch" in out
+    main_desd.warn_if_collapsing({"loss": math.log(1000), "teacher_entropy": 3.0}, 1000, argparse.Namespace(teacher_temp=0.07))
+    assert "--use_bn_in_head True" in capsys.readouterr().out
+    warning = main_desd.slow_collapse_warning([1, 1, 2, 2], [2, 2, 1, 1], 10, args=has)
+    assert "--optimizer sgd" not in warning and "--clip_grad 3" not in warning and "a lower learning rate" in warning
+
+
 def test_only_rank_0_prints_and_other_ranks_keep_their_warnings(capsys):
     import builtins
 
