@@ -248,16 +248,6 @@ def check_plans(plans: dict, path: str, hint: str) -> None:
         raise SystemExit(f"{path}: not nnU-Net v2 plans, or damaged: no {', '.join(missing)}; {hint}")
 
 
-def refuse_overwrite(path: str, ours, overwrite: bool) -> None:
-    """Never write over a file this tool did not write (`ours(path)` says whether it did) unless
-    --overwrite is given."""
-    if os.path.exists(path) and not overwrite and not ours(path):
-        raise SystemExit(
-            f"{path} exists and was not written by desd-nnunet-plans (nnU-Net's own, or another file): "
-            "choose another --plans_name / --weights_out, or pass --overwrite"
-        )
-
-
 def desd_plans_file(path: str) -> bool:
     try:
         with open(path) as f:
@@ -310,9 +300,12 @@ def plans_main(argv: list[str] | None = None) -> int:
     weights = ""
     if args.pretrained:
         weights = args.weights_out or os.path.join(pre, f"{args.plans_name}_{args.arch}.pth")
-    refuse_overwrite(path, desd_plans_file, args.overwrite)
-    if weights:
-        refuse_overwrite(weights, desd_weights_file, args.overwrite)
+    try:
+        files.refuse_overwrite(path, desd_plans_file, "plans that desd-nnunet-plans wrote", args.overwrite)
+        if weights:
+            files.refuse_overwrite(weights, desd_weights_file, "a weights file that desd-nnunet-plans wrote", args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(str(err)) from None
     hint = f"run `nnUNetv2_plan_and_preprocess -d {args.dataset} --no_pp` first"
     plans = read_json(source_path, hint)
     check_plans(plans, source_path, hint)

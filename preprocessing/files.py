@@ -7,8 +7,9 @@ renamed over the final name. A killed run thus never leaves a file under the fin
 a rerun would take for finished; it may leave a temporary, which `remove_stale_partials`
 deletes once its writer is gone, while another live run's temporaries are left alone.
 
-Output folders are checked before any lock or work (`prepare_output_folder`), and names taken
-from a flag stay inside their folder (`name_inside`)."""
+Output folders are checked before any lock or work (`prepare_output_folder`), names taken from
+a flag stay inside their folder (`name_inside`), and no file that a tool did not write is
+written over unless told to (`refuse_overwrite`)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,21 @@ def prepare_output_folder(folder: str, flag: str) -> str:
             f"{flag} {folder!r} cannot be written ({err.strerror or err}); nothing was written: give a folder you can write to"
         ) from None
     return folder
+
+
+def refuse_overwrite(path: str, ours: Callable[[str], bool], what: str, overwrite: bool = False) -> None:
+    """Never write over a file that the tool did not write (`ours(path)` tells, from the file's
+    content) unless told to: refused naming the file, `what` the tool writes, and --overwrite."""
+    if os.path.exists(path) and not overwrite and not ours(path):
+        raise FileExistsError(f"{path!r} exists and is not {what}: give another name, or pass --overwrite")
+
+
+def is_png(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def name_inside(folder: str, name: str, flag: str) -> str:

@@ -42,7 +42,7 @@ def test_plans_never_replace_nnunets_own_plans_nor_a_file_they_did_not_write(nnu
     with pytest.raises(SystemExit, match="--plans_name 'nnUNetPlans' is the source plans' name"):
         plans("--plans_name", "nnUNetPlans")
     (nnunet_dirs / "Other.json").write_text('{"someone": "else"}')
-    with pytest.raises(SystemExit, match=r"Other.json exists and was not written by desd-nnunet-plans.*--overwrite"):
+    with pytest.raises(SystemExit, match=r"Other.json' exists and is not plans that desd-nnunet-plans wrote.*--overwrite"):
         plans("--plans_name", "Other")
     assert (nnunet_dirs / "nnUNetPlans.json").read_text() == theirs
     assert (nnunet_dirs / "Other.json").read_text() == '{"someone": "else"}'
@@ -54,7 +54,7 @@ def test_plans_refuse_a_weights_file_they_did_not_write(nnunet_dirs, tmp_path):
     write_teacher(tmp_path / "teacher.pth", "res3d10")
     mine = tmp_path / "precious.pth"
     mine.write_bytes(b"not yours")
-    with pytest.raises(SystemExit, match="precious.pth exists and was not written by desd-nnunet-plans"):
+    with pytest.raises(SystemExit, match="precious.pth' exists and is not a weights file that desd-nnunet-plans wrote"):
         plans("--pretrained", str(tmp_path / "teacher.pth"), "--weights_out", str(mine))
     assert mine.read_bytes() == b"not yours" and not (nnunet_dirs / "nnUNetPlans_DeSD.json").exists()
     assert plans("--pretrained", str(tmp_path / "teacher.pth")) == 0
@@ -280,3 +280,20 @@ def test_the_library_key_names_the_compilers_file_size_and_time(tmp_path):
     first = native_chain._compiler_identity(str(fake))
     os.utime(fake, ns=(1, 1))
     assert first[0] == str(fake) and native_chain._compiler_identity(str(fake)) != first
+
+
+def test_plot_log_never_writes_over_its_log_nor_a_file_that_is_no_picture(tmp_path, capsys):
+    from tools import plot_log
+
+    log = tmp_path / "log.txt"
+    log.write_text('{"epoch": 0, "loss": 1.0}\n')
+    with pytest.raises(SystemExit):
+        plot_log.main([str(log), "--out", str(log)])
+    assert "is the log" in capsys.readouterr().err and log.read_text() == '{"epoch": 0, "loss": 1.0}\n'
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    with pytest.raises(FileExistsError, match="notes.png' exists and is not a picture"):
+        plot_log.main([str(log), "--out", str(notes)])
+    assert notes.read_text() == "not a picture"
+    assert plot_log.main([str(log), "--out", str(tmp_path / "c.png")]) == 0
+    assert plot_log.main([str(log), "--out", str(tmp_path / "c.png")]) == 0  # a picture: replaced

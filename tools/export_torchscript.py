@@ -41,8 +41,7 @@ def check_output(run: str, out: str, overwrite: bool = False) -> None:
         raise IsADirectoryError(f"out {out!r} is a folder: give the file to write (model.pt)")
     if os.path.exists(out) and os.path.exists(checkpoint) and os.path.samefile(out, checkpoint):
         raise ValueError(f"out {out!r} is the fine-tuned checkpoint being exported: give another file name (model.pt)")
-    if os.path.exists(out) and not overwrite and not our_export(out):
-        raise FileExistsError(f"out {out!r} exists and is not a TorchScript export of this tool: give another name, or pass --overwrite")
+    files.refuse_overwrite(out, our_export, "a TorchScript export of this tool", overwrite)
 
 
 def export_torchscript(run: str, out: str, tolerance: float = 1e-4, overwrite: bool = False) -> float:
