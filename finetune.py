@@ -122,6 +122,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--print_every", default=10, type=int, help="Iterations between progress lines within an epoch.")
     group.add_argument("--output_dir", default="finetune_out", help="Where best.pth, checkpoint.pth, log.txt and dice.json go.")
     group.add_argument(
+        "--tensorboard",
+        default=False,
+        type=utils.bool_flag,
+        help="Also write each epoch's scalars for TensorBoard into --output_dir (needs its package: pip install -e '.[tensorboard]').",
+    )
+    group.add_argument(
         "--restart", default=False, type=utils.bool_flag, help="Start over in an output folder whose run had other settings."
     )
     group.add_argument("--seed", default=0, type=int, help="Seed of the split, the decoder's initialisation and the sampling.")
@@ -145,32 +151,39 @@ def patch_augmentation() -> Compose:
     )
 
 
+METRICS = ("dice", "hd95", "nsd")
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, loader, num_classes: int, args: argparse.Namespace, device: torch.device, ignore: int | None = None
-) -> dict[str, list[float]]:
+) -> dict[str, list]:
     """Per-class Dice, HD95 and NSD (mm, background excluded) over whole volumes, by
     sliding-window inference; each process scores its share of the cases and the scores of
     all processes are pooled. A class absent from a case's truth is left out of its means, and
-    voxels labelled `ignore` out of every score."""
+    voxels labelled `ignore` out of every score. "per_case" holds each case's scores, as
+    nnU-Net's summary.json holds them."""
     model.eval()
     spacing = getattr(args, "spacing", 1.0)
     tolerance = getattr(args, "nsd_tolerance", 2.0)
-    scores = [torch.empty(0, 3, num_classes - 1)]
+    scores, cases = [torch.empty(0, 3, num_classes - 1)], []
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
             logits = sliding_window_inference(image, args.patch_size, args.sw_batch_size, model, overlap=args.sw_overlap, mode="gaussian")
         for pred, truth in zip(logits.argmax(1), label[:, 0]):
             scores.append(metrics.case_scores(pred, truth, num_classes, ignore, spacing, tolerance)[None])
+        cases += [{"case": c, "image": p} for c, p in zip(batch["id"], batch["image_path"])]
     scores = torch.cat(scores)
     if utils.is_dist():
         gathered = [None] * utils.get_world_size()
-        dist.all_gather_object(gathered, scores)
-        scores = torch.cat(gathered)
+        dist.all_gather_object(gathered, (scores, cases))
+        scores, cases = torch.cat([s for s, _ in gathered]), [c for _, share in gathered for c in share]
     model.train()
     means = torch.nanmean(scores, dim=0)  # (3, classes - 1)
-    return {name: [float(v) for v in means[i]] for i, name in enumerate(("dice", "hd95", "nsd"))}
+    out: dict[str, list] = {name: [float(v) for v in means[i]] for i, name in enumerate(METRICS)}
+    out["per_case"] = [{**case, **{m: [float(v) for v in s[i]] for i, m in enumerate(METRICS)}} for case, s in zip(cases, scores)]
+    return out
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -320,8 +333,10 @@ def train_one_epoch(model, loader, optimizer, lr_schedule, epoch: int, iters: in
     return float(utils.all_reduce_mean(torch.stack(losses).mean()).item())
 
 
-def write_result(history: list[dict], class_names: list[str], best: float, args: argparse.Namespace, first_epoch: int) -> dict:
-    """dice.json (strict JSON) from the last epoch's scores, and the printed table."""
+def write_result(
+    history: list[dict], class_names: list[str], best: float, args: argparse.Namespace, first_epoch: int, per_case: list | None = None
+) -> dict:
+    """dice.json (strict JSON) from the last epoch's scores, per class and per case, and the printed table."""
     if not history:
         raise RuntimeError(f"{args.output_dir}: no epoch was trained (the checkpoint there is at epoch {first_epoch})")
     last = history[-1]
@@ -334,6 +349,7 @@ def write_result(history: list[dict], class_names: list[str], best: float, args:
             "mean_dice": last.get("mean_dice", math.nan),
             "best_mean_dice": best,
             "nsd_tolerance_mm": args.nsd_tolerance,
+            "per_case": per_case or [],
             "finished": True,
         }
     )
@@ -380,16 +396,18 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
     if ckpt is not None:
         utils.restore(ckpt, ckpt_path, run_variables=to_restore, model=model_without_ddp, optimizer=optimizer)
     best = to_restore["best_mean_dice"]
-    history = []
+    history, per_case = [], []
 
     # ============ training ... ============
     progress = {"start": time.time(), "done": 0, "total": (args.epochs - to_restore["epoch"]) * iters}
     curves = utils.Curves(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "curves.png"))
+    writer = utils.tensorboard_writer(args.output_dir) if args.tensorboard and utils.is_main_process() else None
     for epoch in range(to_restore["epoch"], args.epochs):
         mean_loss = train_one_epoch(model, train_loader, optimizer, lr_schedule, epoch, iters, data.ignore, args, device, progress)
         record = {"epoch": epoch, "train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1:
             scores = evaluate(model_without_ddp, val_loader, num_classes, args, device, data.ignore)
+            per_case = scores["per_case"]
             record.update({f"dice_{n}": d for n, d in zip(class_names, scores["dice"])}, mean_dice=metrics.mean_or_nan(scores["dice"]))
             record.update({f"hd95_{n}": d for n, d in zip(class_names, scores["hd95"])})
             record.update({f"nsd_{n}": d for n, d in zip(class_names, scores["nsd"])})
@@ -405,6 +423,11 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
             print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f"  lr {record['lr']:.2e}", flush=True)
             utils.append_json_line(os.path.join(args.output_dir, "log.txt"), utils.strict_json(record))
             curves.update(last_epoch=epoch == args.epochs - 1)
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "epoch" and isinstance(value, int | float) and math.isfinite(value):
+                        writer.add_scalar(key, value, epoch)
+                writer.flush()
             state = {
                 "model": model_without_ddp.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -416,7 +439,7 @@ def fine_tune(args: argparse.Namespace, device: torch.device) -> dict:
         history.append(record)
 
     # ============ reporting ... ============
-    result = write_result(history, class_names, best, args, to_restore["epoch"]) if utils.is_main_process() else {}
+    result = write_result(history, class_names, best, args, to_restore["epoch"], per_case) if utils.is_main_process() else {}
     if utils.is_dist():
         dist.barrier()
         dist.destroy_process_group()

@@ -96,7 +96,8 @@ class PatchDataset:
 
 class VolumeDataset:
     """Whole preprocessed volumes for validation: {"image" float32, "label" uint8} of shape
-    (1, z, x, y), read from the cache (no resampling at each validation)."""
+    (1, z, x, y), read from the cache (no resampling at each validation), with the case's
+    "id" and "image_path"."""
 
     def __init__(self, records: list[dict]):
         self.records = records
@@ -112,4 +113,5 @@ class VolumeDataset:
             "image": torch.from_numpy(np.load(record["image"]))[None],
             "label": torch.from_numpy(np.load(record["label"]))[None],
             "image_path": record["source"],
+            "id": record["id"],
         }

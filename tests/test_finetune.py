@@ -120,7 +120,10 @@ def test_dice_of_hand_made_masks():
             return logits
 
     args = argparse.Namespace(patch_size=(4, 8, 8), sw_batch_size=1, sw_overlap=0.0, use_bf16=False, spacing=1.0, nsd_tolerance=0.5)
-    metrics = finetune.evaluate(Fixed(), [{"image": torch.zeros(1, 1, 4, 8, 8), "label": truth}], 3, args, torch.device("cpu"))
+    batch = {"image": torch.zeros(1, 1, 4, 8, 8), "label": truth, "id": ["case7"], "image_path": ["imagesTr/case7.nii.gz"]}
+    metrics = finetune.evaluate(Fixed(), [batch], 3, args, torch.device("cpu"))
+    (case,) = metrics["per_case"]  # nnU-Net's summary.json keeps each case's metrics too
+    assert case["case"] == "case7" and case["image"] == "imagesTr/case7.nii.gz" and case["dice"] == pytest.approx(metrics["dice"])
     assert metrics["dice"][0] == pytest.approx(2 * 64 / (128 + 64))
     assert metrics["dice"][1] == pytest.approx(1.0)
     assert metrics["hd95"][1] == pytest.approx(0.0) and metrics["nsd"][1] == pytest.approx(1.0)  # a perfect class
@@ -156,11 +159,13 @@ def test_a_rerun_of_a_finished_run_prints_its_result_and_touches_nothing_and_oth
     text = (tmp_path / "out" / "dice.json").read_text()
     result = json.loads(text)  # strict JSON: json.loads would accept NaN, so check the text too
     assert "NaN" not in text and result["finished"] and set(result) >= {"dice", "hd95", "nsd", "classes"}
-    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert [c["case"] for c in result["per_case"]] and len(result["per_case"][0]["dice"]) == len(result["classes"])
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir() if p.name != "console.log"}
     capsys.readouterr()
     assert finetune.main(tiny_args(tmp_path)) == first
     assert "holds a finished run with these settings" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir() if p.name != "console.log"} == stamps
+    assert "holds a finished run" in (tmp_path / "out" / "console.log").read_text()  # the rerun's console is logged, nothing else
     with pytest.raises(ValueError, match=r"other settings: lr 0.0003 \(this run: 0.001\)"):
         finetune.main(tiny_args(tmp_path, "--lr", "1e-3"))
     finetune.main(tiny_args(tmp_path, "--lr", "1e-3", "--restart", "True"))
@@ -292,3 +297,24 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_the_cache_names_an_un
     (tmp_path / "file").write_text("")
     with pytest.raises(PermissionError, match=r"cannot write the preprocessed cache .*--preprocessed_dir"):
         cache.build(labelled.read_dataset(str(tmp_path / "task")).cases, 2.0, str(tmp_path / "file" / "cache"))
+
+
+def test_tensorboard_gets_each_epochs_scalars_when_asked(tmp_path, monkeypatch):
+    import utils
+
+    written = []
+
+    class Writer:  # stands in for SummaryWriter (the tensorboard package is an optional extra)
+        def __init__(self, folder):
+            self.folder = folder
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(utils, "tensorboard_writer", Writer)
+    write_cube_task(str(tmp_path / "task"), n=3)
+    finetune.main(tiny_args(tmp_path, "--epochs", "2", "--tensorboard", "True"))
+    assert {("train_loss", 0), ("train_loss", 1), ("mean_dice", 1), ("lr", 0)} <= set(written)

@@ -47,7 +47,9 @@ class _Oracle(torch.nn.Module):
 
 def test_validation_with_an_ignore_label_gives_a_perfect_prediction_dice_one():
     label = _truth_with_ignore()
-    loader = [{"image": torch.zeros(1, 1, 12, 12, 12), "label": label[None, None].to(torch.uint8)}]
+    loader = [
+        {"image": torch.zeros(1, 1, 12, 12, 12), "label": label[None, None].to(torch.uint8), "id": ["c0"], "image_path": ["c0.nii.gz"]}
+    ]
     args = argparse.Namespace(patch_size=[12, 12, 12], sw_batch_size=1, sw_overlap=0.0, use_bf16=False, spacing=1.0, nsd_tolerance=2.0)
     scores = finetune.evaluate(_Oracle(label), loader, 3, args, torch.device("cpu"), ignore=3)
     assert scores["dice"] == [1.0, 1.0] and scores["nsd"] == [1.0, 1.0]
