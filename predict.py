@@ -147,16 +147,41 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch, overlap: float =
     return total / len(flips)
 
 
-def to_input_grid(labels_zxy: np.ndarray, grid_affine, input_grid: tuple, path: str) -> sitk.Image:
-    """The label map (z, x, y) on the network's grid (`grid_affine`, of its (x, y, z) order)
-    back on the input image's voxel grid (`input_grid`: shape and affine, as read), by nearest
-    neighbour (separable: the grids' axes are parallel), with the geometry of the file at
-    `path` (read from its header)."""
+def finer_than(input_grid: tuple, grid_affine) -> bool:
+    """Whether the input's voxels are smaller than the network grid's along any axis."""
+    shape, affine = input_grid
+    spacing_in = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    spacing_net = np.linalg.norm(np.asarray(grid_affine, dtype=np.float64)[:3, :3], axis=0)
+    return bool(spacing_in.min() < spacing_net.min() - 1e-6)
+
+
+def to_input_grid(
+    probs_czxy: np.ndarray, grid_affine, input_grid: tuple, path: str, resample_probabilities: bool | None = None
+) -> sitk.Image:
+    """The label map of the class probabilities (C, z, x, y) on the network's grid (`grid_affine`,
+    of its (x, y, z) order) on the input image's voxel grid (`input_grid`: shape and affine, as
+    read), with the geometry of the file at `path` (read from its header). Where the input is
+    finer than the network's grid, each class's probability is resampled (linear) before the
+    argmax, as nnU-Net does, one class at a time (memory: two input-grid arrays, whatever the
+    number of classes); elsewhere the argmax is taken first and moved by nearest neighbour.
+    Separable: the grids' axes are parallel. `resample_probabilities` forces either way."""
     from preprocessing.resample import resample_to_grid
 
     shape, affine = input_grid
-    net_xyz = labels_zxy.astype(np.uint8, copy=False).transpose(1, 2, 0)  # (x, y, z), a view
-    out_xyz = resample_to_grid(net_xyz, np.asarray(grid_affine, dtype=np.float64), np.asarray(affine, dtype=np.float64), shape, order=0)
+    src, dst = np.asarray(grid_affine, dtype=np.float64), np.asarray(affine, dtype=np.float64)
+    if finer_than(input_grid, grid_affine) if resample_probabilities is None else resample_probabilities:
+        best = labels = None
+        for c, prob in enumerate(probs_czxy):
+            p = resample_to_grid(prob.transpose(1, 2, 0), src, dst, shape, order=1)  # (x, y, z)
+            if best is None:
+                best, labels = p, np.zeros(p.shape, np.uint8)
+            else:
+                better = p > best
+                labels[better], best[better] = c, p[better]
+        out_xyz = labels
+    else:
+        net_xyz = probs_czxy.argmax(0).astype(np.uint8).transpose(1, 2, 0)  # (x, y, z), a view
+        out_xyz = resample_to_grid(net_xyz, src, dst, shape, order=0)
     result = sitk.GetImageFromArray(np.ascontiguousarray(out_xyz.transpose(2, 1, 0)))  # (x, y, z) -> SimpleITK's (z, y, x)
     header = sitk.ImageFileReader()
     header.SetFileName(path)
@@ -208,8 +233,9 @@ def predict_file(
     grid_affine = item["image"].affine  # the network's grid, before the depth-first transpose
     image = Compose(labelled.network_layout(("image",)))(item)["image"]
     probs = segment(model, image[None].to(device), tuple(run_args["patch_size"]), overlap, tta)
-    labels_zxy = probs.argmax(1)[0].cpu().numpy()
-    result = to_input_grid(labels_zxy, grid_affine, item["image_input_grid"], path)
+    probs_czxy = probs[0].float().cpu().numpy()
+    labels_zxy = probs_czxy.argmax(0)
+    result = to_input_grid(probs_czxy, grid_affine, item["image_input_grid"], path)
     out = output_path(path, out_dir)
     ext = files.split_ending(out)[1]
     files.write_atomic(out, lambda tmp: sitk.WriteImage(result, tmp, useCompression=ext.endswith(".gz")))

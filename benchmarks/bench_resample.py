@@ -140,11 +140,13 @@ def phase(args) -> dict:
         image = Compose(labelled.network_layout(("image",)))(item)["image"]
         out["preprocess_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        probs = predict.segment(model, image[None], (64, 128, 128), overlap=args.overlap)
-        labels = probs.argmax(1)[0].numpy()
+        probs = predict.segment(model, image[None], (64, 128, 128), overlap=args.overlap)[0].numpy()
         out["network_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        result = predict.to_input_grid(labels, grid_affine, item["image_input_grid"], case["image"])
+        predict.to_input_grid(probs, grid_affine, item["image_input_grid"], case["image"], resample_probabilities=False)
+        out["back_seconds_labels_nearest"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = predict.to_input_grid(probs, grid_affine, item["image_input_grid"], case["image"])  # finer input: probabilities
         out["back_seconds"] = time.perf_counter() - start
         out["output_size"] = list(result.GetSize())
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

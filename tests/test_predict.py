@@ -206,6 +206,36 @@ def test_a_torchscript_export_that_differs_writes_nothing(trained, tmp_path, mon
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fmt, name", [("torchscript", "model.pt"), ("export", "model.pt2")])
+def test_the_plain_torch_loader_of_the_docs_segments_as_predict_does_with_either_export(trained, tmp_path, fmt, name):
+    """The loader in tools/export_torchscript.py's docstring, run as written on both formats: its
+    labels from raw HU equal those of the network on predict's network input."""
+    import re
+
+    import torch
+
+    from tools import export_torchscript
+
+    assert export_torchscript.main([str(trained / "out"), str(tmp_path / name), "--format", fmt]) == 0
+    (snippet,) = re.findall(r"\n    import json, torch\n(.*?)\n\"\"\"", export_torchscript.__doc__ + '"""', flags=re.S)
+    code = "\n".join(line[4:] for line in ("    import json, torch\n" + snippet).splitlines())
+    if fmt == "export":
+        code = code.replace('torch.jit.load("model.pt", _extra_files=extra)', 'torch.export.load("model.pt2", extra_files=extra).module()')
+    model, run_args = predict.load_model(str(trained / "out"), torch.device("cpu"))
+    hu = torch.randn(1, 1, *run_args["patch_size"], generator=torch.Generator().manual_seed(1)) * 600  # beyond the clip too
+    scope = {"hu": hu}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(code, scope)
+    finally:
+        os.chdir(cwd)
+    with torch.no_grad():
+        expected = model(hu.clamp(-1024, 1024) / 1024).argmax(1)
+    assert torch.equal(scope["labels"], expected)
+    assert scope["meta"]["intensity"] == {"clip_hu": [-1024.0, 1024.0], "divide_by": 1024.0} and "(I, P, L)" in scope["meta"]["input"]
+
+
 # ============ refusals: nothing lost, every message names its file or flag ============
 
 
@@ -219,7 +249,7 @@ def test_an_export_never_writes_over_its_checkpoint_nor_a_file_it_did_not_write(
     assert best.read_bytes() == before
     other = tmp_path / "notes.pt"
     other.write_text("someone's file")
-    with pytest.raises(FileExistsError, match=r"notes.pt' exists and is not a TorchScript export.*--overwrite"):
+    with pytest.raises(FileExistsError, match=r"notes.pt' exists and is not an export of this tool.*--overwrite"):
         export_torchscript.main([str(best), str(other)])
     assert other.read_text() == "someone's file"
     out = tmp_path / "model.pt"

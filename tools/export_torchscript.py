@@ -1,12 +1,23 @@
-"""Write a fine-tuned segmentation network as TorchScript, to run without this project's code:
+"""Write a fine-tuned segmentation network to run without this project's code, as TorchScript
+(any input size) or through torch.export (`--format export`: the run's patch size, as sliding-
+window inference feeds it; TorchScript is deprecated in recent torch):
 
     python tools/export_torchscript.py snapshots/finetune_res3d50_desd model.pt
+    python tools/export_torchscript.py snapshots/finetune_res3d50_desd model.pt2 --format export
 
-The file holds the compiled network (input (N, 1, D, H, W) in the pretraining orientation,
-spacing and intensity scaling, as predict.py prepares it; output the class logits on the same
-grid, any size) and, as `desd.json` among its extra files, the run's arch, spacing, patch size
-and classes. It is loaded back and checked against the network on an input of the run's patch
-size before it replaces anything; `torch.jit.load(path, _extra_files={"desd.json": ""})` reads it.
+Beside the network, `desd.json` among the file's extra files holds the run's arch, spacing,
+patch size and classes, and the input contract: CT in HU, in the pretraining orientation (nibabel
+codes P, L, I for x, y, z, then depth first), at `spacing` mm, clipped to `intensity.clip_hu` and
+divided by `intensity.divide_by`; the output is the class logits on the same grid. The file is
+loaded back and checked against the network on an input of the run's patch size before it
+replaces anything. Loading it takes plain torch:
+
+    import json, torch
+    extra = {"desd.json": ""}
+    net = torch.jit.load("model.pt", _extra_files=extra)  # or: torch.export.load("model.pt2", extra_files=extra).module()
+    meta = json.loads(extra["desd.json"])
+    low, high = meta["intensity"]["clip_hu"]
+    labels = net(hu.clamp(low, high) / meta["intensity"]["divide_by"]).argmax(1)  # hu: (N, 1, I, P, L) at meta["spacing"] mm
 """
 
 from __future__ import annotations
@@ -21,14 +32,29 @@ import torch
 
 from predict import load_model
 from preprocessing import files
+from preprocessing.network_input import HU_RANGE, HU_SCALE, PRETRAINING_AXCODES
 from preprocessing.runner import command_parser, entry, run_command
+
+FORMATS = ("torchscript", "export")
+
+
+def contract(args: dict) -> dict:
+    """`desd.json`: the run's arch, spacing, patch size and classes, and the input contract."""
+    meta = {k: args.get(k) for k in ("arch", "spacing", "patch_size", "num_classes", "classes")}
+    meta["input"] = (
+        f"(N, 1, depth, rows, cols): CT in HU at `spacing` mm, reoriented to nibabel codes {tuple(PRETRAINING_AXCODES)} "
+        f"for (x, y, z), then depth first: ({PRETRAINING_AXCODES[2]}, {PRETRAINING_AXCODES[0]}, {PRETRAINING_AXCODES[1]})"
+    )
+    meta["intensity"] = {"clip_hu": list(HU_RANGE), "divide_by": HU_SCALE}
+    meta["output"] = "(N, num_classes, depth, rows, cols) logits on the input's grid; the argmax is the label map (0: background)"
+    return meta
 
 
 def our_export(path: str) -> bool:
-    """Whether `path` is a TorchScript file this tool wrote (a zip archive with `desd.json`)."""
+    """Whether `path` is a file this tool wrote (a zip archive, either format, with `desd.json`)."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(name.endswith("/extra/desd.json") for name in z.namelist())
+            return any(name.endswith("desd.json") for name in z.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
 
@@ -41,23 +67,30 @@ def check_output(run: str, out: str, overwrite: bool = False) -> None:
         raise IsADirectoryError(f"out {out!r} is a folder: give the file to write (model.pt)")
     if os.path.exists(out) and os.path.exists(checkpoint) and os.path.samefile(out, checkpoint):
         raise ValueError(f"out {out!r} is the fine-tuned checkpoint being exported: give another file name (model.pt)")
-    files.refuse_overwrite(out, our_export, "a TorchScript export of this tool", overwrite)
+    files.refuse_overwrite(out, our_export, "an export of this tool", overwrite)
 
 
-def export_torchscript(run: str, out: str, tolerance: float = 1e-4, overwrite: bool = False) -> float:
-    """Compile the network of `run` (a fine-tuning folder or its best.pth) to `out`, atomically;
-    returns the largest difference between the loaded file's output and the network's. Never
-    writes over the run's checkpoint, nor over a file it did not write unless `overwrite`."""
+def export_torchscript(run: str, out: str, tolerance: float = 1e-4, overwrite: bool = False, fmt: str = "torchscript") -> float:
+    """Compile the network of `run` (a fine-tuning folder or its best.pth) to `out` in `fmt`
+    (FORMATS), atomically; returns the largest difference between the loaded file's output and
+    the network's. Never writes over the run's checkpoint, nor over a file it did not write
+    unless `overwrite`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     check_output(run, out, overwrite)
     model, args = load_model(run, torch.device("cpu"))
-    meta = {k: args.get(k) for k in ("arch", "spacing", "patch_size", "num_classes", "classes")}
-    scripted = torch.jit.script(model)
+    extra = {"desd.json": json.dumps(contract(args))}
     x = torch.randn(1, 1, *[int(n) for n in args.get("patch_size") or (16, 64, 64)], generator=torch.Generator().manual_seed(0))
 
     buffer = io.BytesIO()  # the check first, on the bytes the file will hold
-    torch.jit.save(scripted, buffer, _extra_files={"desd.json": json.dumps(meta)})
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer, map_location="cpu")
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(model), buffer, _extra_files=extra)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer, map_location="cpu")
+    else:
+        torch.export.save(torch.export.export(model, (x,)), buffer, extra_files=extra)
+        buffer.seek(0)
+        loaded = torch.export.load(buffer).module()
     with torch.no_grad():
         gap = float((loaded(x) - model(x)).abs().max())
     if not gap <= tolerance:
@@ -75,13 +108,16 @@ def export_torchscript(run: str, out: str, tolerance: float = 1e-4, overwrite: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser("Export a fine-tuned DeSD segmentation network as TorchScript")
+    parser = command_parser("Export a fine-tuned DeSD segmentation network as TorchScript or through torch.export")
     parser.add_argument("run", help="A fine-tuning output folder or its best.pth.")
-    parser.add_argument("out", help="The TorchScript file to write (.pt).")
+    parser.add_argument("out", help="The file to write (.pt for TorchScript, .pt2 for torch.export).")
+    parser.add_argument(
+        "--format", default="torchscript", choices=FORMATS, help="torchscript: any input size; export: the run's patch size."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Write over an existing file that this tool did not write.")
     args = parser.parse_args(argv)
-    gap = export_torchscript(args.run, args.out, overwrite=args.overwrite)
-    print(f"{args.out}: TorchScript, {os.path.getsize(args.out) / 2**20:.1f} MiB; loaded back, it differs from the network by {gap:.2g}")
+    gap = export_torchscript(args.run, args.out, overwrite=args.overwrite, fmt=args.format)
+    print(f"{args.out}: {args.format}, {os.path.getsize(args.out) / 2**20:.1f} MiB; loaded back, it differs from the network by {gap:.2g}")
     return 0
 
 
