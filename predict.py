@@ -83,9 +83,16 @@ def load_models(paths: list[str], device: torch.device) -> tuple[torch.nn.Module
     return model, first
 
 
+def is_dicom_folder(path: str) -> bool:
+    """A folder of DICOM files (one series: predicted as one image)."""
+    from preprocessing.dicom import is_dicom_file
+
+    return os.path.isdir(path) and any(is_dicom_file(os.path.join(path, f)) for f in sorted(os.listdir(path))[:50])
+
+
 def find_images(path: str) -> list[str]:
-    """One image, the images of a folder, or a dataset folder's imagesTs/."""
-    if os.path.isfile(path):
+    """One image, a DICOM series' folder, the images of a folder, or a dataset folder's imagesTs/."""
+    if os.path.isfile(path) or is_dicom_folder(path):
         return [path]
     if os.path.isfile(os.path.join(path, "dataset.json")):
         path = os.path.join(path, "imagesTs")
@@ -109,7 +116,9 @@ def find_images(path: str) -> list[str]:
 
 def output_path(image: str, out_dir: str) -> str:
     """Where the label map of `image` goes: named after the case (nnU-Net's _0000 dropped), in
-    the image's format."""
+    the image's format (NIfTI for a DICOM series, named after its folder)."""
+    if os.path.isdir(image):
+        return os.path.join(out_dir, os.path.basename(os.path.normpath(image)) + ".nii.gz")
     stem, ext = files.split_ending(os.path.basename(image))
     if stem.endswith("_0000"):  # nnU-Net's channel suffix: the prediction is named after the case
         stem = stem[: -len("_0000")]
@@ -183,6 +192,13 @@ def to_input_grid(
         net_xyz = probs_czxy.argmax(0).astype(np.uint8).transpose(1, 2, 0)  # (x, y, z), a view
         out_xyz = resample_to_grid(net_xyz, src, dst, shape, order=0)
     result = sitk.GetImageFromArray(np.ascontiguousarray(out_xyz.transpose(2, 1, 0)))  # (x, y, z) -> SimpleITK's (z, y, x)
+    if os.path.isdir(path):  # a DICOM series: the grid it was read on, from its RAS affine
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ dst
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        result.SetOrigin(tuple(lps[:3, 3]))
+        result.SetSpacing(tuple(spacing))
+        result.SetDirection(tuple((lps[:3, :3] / spacing).ravel()))
+        return result
     header = sitk.ImageFileReader()
     header.SetFileName(path)
     header.ReadImageInformation()

@@ -22,6 +22,23 @@ from tools.tiny_data import TINY_TRAIN_ARGS, write_cube_task, write_patches  # n
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+REALCT = os.environ.get("DESD_REALCT") or os.path.join(os.path.expanduser("~"), ".cache", "desd", "realct")
+
+
+def realct_files() -> str:
+    """The folder of the real reference scans (`make realct`); a test that needs them is skipped
+    where they are missing, except under `make test` (DESD_REQUIRE_REALCT), where it fails."""
+    import pytest
+
+    files = os.path.join(REALCT, "tests", "reference_files")
+    if not os.path.isdir(os.path.join(files, "example_ct_dicom")):
+        message = f"the real CT scans are not in {REALCT}: fetch them with `make realct` (once; about 40 MB through pip)"
+        if os.environ.get("DESD_REQUIRE_REALCT"):
+            raise RuntimeError(message)
+        pytest.skip(message)
+    return files
+
+
 def free_port() -> int:
     """A TCP port free on this host now, for a torchrun rendezvous (no fixed ports: two test
     runs on one machine, or a port some other program holds, must not collide)."""

@@ -334,3 +334,21 @@ def test_a_run_keeps_its_console_in_console_log(trained, tmp_path, capsys):
     assert "\r" not in log  # no progress bars
     assert "1 label maps in" in capsys.readouterr().out  # still on the console
     assert "==== " in (trained / "out" / "console.log").read_text() and "Dice" in (trained / "out" / "console.log").read_text()
+
+
+def test_a_real_jpeg2000_dicom_folder_is_predicted_into_its_own_geometry(trained, tmp_path):
+    """The real series of the reference scans (make realct): its label map has the series' size,
+    spacing, origin and direction, as SimpleITK's own series reader gives them."""
+    from tests.helpers import realct_files
+
+    series = os.path.join(realct_files(), "example_ct_dicom")
+    argv = ["--model", str(trained / "out"), "--input", series, "--output", str(tmp_path / "p"), "--device", "cpu", "--overlay", "True"]
+    assert predict.main(argv) == 0
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(series))
+    ref = reader.Execute()
+    out = sitk.ReadImage(str(tmp_path / "p" / "example_ct_dicom.nii.gz"))
+    assert out.GetSize() == ref.GetSize() == (512, 512, 20)
+    assert np.allclose(out.GetSpacing(), ref.GetSpacing()) and np.allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+    assert np.allclose(out.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert (tmp_path / "p" / "overlays" / "example_ct_dicom.png").exists()

@@ -18,15 +18,14 @@ import SimpleITK as sitk
 from preprocessing import ct_to_nifti
 from preprocessing import re_spacing_ITK as s2
 from preprocessing import splitting_to_patches as s3
-from tests.helpers import TINY_TRAIN_ARGS, run_main_desd
+from tests.helpers import REALCT, TINY_TRAIN_ARGS, realct_files, run_main_desd
 
-REALCT = os.environ.get("DESD_REALCT") or os.path.join(os.path.expanduser("~"), ".cache", "desd", "realct")
 FILES = os.path.join(REALCT, "tests", "reference_files")
-if not os.path.isdir(os.path.join(FILES, "example_ct_dicom")):
-    message = f"the real CT scans are not in {REALCT}: fetch them with `make realct` (once; about 40 MB through pip)"
-    if os.environ.get("DESD_REQUIRE_REALCT"):  # make test never skips them
-        raise RuntimeError(message)
-    pytest.skip(message, allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _scans():
+    realct_files()  # skipped where the scans are missing; under make test (DESD_REQUIRE_REALCT) that fails instead
 
 
 def class_id(name: str) -> int:
