@@ -211,26 +211,27 @@ def split_cases(cases: list[dict], split_file: str = "", fold: int = 0, val_frac
 # ============ reading ============
 
 
-def read_dicom_folder(folder: str) -> sitk.Image:
-    """The one CT series of a DICOM folder, on the grid its slice positions give
-    (preprocessing/dicom.py; its warnings printed); refused unless the folder holds exactly one."""
+def read_dicom_folder(folder: str):
+    """(volume (z, y, x), geometry) of the one CT series of a DICOM folder, on the grid its slice
+    positions give (preprocessing/dicom.py; its warnings printed); refused unless the folder
+    holds exactly one."""
     from preprocessing import dicom
 
     series = [s for s in dicom.scan_folder(folder) if not s.slices or s.modality == "CT"]
     if len(series) != 1:
         raise ValueError(f"{folder}: {len(series)} CT series; a DICOM input folder must hold one (ct_to_nifti.py splits several)")
-    image, warnings = dicom.read_series(series[0])
+    volume, geometry, warnings = dicom.read_series(series[0])
     for line in warnings:
         print(f"WARNING: {line}", flush=True)
-    return image
+    return volume, geometry
 
 
 def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(array in (x, y, z) order, RAS affine) of a NIfTI or any SimpleITK-readable file, or of
     the DICOM series in a folder."""
     if os.path.isdir(path):
-        img = read_dicom_folder(path)
-        return sitk.GetArrayFromImage(img).transpose(2, 1, 0), ras_affine(img)
+        volume, geometry = read_dicom_folder(path)
+        return volume.transpose(2, 1, 0), geometry.ras_affine()
     if path.endswith(NIFTI):
         img = nib.load(path)
         return np.asanyarray(img.dataobj), img.affine

@@ -32,12 +32,11 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from preprocessing import dicom
 from preprocessing.dicom import Series
 from preprocessing.files import remove_stale_partials, split_ending, write_atomic
-from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES, ras_affine, reorient
+from preprocessing.network_input import HU_RANGE, PRETRAINING_AXCODES, reorient
 from preprocessing.runner import (
     JobResult,
     command_parser,
@@ -73,8 +72,8 @@ def find_volumes(in_dir: str, out_dir: str | None = None) -> tuple[list[tuple[st
 def read_source(source: str | Series) -> tuple[np.ndarray, np.ndarray, tuple, list[str]]:
     """(array (x, y, z), RAS affine, spacing, warnings) of a NIfTI file or a DICOM series."""
     if isinstance(source, Series):
-        image, warnings = dicom.read_series(source)
-        return sitk.GetArrayFromImage(image).transpose(2, 1, 0), ras_affine(image), image.GetSpacing(), warnings
+        volume, geometry, warnings = dicom.read_series(source)
+        return volume.transpose(2, 1, 0), geometry.ras_affine(), geometry.spacing, warnings
     problem = nifti_problem(source)
     if problem:
         raise ValueError(problem)
@@ -85,7 +84,10 @@ def read_source(source: str | Series) -> tuple[np.ndarray, np.ndarray, tuple, li
 
 
 def to_hu_int16(arr: np.ndarray) -> tuple[np.ndarray, int]:
-    """The volume as int16 HU, non-finite voxels as air; and how many there were."""
+    """The volume as int16 HU, non-finite voxels as air; and how many there were. An int16
+    volume is returned as it is (no copy)."""
+    if arr.dtype == np.int16:
+        return arr, 0
     arr = np.asarray(arr, dtype=np.float32)
     bad = ~np.isfinite(arr)
     if bad.all():

@@ -160,9 +160,36 @@ def _grid_step(gaps: np.ndarray, tolerance: float) -> float:
     return usual if whole.all() else float(gaps.min())
 
 
-def read_series(series: Series) -> tuple[sitk.Image, list[str]]:
-    """The series as one volume on a regular, orthogonal grid, and the warnings of what was done
-    to get there. Refuses (ValueError) what cannot be read faithfully, naming the series."""
+@dataclass
+class Geometry:
+    """Where a (z, y, x) volume lies: DICOM's LPS origin (mm), spacing (x, y, z) and direction
+    (its columns the x, y and z axes)."""
+
+    origin: np.ndarray
+    spacing: tuple[float, float, float]
+    direction: np.ndarray
+
+    def ras_affine(self) -> np.ndarray:
+        """The RAS affine (nibabel's) of the volume transposed to (x, y, z)."""
+        lps = np.eye(4)
+        lps[:3, :3] = self.direction * np.asarray(self.spacing)
+        lps[:3, 3] = self.origin
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+    def image(self, volume_zyx: np.ndarray) -> sitk.Image:
+        """The volume as a SimpleITK image with this geometry (a copy)."""
+        out = sitk.GetImageFromArray(volume_zyx)
+        out.SetOrigin(tuple(float(v) for v in self.origin))
+        out.SetSpacing(tuple(float(v) for v in self.spacing))
+        out.SetDirection(tuple(float(v) for v in self.direction.ravel()))
+        return out
+
+
+def read_series(series: Series) -> tuple[np.ndarray, Geometry, list[str]]:
+    """The series as one (z, y, x) volume on a regular, orthogonal grid, its geometry, and the
+    warnings of what was done to get there. The stored integer type is kept where nothing is
+    resampled (one copy of the volume in memory); float32 where something is. Refuses
+    (ValueError) what cannot be read faithfully, naming the series."""
     name = str(series)
     if series.unreadable:
         raise ValueError(f"{name}: refused, a file of its folder cannot be read: {series.unreadable[0]}")
@@ -184,15 +211,20 @@ def read_series(series: Series) -> tuple[sitk.Image, list[str]]:
     offsets = np.array([s.position - slices[0].position - (a - along[0]) * normal for s, a in zip(slices, along)])
     shift_xy = np.stack([offsets @ row / sx, offsets @ col / sy], 1)  # in-plane offset of each slice, voxels
 
-    volume = np.empty((len(slices), slices[0].size[1], slices[0].size[0]), np.float32)  # (z, y, x)
+    sheared = float(np.abs(offsets).max()) > max(0.05, 0.1 * min(sx, sy))
+    uneven = float(np.abs(gaps - np.median(gaps)).max()) > tolerance
+    volume = None
     for k, s in enumerate(slices):
         try:
             image = sitk.ReadImage(s.path, imageIO="GDCMImageIO")
-            volume[k] = sitk.GetArrayViewFromImage(image).reshape(volume.shape[1:])
+            pixels = sitk.GetArrayViewFromImage(image)  # a view: valid while `image` lives
+            if volume is None:  # (z, y, x), of the slices' type unless something is resampled
+                kind = pixels.dtype if pixels.dtype.kind in "iu" and not (sheared or uneven) else np.float32
+                volume = np.empty((len(slices), slices[0].size[1], slices[0].size[0]), kind)
+            volume[k] = pixels.reshape(volume.shape[1:])
         except (RuntimeError, ValueError) as err:
             raise ValueError(f"{name}: refused, slice {s.path} cannot be read ({str(err).strip().splitlines()[-1]})") from None
 
-    sheared = float(np.abs(offsets).max()) > max(0.05, 0.1 * min(sx, sy))
     if sheared:
         angle = math.degrees(math.atan2(float(np.linalg.norm(offsets[-1])), float(along[-1] - along[0])))
         from scipy.ndimage import shift
@@ -204,7 +236,6 @@ def read_series(series: Series) -> tuple[sitk.Image, list[str]]:
             f"{name}: slices are sheared along the normal (gantry tilt or shear, {angle:.1f} degrees): "
             "each slice shifted in-plane onto an orthogonal grid (linear)"
         )
-    uneven = float(np.abs(gaps - np.median(gaps)).max()) > tolerance
     if uneven:
         step = _grid_step(gaps, tolerance)
         n = int(round((along[-1] - along[0]) / step)) + 1
@@ -223,11 +254,7 @@ def read_series(series: Series) -> tuple[sitk.Image, list[str]]:
         volume, z_step = resampled, step
     else:
         z_step = float((along[-1] - along[0]) / (len(along) - 1))
-    out = sitk.GetImageFromArray(volume)
-    out.SetOrigin(tuple(float(v) for v in slices[0].position))
-    out.SetSpacing((sx, sy, z_step))
-    out.SetDirection(tuple(float(v) for v in np.stack([row, col, normal], 1).ravel()))
-    return out, warnings
+    return volume, Geometry(np.asarray(slices[0].position, float), (sx, sy, z_step), np.stack([row, col, normal], 1)), warnings
 
 
 def series_in(in_dir: str, skip: str | None = None) -> tuple[list[tuple[str, Series]], list[str]]:
