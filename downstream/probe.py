@@ -33,6 +33,7 @@ from downstream import metrics, patches
 from models import create_model, list_models
 from models.pretrained import load_pretrained_encoder
 from models.res3d import STAGE_NAMES, STAGE_REDUCTIONS
+from preprocessing.network_input import HU_SCALE
 from preprocessing.runner import command_parser, entry, positive_float, run_command
 
 PRESENT = 0.01  # an organ is "in the patch" when it covers at least this share of its voxels
@@ -242,6 +243,20 @@ def intensity_maps(images: torch.Tensor, size) -> torch.Tensor:
     """The no-network features of a coarse voxel: the mean and the mean square of the image
     over it (N, 2, *size)."""
     return torch.cat([F.adaptive_avg_pool3d(images, tuple(size)), F.adaptive_avg_pool3d(images * images, tuple(size))], 1)
+
+
+def histogram_maps(images: torch.Tensor, patch, bins: int = 18, hu_window=(-160.0, 240.0), stages: int = 3) -> torch.Tensor:
+    """A stronger no-network feature set than `intensity_maps`: the share of each coarse voxel's
+    region in each of `bins` intensity bins (equal widths over `hu_window`, the end bins open),
+    at the grids of the first `stages` stages, upsampled to the first: (N, stages * bins, *grid)."""
+    low, high = (v / HU_SCALE for v in hu_window)
+    index = ((images - low) / (high - low) * bins).floor().clamp(0, bins - 1)
+    grids = [tuple(max(1, p // s) for p, s in zip(patch, STAGE_REDUCTIONS[k])) for k in range(stages)]
+    maps = []
+    for grid in grids:
+        shares = torch.cat([F.adaptive_avg_pool3d((index == k).float(), grid) for k in range(bins)], 1)
+        maps.append(shares if grid == grids[0] else F.interpolate(shares, size=grids[0], mode="trilinear"))
+    return torch.cat(maps, 1)
 
 
 def histogram_features(images: torch.Tensor, bins: int = 32) -> np.ndarray:

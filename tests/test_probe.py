@@ -105,3 +105,16 @@ def test_stages_stack_on_the_first_ones_grid():
     maps = [torch.randn(2, 3, 4, 8, 8), torch.randn(2, 5, 2, 4, 4), torch.randn(2, 7, 1, 2, 2)]
     stacked = probe.stack_stages(maps, (0, 1, 2))
     assert stacked.shape == (2, 15, 4, 8, 8) and torch.equal(stacked[:, :3], maps[0])
+
+
+def test_histogram_maps_give_each_coarse_voxels_bin_shares_at_three_grids():
+    import torch
+
+    from downstream import probe
+
+    images = torch.linspace(-0.3, 0.4, 16 * 64 * 64).reshape(1, 1, 16, 64, 64).repeat(2, 1, 1, 1, 1)
+    maps = probe.histogram_maps(images, (16, 64, 64))
+    assert maps.shape == (2, 54, 8, 16, 16)  # 18 bins at stages 1-3, on the stage-1 grid
+    sums = maps.view(2, 3, 18, 8, 16, 16).sum(2)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)  # shares of every region add up to 1
+    assert maps[:, :18].argmax(1)[0, 0, 0, 0] == 0 and maps[:, :18].argmax(1)[0, -1, -1, -1] == 17  # air low, dense high
