@@ -26,6 +26,8 @@ $PYTHON preprocessing/splitting_to_patches.py --data_root "$DATA" --workers "$WO
 $PYTHON tools/demo_figure.py --data_root "$DATA" --out "$OUT/demo.png"
 
 echo "== 5/6 DeSD pretraining (res3d50, published flags, a CPU-sized budget)"
+echo "   Expected here, from the budget and not a fault: two WARNINGs, a peak learning rate below --min_lr"
+echo "   (lr 0.3 x batch 2 / 256) and a teacher that keeps most of its random initialisation over 24 steps."
 rm -rf "$OUT/pretrain"
 PYTHON=$PYTHON DATA_PATH=$DATA OUTPUT_DIR=$OUT/pretrain NPROC_PER_NODE=1 sh run_ssl.sh \
   --device cpu --epochs 2 --max_iters_per_epoch 12 --batch_size_per_gpu 2 --num_workers "$WORKERS" \
