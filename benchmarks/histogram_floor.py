@@ -31,21 +31,24 @@ def main() -> int:
     b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
     maps = probe.histogram_maps(b.images, cfg.probe_patch)
     row = probe.label_efficiency(b, {"histogram": maps}, knn_sets={"histogram"}, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
-    with open(os.path.join(args.out, "results.json")) as f:
-        rows = json.load(f)["probe"]["rows"]
+    results, rows = os.path.join(args.out, "results.json"), {}
+    if os.path.isfile(results):  # the encoders' rows of that run, beside the floor
+        with open(results) as f:
+            rows = json.load(f)["probe"]["rows"]
     counts = [str(c) for c in cfg.probe_counts]
     table = {
         "histogram, 54 features (no network)": {h: [float(np.mean(row["histogram"][h][c])) for c in counts] for h in ("linear", "knn")}
     }
-    for name in ("desd", "dino", "none"):
+    for name in ("desd", "dino", "none") if rows else ():
         seeds = [k for k in rows if k.startswith(f"{name} seed")]
         table[f"{name}, stages 1-3"] = {
             h: [float(np.nanmean([np.nanmean(rows[k]["dense"]["stages1-3"][h][c]) for k in seeds])) for c in counts]
             for h in ("linear", "knn")
         }
-    table["intensity mean and mean square (no network)"] = {
-        "linear": [float(np.mean(rows["no network"]["dense"]["intensity"]["linear"][c])) for c in counts]
-    }
+    if "no network" in rows:
+        table["intensity mean and mean square (no network)"] = {
+            "linear": [float(np.mean(rows["no network"]["dense"]["intensity"]["linear"][c])) for c in counts]
+        }
     print(json.dumps({"counts": counts, "held_out": b.held_out, "rows": table}))
     print(f"{'mean Dice, held-out cases':46s}" + "".join(f"{c:>8s}" for c in counts))
     for name, heads in table.items():
