@@ -219,6 +219,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--saveckp_freq", default=20, type=int, help="Keep a numbered checkpoint every this many epochs.")
     group.add_argument(
+        "--keep_checkpoints",
+        default="all",
+        choices=["all", "last"],
+        help="last: only checkpoint.pth and the one before it (checkpoint.prev.pth), whatever --saveckp_freq: the disk "
+        "holds two checkpoints, however long the run.",
+    )
+    group.add_argument(
         "--save_every_iters",
         default=0,
         type=int,
@@ -390,7 +397,8 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
 
         # ============ writing logs ... ============
         save_checkpoint(run, epoch + 1, 0)
-        if utils.is_main_process() and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        numbered = args.saveckp_freq and epoch % args.saveckp_freq == 0 and args.keep_checkpoints == "all"
+        if utils.is_main_process() and numbered:
             save_checkpoint(run, epoch + 1, 0, f"checkpoint{epoch:04}.pth")
         if utils.is_main_process():
             write_logs(run, epoch, train_stats, writer)

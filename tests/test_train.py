@@ -44,6 +44,13 @@ def test_views_made_on_the_training_device_train_on_the_cpu_too(patch_root, tmp_
     assert math.isfinite(line["train_loss"]) and line["train_loss"] > 0
 
 
+def test_keep_checkpoints_last_leaves_two_checkpoints_whatever_the_save_frequency(patch_root, tmp_path):
+    out = tmp_path / "out"
+    tiny_run(patch_root, out, "--epochs", "3", "--saveckp_freq", "1", "--keep_checkpoints", "last", "--max_iters_per_epoch", "1")
+    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.prev.pth", "checkpoint.pth"]
+    assert torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["epoch"] == 3
+
+
 def test_fine_tuning_recipe_shares_all_159_encoder_tensors_of_a_res3d50_checkpoint(patch_root, tmp_path):
     out = tmp_path / "out"
     tiny_run(patch_root, out, "--arch", "res3d50", "--epochs", "1", "--max_iters_per_epoch", "1")
