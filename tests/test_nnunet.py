@@ -172,28 +172,6 @@ def test_a_teacher_of_another_depth_is_refused_by_name_and_nothing_is_written(tm
 
 # ============ the README's five commands, with nnU-Net installed ============
 
-SHORT_TRAIN = """
-import sys
-
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-init = nnUNetTrainer.__init__
-
-
-def short(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-    init(self, plans, configuration, fold, dataset_json, device)
-    self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
-
-
-if __name__ == "__main__":  # nnU-Net's validation starts workers that import this file again
-    from nnunetv2.run.run_training import run_training_entry
-
-    nnUNetTrainer.__init__ = short
-    sys.argv = ["nnUNetv2_train", *sys.argv[1:]]
-    run_training_entry()
-"""
-
 
 def write_raw(root, n_train=5, shape=(30, 30, 14)):
     """A tiny nnU-Net v2 dataset of boxes brighter than their noise, stored RAS (1 mm)."""
@@ -215,8 +193,15 @@ def write_raw(root, n_train=5, shape=(30, 30, 14)):
         json.dump(meta, f)
 
 
+def shim_installed() -> bool:
+    spec = importlib.util.find_spec("nnunetv2")
+    return spec is not None and os.path.isfile(
+        os.path.join(spec.submodule_search_locations[0], "training", "nnUNetTrainer", "nnUNetTrainer_DeSD.py")
+    )
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None, reason="nnunetv2 is not installed (make test installs it)")
+@pytest.mark.skipif(not shim_installed(), reason="nnunetv2 and its nnUNetTrainer_DeSD module are not installed (make test installs both)")
 def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ)
@@ -230,8 +215,6 @@ def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp
     )
     write_raw(str(tmp_path / "raw" / "Dataset901_Box"))
     write_teacher(tmp_path / "teacher.pth")
-    short_train = tmp_path / "short_train.py"
-    short_train.write_text(SHORT_TRAIN)
 
     def run(*cmd, **extra_env):
         done = subprocess.run(list(cmd), env={**env, **extra_env}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -243,19 +226,24 @@ def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp
     out = run(f"{bin_dir}/desd-nnunet-plans", "-d", "901", "--arch", "res3d10", "--pretrained", str(tmp_path / "teacher.pth"))
     assert "images RAS as SimpleITKIO reads them" in out and weights.is_file()
     run(f"{bin_dir}/nnUNetv2_preprocess", "-d", "901", "-plans_name", "nnUNetPlans_DeSD", "-c", "3d_fullres", "-np", "1")
-    # nnUNetv2_train with its epochs cut to one of 2 iterations
-    out = run(sys.executable, str(short_train), "901", "3d_fullres", "0", "-p", "nnUNetPlans_DeSD", "-pretrained_weights", str(weights), "-device", "cpu",
-              nnUNet_n_proc_DA="0")  # fmt: skip
+    # nnU-Net's own command with the short trainer (make install-nnunet makes -tr find it): one epoch of 2 iterations
+    short = {"DESD_NNUNET_EPOCHS": "1", "DESD_NNUNET_ITERATIONS": "2", "DESD_NNUNET_VAL_ITERATIONS": "1", "nnUNet_n_proc_DA": "0"}
+    out = run(f"{bin_dir}/nnUNetv2_train", "901", "3d_fullres", "0", "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD",
+              "-pretrained_weights", str(weights), "-device", "cpu", **short)  # fmt: skip
     assert f"Loading pretrained weights from file  {weights}" in out
     run(
         f"{bin_dir}/nnUNetv2_predict", "-i", str(tmp_path / "raw" / "Dataset901_Box" / "imagesTs"), "-o", str(tmp_path / "preds"),
-        "-d", "901", "-c", "3d_fullres", "-p", "nnUNetPlans_DeSD", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta",
+        "-d", "901", "-c", "3d_fullres", "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD", "-f", "0", "-device", "cpu",
+        "-npp", "1", "-nps", "1", "--disable_tta",
     )  # fmt: skip
     pred = nib.load(tmp_path / "preds" / "box_005.nii.gz")
     image = nib.load(tmp_path / "raw" / "Dataset901_Box" / "imagesTs" / "box_005_0000.nii.gz")
     assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
-    plans = json.loads((tmp_path / "results" / "Dataset901_Box" / "nnUNetTrainer__nnUNetPlans_DeSD__3d_fullres" / "plans.json").read_text())
+    run_folder = tmp_path / "results" / "Dataset901_Box" / "nnUNetTrainer_DeSD__nnUNetPlans_DeSD__3d_fullres"
+    log = "".join(p.read_text() for p in (run_folder / "fold_0").glob("training_log_*.txt"))
+    assert (run_folder / "fold_0" / "checkpoint_final.pth").is_file() and "Epoch 0" in log and "Epoch 1" not in log  # one epoch
+    plans = json.loads((run_folder / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "models.nnunet.DeSDUNet"
 
 
@@ -273,3 +261,28 @@ def test_plans_refuse_a_network_name_that_resolves_to_another_models_package(tmp
     monkeypatch.setattr(models, "nnunet", fake)  # what pydoc.locate walks to
     with pytest.raises(SystemExit, match=re.escape(str(fake_file))):
         nnunet.check_network_resolves()
+
+
+def test_the_trainer_module_is_written_once_and_never_over_a_foreign_file(tmp_path):
+    folder = tmp_path / "nnUNetTrainer"
+    folder.mkdir()
+    path = nnunet.install_trainer(str(folder))
+    assert open(path).read() == nnunet.SHIM and nnunet.install_trainer(str(folder)) == path  # a rerun: the same file
+    (folder / "nnUNetTrainer_DeSD.py").write_text("# someone's own trainer\n")
+    with pytest.raises(FileExistsError, match="nnUNetTrainer_DeSD.py' exists and is not the module desd-nnunet-trainer writes"):
+        nnunet.install_trainer(str(folder))
+    assert (folder / "nnUNetTrainer_DeSD.py").read_text() == "# someone's own trainer\n"
+
+
+def test_the_short_trainer_takes_its_length_from_the_environment(monkeypatch):
+    pytest.importorskip("nnunetv2")
+    from downstream import nnunet_trainer
+
+    monkeypatch.setattr(nnunet_trainer.nnUNetTrainer, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setenv("DESD_NNUNET_EPOCHS", "3")
+    monkeypatch.setenv("DESD_NNUNET_ITERATIONS", "7")
+    trainer = nnunet_trainer.nnUNetTrainer_DeSD({}, "3d_fullres", 0, {})
+    assert trainer.num_epochs == 3 and trainer.num_iterations_per_epoch == 7
+    monkeypatch.setenv("DESD_NNUNET_EPOCHS", "0")
+    with pytest.raises(ValueError, match=r"\$DESD_NNUNET_EPOCHS='0': expected a whole number"):
+        nnunet_trainer.nnUNetTrainer_DeSD({}, "3d_fullres", 0, {})
