@@ -5,6 +5,7 @@ NSD of one volume (MONAI's metrics), the NaN-aware mean and the per-class table.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -55,8 +56,14 @@ def case_scores(
         return torch.stack([dice, torch.full_like(dice, math.nan), torch.full_like(dice, math.nan)])
     absent = truth[0, 1:].flatten(1).sum(-1).cpu() == 0
     predicted_empty = pred[0, 1:].flatten(1).sum(-1).cpu() == 0
-    hd = compute_hausdorff_distance(pred, truth, include_background=False, percentile=95, spacing=spacing).float().cpu()[0]
-    nsd = compute_surface_dice(pred, truth, [tolerance] * (num_classes - 1), include_background=False, spacing=spacing).float().cpu()[0]
+    with warnings.catch_warnings():
+        # an empty prediction or truth is handled below (NaN, explained under the table), and MONAI
+        # 1.5 warns about an argument its own metrics pass: neither is the user's to act on
+        warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
+        hd = compute_hausdorff_distance(pred, truth, include_background=False, percentile=95, spacing=spacing)
+        nsd = compute_surface_dice(pred, truth, [tolerance] * (num_classes - 1), include_background=False, spacing=spacing)
+    hd, nsd = hd.float().cpu()[0], nsd.float().cpu()[0]
     hd[absent | predicted_empty | ~torch.isfinite(hd)] = math.nan  # undefined without both surfaces
     nsd[absent] = math.nan
     return torch.stack([dice, hd, nsd])

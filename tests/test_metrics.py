@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,15 @@ def test_a_perfect_prediction_scores_one_whatever_it_says_on_ignored_voxels():
         scores = metrics.case_scores(pred, label, num_classes=3, ignore=3)
         assert scores[0].tolist() == [1.0, 1.0]  # Dice
         assert scores[1].tolist() == [0.0, 0.0] and scores[2].tolist() == [1.0, 1.0]  # HD95, NSD
+
+
+def test_an_empty_prediction_scores_nan_hd95_in_silence():
+    label = _truth_with_ignore()
+    pred = torch.where(label == 2, torch.zeros_like(label), label)  # class 2 never predicted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MONAI's "prediction of class 2 is all 0" would raise here
+        scores = metrics.case_scores(pred, label, num_classes=3, ignore=3)
+    assert scores[0, 1] == 0.0 and math.isnan(scores[1, 1]) and scores[2, 1] == 0.0
 
 
 def test_a_label_value_outside_the_classes_is_refused_unless_it_is_the_ignore_label():
