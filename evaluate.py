@@ -10,10 +10,11 @@ One command runs the whole experiment:
 3. scores every encoder's teacher (and student) frozen, on one bench of patches and held-out
    cases (downstream/probe.py): per stage and on stages 1-3 together, a linear head trained to
    convergence on the coarse grid and k-NN label transfer, at 1, 2, 4 and 8 labelled cases
-   with several draws of cases; the presence AUC as a secondary score; a no-network row
-   (intensity features, the intensity histogram) in every table;
-4. pairs the gaps by pretraining seed and claims one only where its mean exceeds twice its
-   standard deviation with one sign for every seed (`paired_gap`);
+   with several distinct draws of cases; the presence AUC as a secondary score; the strongest
+   no-network floor at hand (54 intensity-histogram features, linear and k-NN) in every table;
+4. pairs the gaps by pretraining seed and tests them (`paired_gap`, `claims`): one primary
+   endpoint (DeSD - DINO, linear head on stages 1-3, the largest label count) alone, every other
+   cell as one Holm-corrected family, no claim from fewer than 3 seeds;
 5. where the configuration fine-tunes (smoke, gpu), fine-tunes each encoder and logs Dice on the
    held-out cases at several step counts, so that a plateau can be seen;
 6. writes results.json, results.md and a figure.
@@ -130,17 +131,39 @@ CONFIGS = {
 # minutes, the wheels' install and start-up being the eighth) sets the steps from timed first steps.
 
 
-def paired_gap(a: list[float], b: list[float], min_effect: float = 0.005) -> dict:
-    """The gap a - b paired by pretraining seed, and whether it may be claimed: only where the
-    mean paired gap exceeds twice its standard deviation (over seeds, ddof 1), every seed's gap
-    has the same sign, and the mean is at least `min_effect` (a Dice difference below half a
-    point is not called a difference, however steady). Needs two seeds; NaN pairs are left out."""
+PRIMARY = {"pair": "desd - dino", "head": "linear", "features": "stages1-3"}  # at the largest label count
+MIN_SEEDS = 3  # no claim from fewer pretraining seeds
+ALPHA = 0.05
+MIN_EFFECT = 0.005  # a Dice difference below half a point is not called a difference, however steady
+FLOOR = "histogram"  # the no-network comparator: 54 intensity-histogram features (probe.histogram_maps)
+
+
+def paired_gap(a: list[float], b: list[float]) -> dict:
+    """The gap a - b paired by pretraining seed: the per-seed gaps, their mean and standard
+    deviation (ddof 1), and the two-sided p-value of a one-sample t-test of the gaps against 0
+    (NaN with fewer than MIN_SEEDS seeds: no claim is made from them). NaN pairs are left out."""
+    from scipy import stats
+
     gaps = np.array([x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))], dtype=np.float64)
-    if len(gaps) < 2:
-        return {"gaps": gaps.tolist(), "mean": math.nan, "std": math.nan, "holds": False}
-    mean, std = float(gaps.mean()), float(gaps.std(ddof=1))
-    same_sign = bool((gaps > 0).all() or (gaps < 0).all())
-    return {"gaps": gaps.tolist(), "mean": mean, "std": std, "holds": same_sign and abs(mean) > 2 * std and abs(mean) >= min_effect}
+    mean = float(gaps.mean()) if len(gaps) else math.nan
+    std = float(gaps.std(ddof=1)) if len(gaps) > 1 else math.nan
+    if len(gaps) < MIN_SEEDS:
+        p = math.nan
+    elif std == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(stats.ttest_1samp(gaps, 0.0).pvalue)
+    return {"gaps": gaps.tolist(), "mean": mean, "std": std, "p": p}
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and does not count in the family)."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 class OutOfTime(RuntimeError):
@@ -174,7 +197,7 @@ def run(cmd: list[str], log: str, timeout: float = math.inf) -> None:
 
 def make_data(cfg: Config, out: str) -> tuple[str, str]:
     """The unlabelled DeepLesion (preprocessed to patches) and the labelled set."""
-    from preprocessing.synthetic_deeplesion import make_deeplesion, make_msd
+    from preprocessing.synthetic_deeplesion import make_deeplesion
 
     data, task = os.path.join(out, "DeepLesion"), os.path.join(out, "Labelled")
     list_file = os.path.join(data, "SSL_data_deeplesion.txt")
@@ -187,8 +210,16 @@ def make_data(cfg: Config, out: str) -> tuple[str, str]:
         run([py, "-m", "preprocessing.re_spacing_ITK", *common, "--spacing", str(cfg.spacing)], os.path.join(out, "prep2.log"))
         run([py, "-m", "preprocessing.splitting_to_patches", *common, "--ext", ".nii"], os.path.join(out, "prep3.log"))
     if not os.path.isfile(os.path.join(task, "dataset.json")):
-        make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices)  # other phantoms
+        make_labelled(cfg, task)
     return data, task
+
+
+def make_labelled(cfg: Config, task: str) -> None:
+    """The labelled set of the experiment (other phantoms than the unlabelled ones); the same
+    cases every time for a configuration."""
+    from preprocessing.synthetic_deeplesion import make_msd
+
+    make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices)
 
 
 def pretrain_command(cfg: Config, name: str, data: str, folder: str, seed: int = 0, iters_per_epoch: int | None = None) -> list[str]:
@@ -349,7 +380,12 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def per_seed(rows: dict, enc: str, seeds, head: str, fs: str, count: str) -> list[float]:
-    """One value per pretraining seed: the mean over the draws of cases."""
+    """One value per pretraining seed: the mean over the draws of cases. The floor (`FLOOR`) has no
+    seed: its one value (over the same draws) stands for every seed, on stages 1-3's grid."""
+    if enc == FLOOR:
+        dense = rows.get("no network", {}).get("dense", {})
+        draws = dense.get(FLOOR, {}).get(head, {}).get(count, []) if fs == "stages1-3" else []
+        return [metrics.mean_or_nan(draws)] * len(seeds)
     out = []
     for seed in seeds:
         row = rows.get(f"{enc} seed{seed}")
@@ -359,18 +395,29 @@ def per_seed(rows: dict, enc: str, seeds, head: str, fs: str, count: str) -> lis
 
 
 def claims(rows: dict, seeds, counts, feature_sets) -> list[dict]:
-    """Every paired comparison that was scored: per pair of encoders, head, feature set and
-    label count."""
+    """Every paired comparison that was scored (per pair of encoders or encoder and floor, head,
+    feature set and label count), and which of them hold. The primary endpoint (`PRIMARY`, at the
+    largest count) is tested alone at ALPHA; every other cell is one family, Holm-corrected. A cell
+    holds where its (adjusted) p-value is below ALPHA and its mean gap at least MIN_EFFECT; none
+    holds with fewer than MIN_SEEDS seeds."""
     out = []
-    for a, b in PAIRS:
+    pairs = [*PAIRS, *((enc, FLOOR) for enc in ENCODERS)]
+    for a, b in pairs:
         for head in ("linear", "knn"):
             for fs in feature_sets:
                 for c in counts:
                     x, y = per_seed(rows, a, seeds, head, fs, c), per_seed(rows, b, seeds, head, fs, c)
-                    if all(math.isnan(v) for v in x + y):
+                    if all(math.isnan(v) for v in x) or all(math.isnan(v) for v in y):
                         continue  # not scored this way (k-NN on the stages outside cfg.knn_sets)
-                    gap = paired_gap(x, y)
-                    out.append({"pair": f"{a} - {b}", "head": head, "features": fs, "cases": c, **gap})
+                    cell = {"pair": f"{a} - {b}", "head": head, "features": fs, "cases": c}
+                    primary = all(cell[k] == v for k, v in PRIMARY.items()) and c == counts[-1]
+                    out.append({**cell, "role": "primary" if primary else "secondary", **paired_gap(x, y)})
+    secondary = [c for c in out if c["role"] == "secondary"]
+    for c, adjusted in zip(secondary, holm([c["p"] for c in secondary])):
+        c["p_holm"] = adjusted
+    for c in out:
+        p = c["p"] if c["role"] == "primary" else c["p_holm"]
+        c["holds"] = bool(p < ALPHA and abs(c["mean"]) >= MIN_EFFECT)  # NaN compares False
     return out
 
 
@@ -378,13 +425,99 @@ def _fmt(m: float, s: float) -> str:
     return "n/a" if math.isnan(m) else f"{m:.3f} +- {s:.3f}"
 
 
+LABELS = {
+    "desd": "DeSD teacher",
+    "desd student": "DeSD student",
+    "dino": "DINO teacher",
+    "dino student": "DINO student",
+    "none": "none (random init)",
+}
+FLOOR_LABEL = "histogram, 54 features (no network)"
+
+
+def floor_of(rows: dict) -> tuple[str, dict]:
+    """The no-network dense row of a run and its label: the histogram floor, or the two intensity
+    moments of runs recorded before it (benchmarks/histogram_floor.py adds the floor to those)."""
+    dense = rows["no network"]["dense"]
+    return (FLOOR_LABEL, dense[FLOOR]) if FLOOR in dense else ("intensity mean and mean square (no network)", dense["intensity"])
+
+
+def summary_table(results: dict) -> str:
+    """The headline table (README, docs/evidence.md): frozen stages 1-3, mean Dice on the held-out
+    cases per label count, for the teachers and the random initialisation (mean +- std over
+    pretraining seeds, each seed's value the mean over its draws of cases) and for the floor."""
+    rows, seeds, counts = results["probe"]["rows"], results["settings"]["seeds"], [str(c) for c in results["probe_counts"]]
+    label, floor = floor_of(rows)
+    lines = ["| stages 1-3, mean Dice | " + " | ".join(f"{c} case{'s' * (c != '1')}" for c in counts) + " |"]
+    lines.append("| --- |" + " --- |" * len(counts))
+    for head, name in (("linear", "linear"), ("knn", "k-NN")):
+        for enc in ENCODERS:
+            cells = [_fmt(*spread(per_seed(rows, enc, seeds, head, "stages1-3", c))) for c in counts]
+            lines.append(f"| {LABELS[enc]}, {name} | " + " | ".join(cells) + " |")
+        if head in floor:
+            lines.append(f"| {label}, {name} | " + " | ".join(f"{metrics.mean_or_nan(floor[head][c]):.3f}" for c in counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_table(results: dict) -> str:
+    """Dice per class of the frozen stages 1-3, linear head, at the largest label count (mean over
+    seeds and draws); empty for runs that kept only the class means."""
+    rows, seeds, names = results["probe"]["rows"], results["settings"]["seeds"], results.get("classes", [])
+    top = str(results["probe_counts"][-1])
+    label, floor = floor_of(rows)
+    found = {}
+    for enc in ENCODERS:
+        per = [rows[f"{enc} seed{s}"]["dense"]["stages1-3"].get("per_class", {}) for s in seeds if f"{enc} seed{s}" in rows]
+        draws = [d for p in per for d in p.get("linear", {}).get(top, [])]
+        if draws:
+            found[LABELS[enc]] = draws
+    encoders_kept = bool(found)
+    if floor.get("per_class"):
+        found[label] = floor["per_class"]["linear"][top]
+    if not found:
+        return ""
+    lines = [] if encoders_kept else ["The encoders' Dice per class was not kept by this run (only their class means).", ""]
+    lines += ["| encoder | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for name, draws in found.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics.mean_or_nan([d[k] for d in draws]):.3f}" for k in range(len(names))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def claims_text(results: dict) -> list[str]:
+    """The rule and the gaps table of results.md."""
+    top = str(results["probe_counts"][-1])
+    primary = f"{PRIMARY['pair']}, {PRIMARY['head']} head, {PRIMARY['features']}, {top} cases"
+    lines = [
+        f"Primary endpoint: {primary}, tested alone (paired t-test over pretraining seeds, two-sided, "
+        f"p < {ALPHA}); every other cell is one family, Holm-corrected. A cell holds where its p (Holm's for "
+        f"the family) is below {ALPHA} and its mean gap at least {MIN_EFFECT}; nothing holds with fewer than "
+        f"{MIN_SEEDS} seeds. The floor has no seed: its value stands for every seed.",
+        "",
+        "| pair | head | features | cases | mean gap +- std | per seed | p | p (Holm) | holds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in sorted(results["claims"], key=lambda c: c["role"] != "primary"):
+        if c["features"] == "stages1-3" or (c["head"] == "linear" and c["cases"] == top):
+            per = ", ".join(f"{g:+.3f}" for g in c["gaps"])
+            pair = f"**{c['pair']}** (primary)" if c["role"] == "primary" else c["pair"]
+            holm_p = "" if c["role"] == "primary" else f"{c.get('p_holm', math.nan):.3g}"
+            lines.append(
+                f"| {pair} | {c['head']} | {c['features']} | {c['cases']} | {_fmt(c['mean'], c['std'])} | {per} | "
+                f"{c['p']:.3g} | {holm_p} | {'**yes**' if c['holds'] else 'no'} |"
+            )
+    return lines
+
+
 def write_report(results: dict, out: str, figure: str) -> str:
     """results.md (tables) and the figure; returns the markdown."""
     rows, seeds, counts = results["probe"]["rows"], results["settings"]["seeds"], [str(c) for c in results["probe_counts"]]
-    floor = rows["no network"]["dense"]["intensity"]
+    floor_label, floor = floor_of(rows)
     lines = [f"# {results['title']}", ""]
     if results.get("stopped"):
         lines += [f"**Incomplete: {results['stopped']}**", ""]
+    if results.get("floor_added"):
+        added = results["floor_added"]
+        lines += [f"The no-network floor was added after the run: `{added['command']}` ({added['machine']}).", ""]
     lines += ["## Pretraining runs (second half of the epochs)", ""]
     lines += [
         "| run | steps | seconds | teacher entropy | KL | view retrieval (min) | verdict |",
@@ -400,22 +533,19 @@ def write_report(results: dict, out: str, figure: str) -> str:
             f"| {name} | {r['steps']} | {r['seconds']:.0f} | {h['entropy'][0]:.2f} -> {h['entropy'][-1]:.2f} | "
             f"{h['kl'][0]:.2f} -> {h['kl'][-1]:.2f} | {min(h['retrieval']):.3f} | {'passes' if not failed else 'fails: ' + ', '.join(failed)} |"
         )
-    labels = {
-        "desd": "DeSD teacher",
-        "desd student": "DeSD student",
-        "dino": "DINO teacher",
-        "dino student": "DINO student",
-        "none": "none (random init)",
-    }
-    for head, title in (("linear", "linear head trained to convergence"), ("knn", "k-NN label transfer")):
-        lines += ["", f"## Frozen dense probe, stages 1-3, {title}: mean Dice on the held-out cases", ""]
-        lines += ["| encoder | " + " | ".join(f"{c} cases" for c in counts) + " |", "| --- |" + " --- |" * len(counts)]
-        for enc, label in labels.items():
-            if not any(f"{enc} seed{s}" in rows for s in seeds):
-                continue
-            cells = [_fmt(*spread(per_seed(rows, enc, seeds, head, "stages1-3", c))) for c in counts]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("| no network (intensity) | " + " | ".join(f"{np.nanmean(floor[head][c]):.3f}" for c in counts) + " |")
+    lines += ["", "## Frozen dense probe, stages 1-3: mean Dice on the held-out cases", "", summary_table(results)]
+    students = [e for e in ("desd student", "dino student") if any(f"{e} seed{s}" in rows for s in seeds)]
+    if students:
+        lines += ["Students, linear head:", "", "| encoder | " + " | ".join(counts) + " |", "| --- |" + " --- |" * len(counts)]
+        for enc in students:
+            lines.append(
+                f"| {LABELS[enc]} | "
+                + " | ".join(_fmt(*spread(per_seed(rows, enc, seeds, "linear", "stages1-3", c))) for c in counts)
+                + " |"
+            )
+    per_class = per_class_table(results)
+    if per_class:
+        lines += ["", f"## Per class, stages 1-3, linear head, {counts[-1]} cases: Dice", "", per_class]
     top = counts[-1]
     stage_sets = [fs for fs in probe.FEATURE_SETS if fs != "stages1-3"]
     lines += ["", f"## Per stage, linear head, {top} cases: mean Dice / presence AUC", ""]
@@ -426,20 +556,12 @@ def write_report(results: dict, out: str, figure: str) -> str:
             dice = spread(per_seed(rows, enc, seeds, "linear", fs, top))[0]
             aucs = [rows[f"{enc} seed{s}"]["auc"][fs] for s in seeds if f"{enc} seed{s}" in rows]
             cells.append(f"{dice:.3f} / {np.nanmean(aucs):.3f}" if aucs else "n/a")
-        lines.append(f"| {labels[enc]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS[enc]} | " + " | ".join(cells) + " |")
     lines.append(
-        f"| no network | intensity {np.nanmean(floor['linear'][top]):.3f} / histogram AUC {rows['no network']['auc']['histogram']:.3f} |"
-        + " |" * (len(stage_sets) - 1)
+        f"| no network | {floor_label}: {metrics.mean_or_nan(floor['linear'][top]):.3f} / histogram AUC "
+        f"{rows['no network']['auc']['histogram']:.3f} |" + " |" * (len(stage_sets) - 1)
     )
-    lines += ["", "## Paired gaps (by pretraining seed): a gap holds where |mean| > 2 std and every seed has its sign", ""]
-    lines += ["| pair | head | features | cases | mean gap +- std | per seed | holds |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in results["claims"]:
-        if c["features"] == "stages1-3" or (c["head"] == "linear" and c["cases"] == top):
-            per = ", ".join(f"{g:+.3f}" for g in c["gaps"])
-            lines.append(
-                f"| {c['pair']} | {c['head']} | {c['features']} | {c['cases']} | {_fmt(c['mean'], c['std'])} | {per} | "
-                f"{'**yes**' if c['holds'] else 'no'} |"
-            )
+    lines += ["", "## Paired gaps (by pretraining seed)", "", *claims_text(results)]
     if results.get("finetune"):
         lines += ["", "## Fine-tuning: mean Dice on the held-out cases after each step count (mean over seeds)", ""]
         for count, by_enc in results["finetune"].items():
@@ -470,13 +592,14 @@ def draw_figure(results: dict, figure: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4 + bool(fine), figsize=(4.2 * (4 + bool(fine)), 3.6))
-    floor = rows["no network"]["dense"]["intensity"]
+    floor_label, floor = floor_of(rows)
     xs = range(len(counts))
     for ax, head, title in ((axes[0], "linear", "dense probe, linear head"), (axes[1], "knn", "dense probe, k-NN")):
         for enc in ENCODERS:
             stats = [spread(per_seed(rows, enc, seeds, head, "stages1-3", c)) for c in counts]
             ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", color=colours[enc], capsize=3, label=enc)
-        ax.plot(xs, [np.nanmean(floor[head][c]) for c in counts], "k--", label="no network")
+        if head in floor:
+            ax.plot(xs, [np.nanmean(floor[head][c]) for c in counts], "k--", label=floor_label.split(",")[0] + " (no network)")
         ax.set(title=f"{title} (stages 1-3)", xlabel="labelled cases", ylabel="Dice, held-out cases", xticks=list(xs))
         ax.set_xticklabels(counts)
     stage_sets = [fs for fs in probe.FEATURE_SETS if fs != "stages1-3"]
@@ -564,8 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report_again(path: str, figure: str = "") -> int:
-    """The gaps, results.md and the figure of a finished run, from its results.json."""
+def load_results(path: str) -> dict:
+    """A run's results.json, with the NaNs that strict JSON wrote as null."""
 
     def nan_for_null(value):
         if isinstance(value, dict):
@@ -575,7 +698,12 @@ def report_again(path: str, figure: str = "") -> int:
         return math.nan if value is None else value
 
     with open(path) as f:
-        results = nan_for_null(json.load(f))  # strict JSON wrote NaN as null
+        return nan_for_null(json.load(f))
+
+
+def report_again(path: str, figure: str = "") -> int:
+    """The gaps, results.md and the figure of a finished run, from its results.json."""
+    results = load_results(path)
     rows = results["probe"]["rows"]
     settings = results["settings"]
     iters = results.get("calibration", {}).get("iters_per_epoch") or settings["iters_per_epoch"]
@@ -629,7 +757,6 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
     results["probe"].update(held_out_cases=b.held_out, draws={str(c): v for c, v in b.draws.items()})
     results["probe"]["auc_classes"] = [classes[k] for k in b.scored]
     rows = results["probe"]["rows"]
-    grid = None
     for seed in cfg.seeds:
         encoders = [("none", None, "teacher", tuple(probe.FEATURE_SETS))]
         for enc in (e for e in PRETRAINED if (e, seed) in checkpoints):
@@ -639,13 +766,12 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
             if clock.left() <= 0:
                 raise OutOfTime(f"probes stopped by the time limit before {name} seed{seed}")
             maps = probe.encoder_maps(cfg.arch, ckpt, b.images, seed, cfg.device, part=part)
-            grid = maps[0].shape[2:]
             rows[f"{name} seed{seed}"] = probe.encoder_row(
                 b, maps, sets, knn_sets=cfg.knn_sets, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters
             )
             del maps
         print(f"  probed seed {seed}", flush=True)
-    rows["no network"] = probe.floor_row(b, grid, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
+    rows["no network"] = probe.floor_row(b, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
     results["claims"] = claims(rows, cfg.seeds, [str(c) for c in cfg.probe_counts], tuple(probe.FEATURE_SETS))
     lap("probes")
     if cfg.ft_counts:

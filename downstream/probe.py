@@ -228,25 +228,25 @@ def dice_of(head, fmap: torch.Tensor, labels: torch.Tensor, num_classes: int, ba
 
 
 def case_draws(pool: list[int], counts, draws: int, seed: int = 0) -> dict[int, list[list[int]]]:
-    """For each label count, `draws` different subsets of the pool's cases (one when the count is
-    the whole pool): the same for every encoder evaluated with the same seed."""
+    """For each label count, `draws` distinct subsets of the pool's cases (as many as there are
+    where fewer exist; one when the count is the whole pool): the same for every encoder
+    evaluated with the same seed."""
     out = {}
     for count in counts:
         count = min(int(count), len(pool))
         rng = np.random.default_rng([seed, count])
-        n = 1 if count == len(pool) else draws
-        out[count] = [sorted(rng.choice(pool, count, replace=False).tolist()) for _ in range(n)]
+        n = min(draws, math.comb(len(pool), count))
+        subsets: list[list[int]] = []
+        while len(subsets) < n:
+            subset = sorted(rng.choice(pool, count, replace=False).tolist())
+            if subset not in subsets:
+                subsets.append(subset)
+        out[count] = subsets
     return out
 
 
-def intensity_maps(images: torch.Tensor, size) -> torch.Tensor:
-    """The no-network features of a coarse voxel: the mean and the mean square of the image
-    over it (N, 2, *size)."""
-    return torch.cat([F.adaptive_avg_pool3d(images, tuple(size)), F.adaptive_avg_pool3d(images * images, tuple(size))], 1)
-
-
 def histogram_maps(images: torch.Tensor, patch, bins: int = 18, hu_window=(-160.0, 240.0), stages: int = 3) -> torch.Tensor:
-    """A stronger no-network feature set than `intensity_maps`: the share of each coarse voxel's
+    """The no-network features of the dense probes: the share of each coarse voxel's
     region in each of `bins` intensity bins (equal widths over `hu_window`, the end bins open),
     at the grids of the first `stages` stages, upsampled to the first: (N, stages * bins, *grid)."""
     low, high = (v / HU_SCALE for v in hu_window)
@@ -281,8 +281,8 @@ def encoder_maps(
 
 @dataclasses.dataclass
 class Bench:
-    """The fixed ground on which encoders are compared: the patches, the held-out cases (every
-    third), the draws of training cases per label count, and the classes present in enough
+    """The fixed ground on which encoders are compared: the patches, the held-out cases (a third
+    of them), the draws of training cases per label count, and the classes present in enough
     patches for the presence AUC."""
 
     images: torch.Tensor  # (N, 1, D, H, W)
@@ -299,12 +299,15 @@ class Bench:
         return len(self.class_names) + 1
 
 
-def bench(cases, class_names, patch=(16, 64, 64), per_case=24, counts=(1, 2, 4, 8), draws=3, seed=0, min_present=0.1) -> Bench:
-    """Sample the patches and draw the cases once, for every encoder to be scored on."""
+def bench(
+    cases, class_names, patch=(16, 64, 64), per_case=24, counts=(1, 2, 4, 8), draws=3, seed=0, min_present=0.1, split: int = 0
+) -> Bench:
+    """Sample the patches and draw the cases once, for every encoder to be scored on. `split`
+    (0, 1 or 2) picks which third of the cases is held out: every third from the split-th."""
     images, labels, owner = sample_patches(cases, tuple(patch), per_case, seed)
     num_classes = len(class_names) + 1
     cases_idx = np.unique(owner).tolist()
-    held_out = cases_idx[::3]
+    held_out = cases_idx[split::3]
     pool = [c for c in cases_idx if c not in held_out]
     share = torch.stack([(labels == c).float().mean((1, 2, 3)) for c in range(1, num_classes)], 1).numpy()
     present = share >= PRESENT
@@ -318,7 +321,8 @@ def label_efficiency(
     """Mean foreground Dice on the bench's held-out patches of a converged linear head and of k-NN
     transfer (on the feature sets in `knn_sets`, all when None), per feature set and label count,
     one value per draw of training cases (at most `limit` training voxels; the head:
-    `fit_linear_head` with `max_iter`): {name: {"linear": {"count": [...]}, "knn": {...}}}.
+    `fit_linear_head` with `max_iter`): {name: {"linear": {"count": [...]}, "knn": {...}}}, and
+    each draw's Dice per foreground class under "per_class": {"linear": {"count": [[...], ...]}}.
     The heads are fitted and applied on `device`; the maps stay where they are."""
     test = np.isin(b.owner, b.held_out)
     out = {}
@@ -327,17 +331,19 @@ def label_efficiency(
         heads = [("linear", lambda x, t: fit_linear_head(x, t, max_iter=max_iter))] + (
             [("knn", knn_head)] if knn_sets is None or name in knn_sets else []
         )
-        res = {kind: {} for kind, _ in heads}
+        res: dict = {kind: {} for kind, _ in heads}
+        res["per_class"] = {kind: {} for kind, _ in heads}
         for count, subsets in b.draws.items():
             count = str(count)  # as JSON keys are
             for kind, _ in heads:
-                res[kind][count] = []
+                res[kind][count], res["per_class"][kind][count] = [], []
             for d, subset in enumerate(subsets):
                 x, t = voxel_rows(fmap, targets, np.flatnonzero(np.isin(b.owner, subset)), limit, seed + d)
                 x, t = x.to(device), t.to(device)
                 for kind, make in heads:
                     dice = dice_of(make(x, t), fmap[torch.from_numpy(np.flatnonzero(test))], b.labels[test], b.num_classes)
                     res[kind][count].append(metrics.mean_or_nan(dice))
+                    res["per_class"][kind][count].append(dice)
         out[name] = res
     return out
 
@@ -362,13 +368,13 @@ def encoder_row(
     }
 
 
-def floor_row(b: Bench, grid, seed: int = 0, device="cpu", limit: int = 10000, max_iter: int = 100) -> dict:
-    """The no-network row: the dense probes on the local intensity mean and mean square at the
-    stage-1 `grid`, and the presence AUC of the intensity histogram."""
+def floor_row(b: Bench, seed: int = 0, device="cpu", limit: int = 10000, max_iter: int = 100) -> dict:
+    """The no-network row, the strongest floor at hand: the dense probes (linear and k-NN) on the
+    intensity histograms of every coarse voxel at the first three stages' grids (`histogram_maps`,
+    54 features on stages 1-3's grid), and the presence AUC of the patch's intensity histogram."""
+    maps = histogram_maps(b.images, b.images.shape[2:])
     return {
-        "dense": label_efficiency(
-            b, {"intensity": intensity_maps(b.images, grid)}, seed=seed, device=device, limit=limit, max_iter=max_iter
-        ),
+        "dense": label_efficiency(b, {"histogram": maps}, seed=seed, device=device, limit=limit, max_iter=max_iter),
         "auc": {"histogram": _mean_auc(histogram_features(b.images), b.present, b.owner, b.scored)},
     }
 
@@ -391,9 +397,7 @@ def sweep(
     patches."""
     b = bench(cases, class_names, patch, per_case, counts, draws, seed, min_present)
     rows = {name: encoder_row(b, maps, seed=seed) for name, maps in (encoders or {}).items()}
-    first = next(iter((encoders or {}).values()), None)
-    grid = first[0].shape[2:] if first is not None else tuple(max(1, p // s) for p, s in zip(patch, STAGE_REDUCTIONS[0]))
-    rows["no network"] = floor_row(b, grid, seed)
+    rows["no network"] = floor_row(b, seed)
     return {
         "held_out_cases": b.held_out,
         "draws": {str(c): v for c, v in b.draws.items()},

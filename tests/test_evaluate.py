@@ -1,6 +1,7 @@
 """The experiment command end to end, in its smallest configuration."""
 
 import json
+import math
 import os
 import sys
 
@@ -23,18 +24,23 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     assert set(rows) == expected | {"no network"}
     # the teacher on every feature set with both heads where asked; the student on its sets only
     assert set(rows["desd seed0"]["dense"]) == {"stage1", "stage2", "stage3", "stage4", "stages1-3"}
-    assert set(rows["desd seed0"]["dense"]["stages1-3"]) == {"linear", "knn"}
-    assert set(rows["desd seed0"]["dense"]["stage1"]) == {"linear"}
+    assert set(rows["desd seed0"]["dense"]["stages1-3"]) == {"linear", "knn", "per_class"}
+    assert set(rows["desd seed0"]["dense"]["stage1"]) == {"linear", "per_class"}
+    assert set(rows["no network"]["dense"]) == {"histogram"}  # the strongest floor, both heads
+    assert set(rows["no network"]["dense"]["histogram"]) == {"linear", "knn", "per_class"}
     assert set(rows["desd student seed0"]["dense"]) == set(cfg.student_sets)
     for count in ("1", "4"):
         dice = rows["none seed1"]["dense"]["stages1-3"]["linear"][count]
         assert len(dice) == (cfg.probe_draws if count == "1" else 1) and all(0 <= d <= 1 for d in dice)
-    assert {c["pair"] for c in results["claims"]} == {"desd - dino", "desd - none", "dino - none"}
+    assert {c["pair"] for c in results["claims"]} == {"desd - dino", "desd - none", "dino - none"} | {
+        f"{enc} - histogram" for enc in ("desd", "dino", "none")
+    }
+    assert not any(c["holds"] for c in results["claims"])  # two seeds: no claim
     assert all(len(c["gaps"]) == len(cfg.seeds) for c in results["claims"])
     (curves,) = results["finetune"]["1"]["desd"]  # one pretraining seed fine-tuned in the smoke configuration
     assert set(curves) == {"1", "2"} and all(d is None or 0 <= d <= 1 for d in curves["2"])
     table = (out / "results.md").read_text()
-    assert "| DeSD teacher |" in table and "no network (intensity)" in table and "holds" in table
+    assert "| DeSD teacher, linear |" in table and "| histogram, 54 features (no network), k-NN |" in table and "holds" in table
     assert os.path.getsize(out / "evidence.png") > 10_000
     # the tables and the figure are redone from results.json alone
     (out / "results.md").unlink()
@@ -60,17 +66,53 @@ def test_every_configuration_pretrains_with_arguments_main_desd_accepts(config, 
     assert "WARNING" not in capsys.readouterr().out
 
 
-def test_a_gap_is_claimed_only_when_it_exceeds_twice_its_spread_with_one_sign_for_every_seed():
+def test_a_paired_gap_is_tested_over_seeds_and_never_from_fewer_than_three():
+    from scipy import stats
+
     from evaluate import paired_gap
 
-    held = paired_gap([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])  # gaps 0.10, 0.11, 0.09
-    assert held["holds"] and abs(held["mean"] - 0.10) < 1e-9 and abs(held["std"] - 0.01) < 1e-9
-    assert not paired_gap([0.50, 0.52, 0.40], [0.40, 0.41, 0.42])["holds"]  # one seed the other way
-    assert not paired_gap([0.50, 0.60, 0.41], [0.40, 0.41, 0.40])["holds"]  # same sign, but mean 0.10 < 2 x std (0.09)
-    assert paired_gap([0.3, 0.31, 0.32], [0.5, 0.5, 0.5])["holds"]  # a loss is claimed too, with its sign
-    assert not paired_gap([0.5], [0.4])["holds"]  # one seed: no spread, no claim
-    assert not paired_gap([0.5001, 0.5002, 0.5001], [0.5, 0.5, 0.5])["holds"]  # steady, but far below half a Dice point
+    gap = paired_gap([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])  # gaps 0.10, 0.11, 0.09
+    assert gap["mean"] == pytest.approx(0.10) and gap["std"] == pytest.approx(0.01)
+    assert gap["p"] == pytest.approx(stats.ttest_1samp([0.10, 0.11, 0.09], 0).pvalue)
+    assert math.isnan(paired_gap([0.5, 0.52], [0.4, 0.41])["p"])  # two seeds: no test
     assert paired_gap([0.5, float("nan"), 0.52, 0.51], [0.4, 0.4, 0.41, 0.42])["gaps"] == pytest.approx([0.1, 0.11, 0.09])
+
+
+def test_holm_adjusts_step_down_and_leaves_untested_cells_out_of_the_family():
+    from evaluate import holm
+
+    adjusted = holm([0.01, 0.04, math.nan, 0.03, 0.005])
+    # sorted: 0.005 x 4, 0.01 x 3, 0.03 x 2, 0.04 x 1, each at least the one before
+    assert adjusted[4] == pytest.approx(0.02) and adjusted[0] == pytest.approx(0.03)
+    assert adjusted[3] == pytest.approx(0.06) and adjusted[1] == pytest.approx(0.06) and math.isnan(adjusted[2])
+
+
+def _rows(desd: list[float], dino: list[float], none: list[float], floor: float) -> dict:
+    """A run's probe rows with one value per seed on stages 1-3 at 8 cases, linear head."""
+    rows = {}
+    for enc, values in (("desd", desd), ("dino", dino), ("none", none)):
+        for seed, v in enumerate(values):
+            rows[f"{enc} seed{seed}"] = {"dense": {"stages1-3": {"linear": {"8": [v]}}}}
+    rows["no network"] = {"dense": {"histogram": {"linear": {"8": [floor]}}}}
+    return rows
+
+
+def test_the_primary_endpoint_is_tested_alone_and_the_rest_as_one_holm_family():
+    from evaluate import claims
+
+    # DeSD above DINO by 0.05 +- 0.01 over 3 seeds: p = 0.013 alone, and the primary holds
+    rows = _rows([0.55, 0.56, 0.54], [0.50, 0.50, 0.50], [0.40, 0.47, 0.45], floor=0.70)
+    out = {c["pair"]: c for c in claims(rows, (0, 1, 2), ["8"], ("stages1-3",))}
+    assert set(out) == {"desd - dino", "desd - none", "dino - none", "desd - histogram", "dino - histogram", "none - histogram"}
+    assert out["desd - dino"]["role"] == "primary" and out["desd - dino"]["holds"] and out["desd - dino"]["p"] > 0.01
+    # the same size of gap in the family of five (Holm multiplies the smallest p by 5) does not
+    assert out["desd - none"]["role"] == "secondary" and not out["desd - none"]["holds"]
+    assert out["desd - none"]["p_holm"] >= min(1.0, 5 * min(c["p"] for c in out.values() if c["role"] == "secondary")) - 1e-12
+    # below the floor by 0.2 in every seed: the gap's sign is kept, whatever holds
+    assert out["desd - histogram"]["mean"] == pytest.approx(-0.15) and all(g < 0 for g in out["none - histogram"]["gaps"])
+    # with two seeds nothing holds, the primary included
+    two = claims(_rows([0.55, 0.56], [0.50, 0.50], [0.40, 0.47], floor=0.7), (0, 1), ["8"], ("stages1-3",))
+    assert not any(c["holds"] for c in two)
 
 
 def test_trend_checks_read_the_second_half_of_a_hand_made_log():
