@@ -1,60 +1,61 @@
-"""The strongest network-free floor of the frozen-probe bench: per-coarse-voxel intensity
-histograms (18 bins over -160..240 HU) at the three stage grids (54 features), scored with the
-same linear head and k-NN, on the same bench and case draws as `evaluate.py` builds them, beside
-the rows of that run's results.json (stages 1-3, mean over seeds).
+"""The strongest no-network floor, added to an `evaluate.py` run recorded before the floor was
+part of the experiment: the dense probes (linear and k-NN) on 54 intensity-histogram features
+(`probe.floor_row`), on that run's own bench (its patches, held-out cases and case draws, as its
+results.json records them). The floor replaces the run's no-network dense row in results.json
+(the command is recorded there), and the claims, results.md and the figure are redone.
 
-    python benchmarks/histogram_floor.py --out evidence          # after make evaluate
+    python benchmarks/histogram_floor.py --results benchmarks/results/evidence_cpu_3seeds/results.json \
+        --figure docs/evidence.png
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import platform
 import sys
+import tempfile
+import time
 
-import numpy as np
 import torch
 
 import evaluate
+import utils
 from downstream import probe
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="evidence", help="The folder of an evaluate.py run (its Labelled/ and results.json).")
-    parser.add_argument("--config", default="cpu", choices=list(evaluate.CONFIGS), help="That run's configuration.")
+    parser.add_argument("--results", required=True, help="The results.json of an evaluate.py run.")
+    parser.add_argument("--figure", default="", help="Where the figure goes (default: evidence.png beside results.json).")
+    parser.add_argument("--labelled", default="", help="That run's Labelled/ folder (default: made again, as the run made it).")
     args = parser.parse_args()
-    cfg = evaluate.CONFIGS[args.config]
+    with open(args.results) as f:
+        results = json.load(f)
+    cfg = evaluate.CONFIGS[results["config"]]
     torch.set_num_threads(os.cpu_count() or 1)
-    cases, classes = probe.load_cases(os.path.join(args.out, "Labelled"), cfg.spacing)
-    b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
-    maps = probe.histogram_maps(b.images, cfg.probe_patch)
-    row = probe.label_efficiency(b, {"histogram": maps}, knn_sets={"histogram"}, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
-    results, rows = os.path.join(args.out, "results.json"), {}
-    if os.path.isfile(results):  # the encoders' rows of that run, beside the floor
-        with open(results) as f:
-            rows = json.load(f)["probe"]["rows"]
-    counts = [str(c) for c in cfg.probe_counts]
-    table = {
-        "histogram, 54 features (no network)": {h: [float(np.mean(row["histogram"][h][c])) for c in counts] for h in ("linear", "knn")}
+    t = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        labelled = args.labelled or os.path.join(tmp, "Labelled")
+        if not args.labelled:
+            evaluate.make_labelled(cfg, labelled)
+        cases, classes = probe.load_cases(labelled, cfg.spacing)
+        b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
+    recorded = results["probe"]
+    b = dataclasses.replace(b, held_out=recorded["held_out_cases"], draws={int(c): v for c, v in recorded["draws"].items()})
+    floor = probe.floor_row(b, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
+    recorded["rows"]["no network"]["dense"] = floor["dense"]
+    results["floor_added"] = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "seconds": round(time.time() - t, 1),
     }
-    for name in ("desd", "dino", "none") if rows else ():
-        seeds = [k for k in rows if k.startswith(f"{name} seed")]
-        table[f"{name}, stages 1-3"] = {
-            h: [float(np.nanmean([np.nanmean(rows[k]["dense"]["stages1-3"][h][c]) for k in seeds])) for c in counts]
-            for h in ("linear", "knn")
-        }
-    if "no network" in rows:
-        table["intensity mean and mean square (no network)"] = {
-            "linear": [float(np.mean(rows["no network"]["dense"]["intensity"]["linear"][c])) for c in counts]
-        }
-    print(json.dumps({"counts": counts, "held_out": b.held_out, "rows": table}))
-    print(f"{'mean Dice, held-out cases':46s}" + "".join(f"{c:>8s}" for c in counts))
-    for name, heads in table.items():
-        for head, values in heads.items():
-            print(f"{name + ' ' + head:46s}" + "".join(f"{v:8.3f}" for v in values))
-    return 0
+    with open(args.results + ".tmp", "w") as f:
+        json.dump(utils.strict_json(results), f, indent=1)
+    os.replace(args.results + ".tmp", args.results)
+    return evaluate.report_again(args.results, args.figure)
 
 
 if __name__ == "__main__":

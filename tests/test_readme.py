@@ -54,3 +54,19 @@ def test_a_preprocessing_script_runs_as_a_module_from_another_folder(tmp_path):
         [sys.executable, "-m", "preprocessing.splitting_to_patches", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "--data_root" in out.stdout, out.stderr
+
+
+def test_the_evidence_tables_are_those_of_the_recorded_run():
+    """The README's and docs/evidence.md's headline table is rebuilt from the recorded run's
+    results.json, so that no figure drifts from its run."""
+    import evaluate
+
+    results = evaluate.load_results(os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_3seeds", "results.json"))
+    table = evaluate.summary_table(results)
+    assert "histogram, 54 features (no network)" in table  # the floor is in the recorded run
+    with open(os.path.join(ROOT, "docs", "evidence.md")) as f:
+        evidence = f.read()
+    assert table in readme(), "README's table differs from evaluate.summary_table of the recorded run"
+    assert table in evidence, "docs/evidence.md's table differs from evaluate.summary_table of the recorded run"
+    with open(os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_3seeds", "results.md")) as f:
+        assert table in f.read()  # and results.md was written from the same results.json
