@@ -67,7 +67,7 @@ class Config:
     patients: int = 16  # unlabelled phantoms (1-2 studies of 1-2 series each)
     png_size: int = 192
     context_mm: float = 48.0
-    labelled_cases: int = 12  # every third is held out
+    labelled_cases: int = 12  # a third is held out, in each of probe_splits ways
     msd_size: int = 96
     msd_slices: int = 24
     view: int = 48
@@ -92,11 +92,13 @@ class Config:
     probe_patch: tuple = (16, 64, 64)
     probe_per_case: int = 24
     probe_counts: tuple = (1, 2, 4, 8)
-    probe_draws: int = 3
+    probe_draws: int = 2  # distinct draws of training cases per label count and split
+    probe_splits: int = 3  # held-out thirds of the labelled cases, each its own bench of draws
     probe_rows: int = 10000  # training voxels per dense-probe fit (half foreground where there are enough)
     probe_iters: int = 100  # L-BFGS iterations per dense-probe fit at most (it stops earlier once converged)
     student_sets: tuple = ("stages1-3",)  # feature sets scored on the student too
     knn_sets: tuple = ("stages1-3",)  # feature sets scored by k-NN too (its cost grows with the grid)
+    every_count_sets: tuple = ("stages1-3",)  # feature sets scored at every label count; the others at the largest
     ft_counts: tuple = ()  # labelled cases to fine-tune with; () skips fine-tuning
     ft_steps: tuple = ()  # step counts at which Dice is logged (the last is the run's length)
     ft_seeds: int = 1  # pretraining seeds whose encoders are fine-tuned
@@ -114,7 +116,7 @@ CONFIGS = {
     "cpu": Config(),
     "smoke": Config(
         patients=3, png_size=128, context_mm=30, labelled_cases=6, msd_size=64, msd_slices=16, out_dim=64, batch=4,
-        epochs=1, iters_per_epoch=2, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_draws=2, probe_rows=2000, probe_iters=20, ft_counts=(1,),
+        epochs=1, iters_per_epoch=2, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_splits=2, probe_rows=2000, probe_iters=20, ft_counts=(1,),
         ft_steps=(1, 2), ft_batch=2, warmup_epochs=1, teacher_temp_warmup=1, extra=("--head_hidden_dim", "256"),
     ),
     "gpu": Config(
@@ -483,6 +485,40 @@ def per_class_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_means(results: dict, enc: str, head: str, fs: str, count: str) -> list[float]:
+    """Per held-out split, the encoder's (or the floor's) mean over seeds of its mean over that
+    split's draws; empty for runs with one split."""
+    splits = results["probe"].get("splits", [])
+    if len(splits) < 2:
+        return []
+    rows, seeds = results["probe"]["rows"], results["settings"]["seeds"]
+    keys = ["no network"] if enc == FLOOR else [f"{enc} seed{s}" for s in seeds if f"{enc} seed{s}" in rows]
+    out = []
+    for k in range(len(splits)):
+        start = sum(len(splits[j]["draws"][count]) for j in range(k))
+        stop = start + len(splits[k]["draws"][count])
+        values = []
+        for key in keys:
+            dense = rows[key]["dense"].get(FLOOR if enc == FLOOR else fs, {})
+            values.append(metrics.mean_or_nan(dense.get(head, {}).get(count, [])[start:stop]))
+        out.append(metrics.mean_or_nan(values))
+    return out
+
+
+def split_table(results: dict) -> str:
+    """The headline cell (stages 1-3, linear head, the largest count) per held-out split."""
+    splits = results["probe"].get("splits", [])
+    top = str(results["probe_counts"][-1])
+    if len(splits) < 2:
+        return ""
+    lines = ["| encoder | " + " | ".join(f"held out {', '.join(map(str, s['held_out']))}" for s in splits) + " |"]
+    lines.append("| --- |" + " --- |" * len(splits))
+    for enc, label in [*((e, LABELS[e]) for e in ENCODERS), (FLOOR, FLOOR_LABEL)]:
+        values = split_means(results, enc, "linear", "stages1-3", top)
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def claims_text(results: dict) -> list[str]:
     """The rule and the gaps table of results.md."""
     top = str(results["probe_counts"][-1])
@@ -543,6 +579,9 @@ def write_report(results: dict, out: str, figure: str) -> str:
                 + " | ".join(_fmt(*spread(per_seed(rows, enc, seeds, "linear", "stages1-3", c))) for c in counts)
                 + " |"
             )
+    by_split = split_table(results)
+    if by_split:
+        lines += ["", f"## Per held-out split, stages 1-3, linear head, {counts[-1]} cases: mean Dice (mean over seeds)", "", by_split]
     per_class = per_class_table(results)
     if per_class:
         lines += ["", f"## Per class, stages 1-3, linear head, {counts[-1]} cases: Dice", "", per_class]
@@ -754,7 +793,8 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
     cases, classes = probe.load_cases(task, cfg.spacing)
     results["classes"] = classes
     b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
-    results["probe"].update(held_out_cases=b.held_out, draws={str(c): v for c, v in b.draws.items()})
+    benches = [probe.resplit(b, k, cfg.probe_counts, cfg.probe_draws) for k in range(cfg.probe_splits)]
+    results["probe"]["splits"] = [{"held_out": x.held_out, "draws": {str(c): v for c, v in x.draws.items()}} for x in benches]
     results["probe"]["auc_classes"] = [classes[k] for k in b.scored]
     rows = results["probe"]["rows"]
     for seed in cfg.seeds:
@@ -767,11 +807,12 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
                 raise OutOfTime(f"probes stopped by the time limit before {name} seed{seed}")
             maps = probe.encoder_maps(cfg.arch, ckpt, b.images, seed, cfg.device, part=part)
             rows[f"{name} seed{seed}"] = probe.encoder_row(
-                b, maps, sets, knn_sets=cfg.knn_sets, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters
-            )
+                benches, maps, sets, knn_sets=cfg.knn_sets, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters,
+                every_count=cfg.every_count_sets,
+            )  # fmt: skip
             del maps
         print(f"  probed seed {seed}", flush=True)
-    rows["no network"] = probe.floor_row(b, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
+    rows["no network"] = probe.floor_row(benches, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters)
     results["claims"] = claims(rows, cfg.seeds, [str(c) for c in cfg.probe_counts], tuple(probe.FEATURE_SETS))
     lap("probes")
     if cfg.ft_counts:
@@ -781,8 +822,8 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
 
 def fine_tuning(cfg: Config, cases, b, checkpoints, device, clock: Clock, results: dict) -> None:
     """Each encoder (DeSD, DINO, none; the first cfg.ft_seeds pretraining seeds) fine-tuned with
-    each of cfg.ft_counts labelled cases (the bench's first draw of them), scored on the bench's
-    held-out cases at several step counts."""
+    each of cfg.ft_counts labelled cases (the first split's first draw of them), scored on that
+    split's held-out cases at several step counts."""
     test = [cases[i] for i in b.held_out]
     seeds = cfg.seeds[: cfg.ft_seeds]
     jobs = [(count, enc, seed) for count in cfg.ft_counts for seed in seeds for enc in ENCODERS]

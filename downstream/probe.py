@@ -306,13 +306,20 @@ def bench(
     (0, 1 or 2) picks which third of the cases is held out: every third from the split-th."""
     images, labels, owner = sample_patches(cases, tuple(patch), per_case, seed)
     num_classes = len(class_names) + 1
-    cases_idx = np.unique(owner).tolist()
-    held_out = cases_idx[split::3]
-    pool = [c for c in cases_idx if c not in held_out]
     share = torch.stack([(labels == c).float().mean((1, 2, 3)) for c in range(1, num_classes)], 1).numpy()
     present = share >= PRESENT
     scored = [k for k in range(len(class_names)) if present[:, k].mean() >= min_present]
-    return Bench(images, labels, owner, list(class_names), held_out, case_draws(pool, counts, draws, seed), present, scored)
+    b = Bench(images, labels, owner, list(class_names), [], {}, present, scored)
+    return resplit(b, split, counts, draws, seed)
+
+
+def resplit(b: Bench, split: int, counts=(1, 2, 4, 8), draws=3, seed=0) -> Bench:
+    """The same patches with another third of the cases held out (every third from the
+    split-th) and the training cases drawn again from the rest."""
+    cases_idx = np.unique(b.owner).tolist()
+    held_out = cases_idx[split::3]
+    pool = [c for c in cases_idx if c not in held_out]
+    return dataclasses.replace(b, held_out=held_out, draws=case_draws(pool, counts, draws, seed))
 
 
 def label_efficiency(
@@ -349,7 +356,7 @@ def label_efficiency(
 
 
 def encoder_row(
-    b: Bench,
+    b: Bench | list[Bench],
     maps: list[torch.Tensor],
     feature_sets=tuple(FEATURE_SETS),
     seed: int = 0,
@@ -357,25 +364,59 @@ def encoder_row(
     device="cpu",
     limit: int = 10000,
     max_iter: int = 100,
+    every_count=None,
 ) -> dict:
-    """One encoder's scores on the bench from its stage maps (`encoder_maps` of `b.images`): the
-    dense label-efficiency tables of each feature set (k-NN on `knn_sets`, all when None; at most
-    `limit` training voxels and `max_iter` L-BFGS iterations a fit) and the presence AUC of each stage."""
+    """One encoder's scores on the bench (or on several splits of it, `resplit`) from its stage
+    maps (`encoder_maps` of `b.images`): the dense label-efficiency tables of each feature set
+    (k-NN on `knn_sets`, all when None; at most `limit` training voxels and `max_iter` L-BFGS
+    iterations a fit), the sets outside `every_count` (all when None) at the largest label count
+    only, and the presence AUC of each stage. Several splits give one list per count, the
+    splits' draws one after the other."""
+    benches = b if isinstance(b, list) else [b]
     sets = {fs: stack_stages(maps, FEATURE_SETS[fs]) for fs in feature_sets}
+    full = {k: v for k, v in sets.items() if every_count is None or k in every_count}
+    top = {k: v for k, v in sets.items() if k not in full}
+    parts = []
+    for one in benches:
+        part = label_efficiency(one, full, seed=seed, knn_sets=knn_sets, device=device, limit=limit, max_iter=max_iter)
+        if top:
+            last = max(one.draws)
+            only_top = dataclasses.replace(one, draws={last: one.draws[last]})
+            part.update(label_efficiency(only_top, top, seed=seed, knn_sets=knn_sets, device=device, limit=limit, max_iter=max_iter))
+        parts.append(part)
+    one = benches[0]
     return {
-        "dense": label_efficiency(b, sets, seed=seed, knn_sets=knn_sets, device=device, limit=limit, max_iter=max_iter),
-        "auc": {STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), b.present, b.owner, b.scored) for k, m in enumerate(maps)},
+        "dense": merge_splits(parts),
+        "auc": {
+            STAGE_NAMES[k]: _mean_auc(m.mean((2, 3, 4)).double().numpy(), one.present, one.owner, one.scored) for k, m in enumerate(maps)
+        },
     }
 
 
-def floor_row(b: Bench, seed: int = 0, device="cpu", limit: int = 10000, max_iter: int = 100) -> dict:
+def merge_splits(parts: list[dict]) -> dict:
+    """`label_efficiency` tables of several splits as one: per count, the draws of each split one
+    after the other (a split's share is the length of its draws for that count)."""
+
+    def merge(values: list):
+        if isinstance(values[0], dict):
+            return {k: merge([v[k] for v in values]) for k in values[0]}
+        return [x for v in values for x in v]
+
+    return merge(parts)
+
+
+def floor_row(b: Bench | list[Bench], seed: int = 0, device="cpu", limit: int = 10000, max_iter: int = 100) -> dict:
     """The no-network row, the strongest floor at hand: the dense probes (linear and k-NN) on the
     intensity histograms of every coarse voxel at the first three stages' grids (`histogram_maps`,
-    54 features on stages 1-3's grid), and the presence AUC of the patch's intensity histogram."""
-    maps = histogram_maps(b.images, b.images.shape[2:])
+    54 features on stages 1-3's grid), on each split given, and the presence AUC of the patch's
+    intensity histogram."""
+    benches = b if isinstance(b, list) else [b]
+    maps = {"histogram": histogram_maps(benches[0].images, benches[0].images.shape[2:])}
+    parts = [label_efficiency(one, maps, seed=seed, device=device, limit=limit, max_iter=max_iter) for one in benches]
+    one = benches[0]
     return {
-        "dense": label_efficiency(b, {"histogram": maps}, seed=seed, device=device, limit=limit, max_iter=max_iter),
-        "auc": {"histogram": _mean_auc(histogram_features(b.images), b.present, b.owner, b.scored)},
+        "dense": merge_splits(parts),
+        "auc": {"histogram": _mean_auc(histogram_features(one.images), one.present, one.owner, one.scored)},
     }
 
 

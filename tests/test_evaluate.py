@@ -26,12 +26,15 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     assert set(rows["desd seed0"]["dense"]) == {"stage1", "stage2", "stage3", "stage4", "stages1-3"}
     assert set(rows["desd seed0"]["dense"]["stages1-3"]) == {"linear", "knn", "per_class"}
     assert set(rows["desd seed0"]["dense"]["stage1"]) == {"linear", "per_class"}
+    assert set(rows["desd seed0"]["dense"]["stage1"]["linear"]) == {"4"}  # single stages at the largest count only
     assert set(rows["no network"]["dense"]) == {"histogram"}  # the strongest floor, both heads
     assert set(rows["no network"]["dense"]["histogram"]) == {"linear", "knn", "per_class"}
     assert set(rows["desd student seed0"]["dense"]) == set(cfg.student_sets)
     for count in ("1", "4"):
         dice = rows["none seed1"]["dense"]["stages1-3"]["linear"][count]
-        assert len(dice) == (cfg.probe_draws if count == "1" else 1) and all(0 <= d <= 1 for d in dice)
+        assert len(dice) == cfg.probe_splits * (cfg.probe_draws if count == "1" else 1) and all(0 <= d <= 1 for d in dice)
+    splits = results["probe"]["splits"]
+    assert len(splits) == cfg.probe_splits and not set(splits[0]["held_out"]) & set(splits[1]["held_out"])
     assert {c["pair"] for c in results["claims"]} == {"desd - dino", "desd - none", "dino - none"} | {
         f"{enc} - histogram" for enc in ("desd", "dino", "none")
     }
@@ -41,6 +44,7 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     assert set(curves) == {"1", "2"} and all(d is None or 0 <= d <= 1 for d in curves["2"])
     table = (out / "results.md").read_text()
     assert "| DeSD teacher, linear |" in table and "| histogram, 54 features (no network), k-NN |" in table and "holds" in table
+    assert "Per held-out split" in table and "Per class" in table
     assert os.path.getsize(out / "evidence.png") > 10_000
     # the tables and the figure are redone from results.json alone
     (out / "results.md").unlink()
@@ -155,3 +159,15 @@ def test_the_gpu_run_enforces_its_own_clock(tmp_path, monkeypatch):
     assert evaluate.main(["--config", "smoke", "--out", str(tmp_path / "ev"), "--time_limit", "5"]) == 0
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert "time limit" in results["stopped"] and results["pretraining"] == {"desd seed0": {"steps": 1}}
+
+
+def test_split_means_slice_each_splits_draws_out_of_the_merged_list():
+    from evaluate import split_means
+
+    rows = _rows([0.5, 0.6, 0.7], [0.5, 0.5, 0.5], [0.4, 0.4, 0.4], floor=0.7)
+    for seed in range(3):  # split 0 drew twice with 8 cases, split 1 once: 0.1 above split 0's
+        v = rows[f"desd seed{seed}"]["dense"]["stages1-3"]["linear"]["8"][0]
+        rows[f"desd seed{seed}"]["dense"]["stages1-3"]["linear"]["8"] = [v, v, v + 0.1]
+    splits = [{"held_out": [0], "draws": {"8": [[1], [2]]}}, {"held_out": [1], "draws": {"8": [[0]]}}]
+    results = {"probe": {"rows": rows, "splits": splits}, "settings": {"seeds": [0, 1, 2]}}
+    assert split_means(results, "desd", "linear", "stages1-3", "8") == pytest.approx([0.6, 0.7])

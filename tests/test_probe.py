@@ -117,3 +117,21 @@ def test_histogram_maps_give_each_coarse_voxels_bin_shares_at_three_grids():
     sums = maps.view(2, 3, 18, 8, 16, 16).sum(2)
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)  # shares of every region add up to 1
     assert maps[:, :18].argmax(1)[0, 0, 0, 0] == 0 and maps[:, :18].argmax(1)[0, -1, -1, -1] == 17  # air low, dense high
+
+
+def test_three_splits_hold_out_disjoint_thirds_and_their_draws_follow_each_other():
+    images = torch.zeros(12, 1, 4, 8, 8)
+    labels = torch.zeros(12, 4, 8, 8, dtype=torch.long)
+    labels[:, :2] = 1
+    owner = np.repeat(np.arange(6), 2)
+    b = probe.Bench(images, labels, owner, ["organ"], [], {}, np.ones((12, 1), bool), [0])
+    splits = [probe.resplit(b, k, counts=(1, 4), draws=2) for k in range(3)]
+    assert [s.held_out for s in splits] == [[0, 3], [1, 4], [2, 5]]
+    for s in splits:  # the training draws never touch the held-out cases
+        assert all(not set(d) & set(s.held_out) for subsets in s.draws.values() for d in subsets)
+        assert len(s.draws[1]) == 2 and len(s.draws[4]) == 1
+    a = {"linear": {"1": [0.1, 0.2], "4": [0.3]}, "per_class": {"linear": {"1": [[0.1], [0.2]], "4": [[0.3]]}}}
+    c = {"linear": {"1": [0.4, 0.5], "4": [0.6]}, "per_class": {"linear": {"1": [[0.4], [0.5]], "4": [[0.6]]}}}
+    merged = probe.merge_splits([{"x": a}, {"x": c}])
+    assert merged["x"]["linear"] == {"1": [0.1, 0.2, 0.4, 0.5], "4": [0.3, 0.6]}
+    assert merged["x"]["per_class"]["linear"]["4"] == [[0.3], [0.6]]
