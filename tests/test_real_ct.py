@@ -7,6 +7,7 @@ be where the scanner put it, whatever the conversion did to the axes."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 
@@ -125,3 +126,52 @@ def test_the_int32_ras_abdomen_becomes_patches_that_a_short_pretraining_reads(tm
         ["--data_path", str(root), "--output_dir", str(tmp_path / "run"), *TINY_TRAIN_ARGS, "--epochs", "1", "--max_iters_per_epoch", "2"]
     )
     assert len((tmp_path / "run" / "log.txt").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_real_labelled_set_passes_the_check_fine_tunes_and_predicts_in_each_inputs_geometry(tmp_path):
+    """The nnU-Net v2 set of the three real scans (tools/real_ct_dataset.py): the whole-geometry
+    check passes, a short fine-tuning runs on it, and prediction of the DICOM folder and of the
+    int32 RAS NIfTI writes label maps on each input's own grid, with overlays."""
+    import finetune
+    import predict
+    from downstream import labelled
+    from tools import real_ct_dataset
+
+    task = tmp_path / "Dataset901_RealCT"
+    assert real_ct_dataset.main(["--realct", REALCT, "--out", str(task)]) == 0
+    data = labelled.read_dataset(str(task))
+    assert data.layout == "nnunetv2" and data.ignore == 7 and len(data.cases) == 3
+    assert labelled.main(["--data_dir", str(task)]) == 0  # the whole-geometry check: no problem found
+    # the angiogram is labelled on its heart and aorta only, the rest ignored; the DICOM case on its liver
+    cta = sitk.GetArrayFromImage(sitk.ReadImage(str(task / "labelsTr" / "chestcta.nii.gz")))
+    assert set(np.unique(cta)) == {5, 6, 7}
+    upper = sitk.GetArrayFromImage(sitk.ReadImage(str(task / "labelsTr" / "upperabdomen.nii.gz")))
+    assert (upper == 1).mean() > 0.05  # the liver fills much of the upper abdomen's 20 slices
+
+    (tmp_path / "split.json").write_text('{"train": ["abdomen", "chestcta"], "val": ["upperabdomen"]}')
+    args = finetune.get_args_parser().parse_args(
+        ["--data_dir", str(task), "--output_dir", str(tmp_path / "run"), "--arch", "res3d10", "--spacing", "3",
+         "--patch_size", "16", "48", "48", "--epochs", "1", "--max_iters_per_epoch", "2", "--num_workers", "0",
+         "--device", "cpu", "--split_file", str(tmp_path / "split.json"), "--sw_batch_size", "4"]
+    )  # fmt: skip
+    finetune.main(args)
+    scores = json.loads((tmp_path / "run" / "dice.json").read_text())
+    assert [c["case"] for c in scores["per_case"]] == ["upperabdomen"]
+
+    series = os.path.join(FILES, "example_ct_dicom")
+    abdomen = os.path.join(FILES, "example_ct.nii.gz")
+    for given, name in ((series, "example_ct_dicom.nii.gz"), (abdomen, "example_ct.nii.gz")):
+        out = tmp_path / "pred"
+        assert predict.main(["--model", str(tmp_path / "run"), "--input", given, "--output", str(out), "--overlay", "True"]) == 0
+        pred = sitk.ReadImage(str(out / name))
+        if given == series:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(series))
+            ref = reader.Execute()
+        else:
+            ref = sitk.ReadImage(given)
+        assert pred.GetSize() == ref.GetSize(), name
+        assert np.allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-3) and np.allclose(pred.GetSpacing(), ref.GetSpacing())
+        assert np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
+        assert (out / "overlays" / name.replace(".nii.gz", ".png")).stat().st_size > 10_000
