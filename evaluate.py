@@ -19,7 +19,7 @@ One command runs the whole experiment:
    held-out cases at several step counts, so that a plateau can be seen;
 6. writes results.json, results.md and a figure.
 
-    python evaluate.py --config cpu --out evidence      # `make evaluate`: under an hour on 2 CPU cores
+    python evaluate.py --config cpu --out evidence      # `make evaluate`: about an hour on 2 CPU cores
     python evaluate.py --config gpu --out evidence_gpu  # one H100/H200, 8 minutes, its own clock
     python evaluate.py --config smoke --out /tmp/smoke  # the smallest run, for the tests
 
@@ -55,7 +55,7 @@ PAIRS = (("desd", "dino"), ("desd", "none"), ("dino", "none"))
 
 @dataclasses.dataclass
 class Config:
-    """One experiment's size: data, pretraining recipe, probes and fine-tuning. `cpu` fits an hour
+    """One experiment's size: data, pretraining recipe, probes and fine-tuning. `cpu` takes about an hour
     on 2 cores: res3d10 on a 2 mm grid, batch 8 of 48 x 48 x 16 views, 8 epochs (296 steps) per
     run, 3 seeds per method, with the recipe that passed most of the pilots' gate
     (benchmarks/results/pilots/README.md: AdamW at a peak of 1e-4, clipping at 3, the teacher's
