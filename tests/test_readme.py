@@ -70,3 +70,67 @@ def test_the_evidence_tables_are_those_of_the_recorded_run():
     assert table in evidence, "docs/evidence.md's table differs from evaluate.summary_table of the recorded run"
     with open(os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_3splits", "results.md")) as f:
         assert table in f.read()  # and results.md was written from the same results.json
+
+
+def readme_shell_lines() -> list[str]:
+    """Every command of the README's sh blocks, continuation lines joined, comments dropped."""
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", readme(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+# Lines the test does not run, and why: they need GPUs, several nodes, a scheduler, the whole
+# suite itself, or a trained res3d50 and a labelled set (fine-tuning, prediction, nnU-Net,
+# whose commands other tests run with their own data).
+NOT_RUN = {
+    "make demo": "the demo itself",
+    "make test": "the suite itself",
+    "make evaluate": "an hour",
+    "NPROC_PER_NODE=1 DATA_PATH": "one GPU",
+    "DATA_PATH=data/DeepLesion OUTPUT_DIR": "every GPU of the node",
+    "NNODES=2": "two nodes",
+    "MASTER_ADDR=$(scontrol": "SLURM",
+    "DATA_DIR=": "a labelled set and a res3d50 teacher (tests/test_commands.py checks what run_finetune.sh passes on)",
+    "python tools/compare_dice.py": "two fine-tuning runs (tests/test_finetune.py)",
+    "python predict.py": "a fine-tuned model (tests/test_predict.py)",
+    "nnUNetv2_": "nnU-Net (tests/test_nnunet.py)",
+    "desd-nnunet-plans": "nnU-Net (tests/test_nnunet.py)",
+}
+
+
+def test_the_readme_preprocessing_and_cpu_pretraining_lines_run_as_typed(tmp_path):
+    """The README's shell lines run in a view of the checkout (its entries linked into a new
+    folder, with data/ and snapshots/ there): the DeepLesion scripts on a synthetic DeepLesion,
+    the own-CT lines on the real DICOM series, and the CPU pretraining line with its budget
+    turned down. Every other line is named in NOT_RUN."""
+    from preprocessing.synthetic_deeplesion import make_deeplesion
+    from tests.helpers import realct_files
+
+    realct_files()
+    for name in os.listdir(ROOT):
+        if name not in {".git", ".venv", "data", "snapshots"}:
+            os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    make_deeplesion(str(tmp_path / "data" / "DeepLesion"), patients=1, size=128, seed=1)
+    budget = " --epochs 1 --max_iters_per_epoch 2 --arch res3d10 --out_dim 256 --head_hidden_dim 256 --global_crop_size 48"
+    budget += " --local_crop_size 32 --crop_depth 16 --saveckp_freq 1"
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], "PYTHON": sys.executable}
+    ran = []
+    for line in readme_shell_lines():
+        if any(line.startswith(k) for k in NOT_RUN):
+            continue
+        command = line.replace("--workers 16", "--workers 2").replace(
+            "~/.cache/desd/realct", os.path.dirname(os.path.dirname(realct_files()))
+        )
+        if command.startswith("sh run_ssl.sh"):
+            command += budget
+        out = subprocess.run(["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        ran.append(line)
+    assert len(ran) == 7, ran  # three DeepLesion lines, three own-CT lines, the CPU pretraining
+    for root in ("DeepLesion", "MyCT"):
+        assert (tmp_path / "data" / root / "SSL_data_deeplesion.txt").read_text().split()
+    assert (tmp_path / "snapshots" / "DeSD_res3d50" / "checkpoint.pth").is_file()
