@@ -219,7 +219,8 @@ def draw_overlay(image_zxy: np.ndarray, labels_zxy: np.ndarray, classes: list[st
     depth = np.flatnonzero(labels_zxy.reshape(labels_zxy.shape[0], -1).any(1))
     depth = depth if len(depth) else np.arange(labels_zxy.shape[0])
     slices = [int(depth[int(q * (len(depth) - 1))]) for q in (0.25, 0.5, 0.75)]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    rows = -(-len(classes[:9]) // 5) if classes else 0  # lines of the colour key
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6 + 0.3 * rows))
     hu = image_zxy * HU_SCALE  # back to HU from the network input
     for ax, z in zip(axes, slices):
         ax.imshow(hu[z], cmap="gray", vmin=-160, vmax=240)  # soft-tissue window
@@ -233,6 +234,9 @@ def draw_overlay(image_zxy: np.ndarray, labels_zxy: np.ndarray, classes: list[st
         colours = plt.get_cmap("tab10")
         key = [Patch(color=colours(i + 1), label=f"{i + 1}: {name}") for i, name in enumerate(classes[:9])]
         fig.legend(handles=key, loc="lower center", ncol=min(len(key), 5), fontsize=8, frameon=False)
+        return utils.save_figure(
+            fig, out, dpi=90, rect=(0, 0.3 * rows / (3.6 + 0.3 * rows), 1, 0.97)
+        )  # the slices above the key, never over it
     return utils.save_figure(fig, out, dpi=90)
 
 

@@ -645,11 +645,12 @@ def plot_logs(paths: list[str], out: str, labels: list[str] | None = None) -> st
     return save_figure(fig, out, dpi=100)
 
 
-def save_figure(fig, out: str, dpi: int = 100) -> str:
-    """A matplotlib figure laid out and written to `out` (PNG) atomically, then closed."""
+def save_figure(fig, out: str, dpi: int = 100, rect=None) -> str:
+    """A matplotlib figure laid out (within `rect`, (left, bottom, right, top) in figure
+    fractions, where given) and written to `out` (PNG) atomically, then closed."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     try:
         files.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=dpi))
     finally:

@@ -352,3 +352,26 @@ def test_a_real_jpeg2000_dicom_folder_is_predicted_into_its_own_geometry(trained
     assert np.allclose(out.GetSpacing(), ref.GetSpacing()) and np.allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-3)
     assert np.allclose(out.GetDirection(), ref.GetDirection(), atol=1e-6)
     assert (tmp_path / "p" / "overlays" / "example_ct_dicom.png").exists()
+
+
+def test_the_overlays_colour_key_sits_below_the_slices_even_for_tall_images(tmp_path, monkeypatch):
+    import utils
+
+    drawn = {}
+
+    def keep(fig, out, dpi=100, rect=None):
+        fig.tight_layout(rect=rect)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        to_fig = fig.transFigure.inverted()
+        drawn["key_top"] = to_fig.transform(fig.legends[0].get_window_extent(renderer))[1, 1]
+        drawn["slices_bottom"] = min(to_fig.transform(ax.get_window_extent(renderer))[0, 1] for ax in fig.axes)
+        return out
+
+    monkeypatch.setattr(utils, "save_figure", keep)
+    labels = np.zeros((10, 512, 512), np.uint8)  # a 512 x 512 DICOM-like slice: tall for its panel
+    labels[:, 100:300, 100:300] = 1
+    predict.draw_overlay(
+        np.zeros_like(labels, dtype=np.float32), labels, ["liver", "spleen", "kidney", "stomach", "aorta", "heart"], "x.png"
+    )
+    assert drawn["key_top"] <= drawn["slices_bottom"] + 1e-3
