@@ -127,7 +127,9 @@ def test_the_readme_preprocessing_and_cpu_pretraining_lines_run_as_typed(tmp_pat
         )
         if command.startswith("sh run_ssl.sh"):
             command += budget
-        out = subprocess.run(["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600
+        )  # progress bars print non-ASCII whatever the locale says
         assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
         ran.append(line)
     assert len(ran) == 7, ran  # three DeepLesion lines, three own-CT lines, the CPU pretraining
