@@ -6,7 +6,6 @@ be where the scanner put it, whatever the conversion did to the axes."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from preprocessing import ct_to_nifti
 from preprocessing import re_spacing_ITK as s2
 from preprocessing import splitting_to_patches as s3
 from tests.helpers import REALCT, TINY_TRAIN_ARGS, realct_files, run_main_desd
+from tools.real_ct_figure import class_map
 
 FILES = os.path.join(REALCT, "tests", "reference_files")
 
@@ -31,13 +31,7 @@ def _scans():
 
 def class_id(name: str) -> int:
     """The label of `name` in TotalSegmentator's `total` task (its map_to_binary.py)."""
-    with open(os.path.join(REALCT, "totalsegmentator", "map_to_binary.py")) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "class_map":
-            classes = ast.literal_eval(node.value)["total"]
-            return next(k for k, v in classes.items() if v == name)
-    raise KeyError(name)
+    return next(k for k, v in class_map(REALCT).items() if v == name)
 
 
 def world_lps_of_sitk(image: sitk.Image, ijk: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from preprocessing import ct_to_nifti
 from preprocessing.files import prepare_output_folder
 from preprocessing.runner import command_parser, entry, run_command
-from tools.real_ct_figure import class_map
+from tools.real_ct_figure import REALCT, class_map
 
 CLASSES = {"liver": ("liver",), "spleen": ("spleen",), "kidney": ("kidney_right", "kidney_left"), "stomach": ("stomach",)}
 CLASSES.update(aorta=("aorta",), heart=("heart",))
@@ -104,9 +104,8 @@ def build(realct: str, out: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default = os.environ.get("DESD_REALCT") or os.path.join(os.path.expanduser("~"), ".cache", "desd", "realct")
     parser = command_parser("A labelled nnU-Net v2 dataset of real CT from TotalSegmentator's reference scans")
-    parser.add_argument("--realct", default=default, help="Where `make realct` put the reference scans.")
+    parser.add_argument("--realct", default=REALCT, help="Where `make realct` put the reference scans.")
     parser.add_argument("--out", required=True, help="The dataset folder to write (e.g. $nnUNet_raw/Dataset901_RealCT).")
     args = parser.parse_args(argv)
     if not os.path.isdir(os.path.join(args.realct, "tests", "reference_files", "example_ct_dicom")):

@@ -22,6 +22,7 @@ import numpy as np
 from preprocessing import ct_to_nifti
 from preprocessing.runner import command_parser, entry, run_command
 
+REALCT = os.environ.get("DESD_REALCT") or os.path.join(os.path.expanduser("~"), ".cache", "desd", "realct")  # `make realct`'s folder
 SHOWN = ("liver", "spleen", "kidney_right", "kidney_left", "stomach", "aorta", "vertebrae_L1", "pancreas", "gallbladder")
 
 
@@ -45,8 +46,7 @@ def converted(path: str, work: str, name: str) -> nib.Nifti1Image:
 
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("A real abdomen CT after conversion, with its reference labels.")
-    default = os.environ.get("DESD_REALCT") or os.path.join(os.path.expanduser("~"), ".cache", "desd", "realct")
-    parser.add_argument("--realct", default=default, help="Where `make realct` put the reference scans.")
+    parser.add_argument("--realct", default=REALCT, help="Where `make realct` put the reference scans.")
     parser.add_argument("--out", default="docs/real_ct.png", help="The PNG to write.")
     args = parser.parse_args(argv)
     files = os.path.join(args.realct, "tests", "reference_files")
