@@ -30,7 +30,7 @@ if [ -z "$MASTER_PORT" ]; then
   fi
 fi
 
-$PYTHON -m torch.distributed.run \
+$PYTHON -m preprocessing.runner \
   --nproc_per_node="$NPROC_PER_NODE" \
   --nnodes="${NNODES:-1}" \
   --node_rank="${NODE_RANK:-0}" \

@@ -38,7 +38,7 @@ MAX_RESTARTS=${MAX_RESTARTS:-0}
 DEVICE=$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)
 mkdir -p "$OUTPUT_DIR"
 
-$PYTHON -m torch.distributed.run \
+$PYTHON -m preprocessing.runner \
   --nproc_per_node="$NPROC_PER_NODE" \
   --nnodes="$NNODES" \
   --node_rank="$NODE_RANK" \

@@ -3,7 +3,10 @@ NIfTI file is complete, a parallel job runner with a tqdm bar whose workers die 
 the closing summary (written / skipped / failed, with reasons, and warnings); and what every
 command of the project shares on the command line: its parser (`command_parser`: named as it
 was called, defaults in the help, `--version`), the way it ends (`run_command`: a known error
-as one `error: ...` line and exit status 1, Ctrl-C quietly with 130), `positive_float`."""
+as one `error: ...` line and exit status 1, Ctrl-C quietly with 130), `positive_float`.
+
+Run as a module it is torchrun whose failure ends the same way (`torchrun`), which run_ssl.sh
+and run_finetune.sh launch through: `python -m preprocessing.runner --nproc_per_node 2 main_desd.py ...`."""
 
 from __future__ import annotations
 
@@ -218,3 +221,35 @@ def make_output_dir(path: str, flag: str = "--out_dir") -> None:
         raise SystemExit(f"cannot create the output folder {path!r} ({err.strerror or err}): give a writable one with {flag}") from None
     if not os.access(path, os.W_OK):
         raise SystemExit(f"the output folder {path!r} is not writable: give a writable one with {flag}")
+
+
+def torchrun(argv: list[str] | None = None) -> int:
+    """torchrun (`torch.distributed.run`) with its arguments. A worker's failure ends with one
+    `error:` line naming the script, the rank and the exit status, after the worker's own message,
+    where torchrun prints a traceback and a ChildFailedError block (DESD_DEBUG=1 keeps them).
+    Returns the failed worker's exit status (1 for a signal), or 130 on Ctrl-C."""
+    import logging
+
+    from torch.distributed import run as distributed_run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    debug = os.environ.get("DESD_DEBUG", "0") not in ("", "0")
+    if not debug:  # its log line of the failure says what the error line below says
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        distributed_run.main(argv)
+    except ChildFailedError as failed:
+        if debug:
+            raise
+        rank, failure = failed.get_first_failure()
+        how = f"exit status {failure.exitcode}" if failure.exitcode > 0 else f"signal {failure.signal_name()}"
+        print(f"error: {failed.name} failed on rank {rank} with {how} (its message is above)", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun())

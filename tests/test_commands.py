@@ -155,3 +155,20 @@ def test_finetune_takes_its_required_data_dir_from_a_config(tmp_path, monkeypatc
     (tmp_path / "args.json").write_text(json.dumps({"data_dir": "data/Task03_Liver", "epochs": 7}))
     args = parse_with_config(parser, ["--config", str(tmp_path / "args.json"), "--epochs", "9"])
     assert args.data_dir == "data/Task03_Liver" and args.epochs == 9
+
+
+def test_a_worker_failure_under_torchrun_ends_in_one_error_line_with_its_status(tmp_path):
+    """run_finetune.sh with a teacher that is not there: the worker's own `error:` line, then one
+    line naming the script, its rank and exit status; no traceback, no ChildFailedError block."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "DESD_DEBUG"}
+    env.update(
+        PYTHON=sys.executable, DATA_DIR=str(tmp_path / "data"), PRETRAINED=str(tmp_path / "missing.pth"), OUTPUT_DIR=str(tmp_path / "out")
+    )
+    out = subprocess.run(["sh", os.path.join(ROOT, "run_finetune.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == "error: finetune.py failed on rank 0 with exit status 1 (its message is above)", out.stderr
+    assert lines[-2].startswith("error:") and "missing.pth" in lines[-2], out.stderr
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr
