@@ -83,9 +83,9 @@ def readme_shell_lines() -> list[str]:
     return lines
 
 
-# Lines the test does not run, and why: they need GPUs, several nodes, a scheduler, the whole
-# suite itself, or a trained res3d50 and a labelled set (fine-tuning, prediction, nnU-Net,
-# whose commands other tests run with their own data).
+# Lines the tests below do not run, and why: they need GPUs, several nodes, a scheduler, the
+# whole suite itself or an hour, or nnU-Net (whose five commands tests/test_nnunet.py runs on
+# its own data, generated and real).
 NOT_RUN = {
     "make demo": "the demo itself",
     "make test": "the suite itself",
@@ -94,12 +94,29 @@ NOT_RUN = {
     "DATA_PATH=data/DeepLesion OUTPUT_DIR": "every GPU of the node",
     "NNODES=2": "two nodes",
     "MASTER_ADDR=$(scontrol": "SLURM",
-    "DATA_DIR=": "a labelled set and a res3d50 teacher (tests/test_commands.py checks what run_finetune.sh passes on)",
-    "python tools/compare_dice.py": "two fine-tuning runs (tests/test_finetune.py)",
-    "python predict.py": "a fine-tuned model (tests/test_predict.py)",
     "nnUNetv2_": "nnU-Net (tests/test_nnunet.py)",
     "desd-nnunet-plans": "nnU-Net (tests/test_nnunet.py)",
 }
+
+
+def checkout_view(folder) -> None:
+    """The checkout's entries linked into `folder`, which keeps data/ and snapshots/ of its own."""
+    for name in os.listdir(ROOT):
+        if name not in {".git", ".venv", "data", "snapshots"}:
+            os.symlink(os.path.join(ROOT, name), os.path.join(folder, name))
+
+
+def run_line(command: str, cwd, line: str) -> None:
+    """One README line through sh, with this environment's python first on PATH."""
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], "PYTHON": sys.executable}
+    out = subprocess.run(
+        ["sh", "-c", command], cwd=cwd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600
+    )  # progress bars print non-ASCII whatever the locale says
+    assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+
+
+# The fine-tuning section's lines, run by their own test below on a labelled set it writes.
+FINETUNING_LINES = ("DATA_DIR=", "python tools/compare_dice.py", "python predict.py")
 
 
 def test_the_readme_preprocessing_and_cpu_pretraining_lines_run_as_typed(tmp_path):
@@ -111,28 +128,63 @@ def test_the_readme_preprocessing_and_cpu_pretraining_lines_run_as_typed(tmp_pat
     from tests.helpers import realct_files
 
     realct_files()
-    for name in os.listdir(ROOT):
-        if name not in {".git", ".venv", "data", "snapshots"}:
-            os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    checkout_view(tmp_path)
     make_deeplesion(str(tmp_path / "data" / "DeepLesion"), patients=1, size=128, seed=1)
     budget = " --epochs 1 --max_iters_per_epoch 2 --arch res3d10 --out_dim 256 --head_hidden_dim 256 --global_crop_size 48"
     budget += " --local_crop_size 32 --crop_depth 16 --saveckp_freq 1"
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], "PYTHON": sys.executable}
     ran = []
     for line in readme_shell_lines():
-        if any(line.startswith(k) for k in NOT_RUN):
+        if any(line.startswith(k) for k in (*NOT_RUN, *FINETUNING_LINES)):
             continue
         command = line.replace("--workers 16", "--workers 2").replace(
             "~/.cache/desd/realct", os.path.dirname(os.path.dirname(realct_files()))
         )
         if command.startswith("sh run_ssl.sh"):
             command += budget
-        out = subprocess.run(
-            ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600
-        )  # progress bars print non-ASCII whatever the locale says
-        assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        run_line(command, tmp_path, line)
         ran.append(line)
     assert len(ran) == 7, ran  # three DeepLesion lines, three own-CT lines, the CPU pretraining
     for root in ("DeepLesion", "MyCT"):
         assert (tmp_path / "data" / root / "SSL_data_deeplesion.txt").read_text().split()
     assert (tmp_path / "snapshots" / "DeSD_res3d50" / "checkpoint.pth").is_file()
+
+
+@pytest.mark.slow
+def test_the_readme_fine_tuning_comparison_and_prediction_lines_run_as_typed(tmp_path):
+    """The fine-tuning section's lines in a view of the checkout: data/Dataset003_Liver is a small
+    nnU-Net v2 set with its splits_final.json and imagesTs/, snapshots/desd/checkpoint.pth a
+    res3d50 teacher in the checkpoint layout. The two run_finetune.sh lines get their budget
+    turned down (flags appended, so the last value wins); compare_dice and predict run as written."""
+    import json
+    import shutil
+
+    from tests.helpers import write_nnunet
+
+    checkout_view(tmp_path)
+    data = tmp_path / "data" / "Dataset003_Liver"
+    write_nnunet(str(data), n=5)
+    (data / "imagesTs").mkdir()
+    for i in (3, 4):
+        shutil.copy(data / "imagesTr" / f"liver_{i:03d}_0000.nii.gz", data / "imagesTs" / f"test_{i:03d}_0000.nii.gz")
+    split = [{"train": [f"liver_{i:03d}" for i in (0, 1, 2, 3)], "val": ["liver_004"]}]
+    (data / "splits_final.json").write_text(json.dumps(split))
+    (tmp_path / "snapshots" / "desd").mkdir(parents=True)
+    backbone = create_model("res3d50").state_dict()
+    torch.save(
+        {"teacher": {f"module.backbone.{k}": v for k, v in backbone.items()}, "epoch": 1},
+        tmp_path / "snapshots" / "desd" / "checkpoint.pth",
+    )
+
+    budget = " --epochs 1 --max_iters_per_epoch 2 --patch_size 32 64 64 --batch_size 2 --num_workers 0 --sw_batch_size 4"
+    lines = [line for line in readme_shell_lines() if line.startswith(FINETUNING_LINES)]
+    assert len(lines) == 4, lines  # fine-tune from the teacher, from scratch, compare, predict
+    for line in lines:
+        run_line(line + budget if line.startswith("DATA_DIR=") else line, tmp_path, line)
+
+    desd = json.loads((tmp_path / "snapshots" / "finetune_res3d50_desd" / "dice.json").read_text())
+    assert [c["case"] for c in desd["per_case"]] == ["liver_004"]  # the split file's fold 0
+    assert (tmp_path / "snapshots" / "finetune_res3d50_scratch" / "dice.json").is_file()
+    log = (tmp_path / "snapshots" / "finetune_res3d50_desd" / "console.log").read_text()
+    assert "Loaded 159 of 159 encoder tensors from the teacher" in log
+    for i in (3, 4):
+        assert (tmp_path / "preds" / f"test_{i:03d}.nii.gz").is_file()
