@@ -6,6 +6,7 @@ import json
 import os
 import pydoc
 import re
+import shutil
 import subprocess
 import sys
 
@@ -174,7 +175,8 @@ def test_a_teacher_of_another_depth_is_refused_by_name_and_nothing_is_written(tm
 
 
 def write_raw(root, n_train=5, shape=(30, 30, 14)):
-    """A tiny nnU-Net v2 dataset of boxes brighter than their noise, stored RAS (1 mm)."""
+    """A tiny nnU-Net v2 dataset of boxes brighter than their noise, stored RAS (1 mm): the
+    refusal tests' raw set."""
     rng = np.random.default_rng(0)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -200,10 +202,18 @@ def shim_installed() -> bool:
     )
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not shim_installed(), reason="nnunetv2 and its nnUNetTrainer_DeSD module are not installed (make test installs both)")
-def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp_path):
-    bin_dir = os.path.dirname(sys.executable)
+NEEDS_SHIM = pytest.mark.skipif(
+    not shim_installed(), reason="nnunetv2 and its nnUNetTrainer_DeSD module are not installed (make test installs both)"
+)
+BIN = os.path.dirname(sys.executable)
+# nnUNetTrainer_DeSD cut to one epoch of 2 iterations, validated without mirroring; no augmentation workers
+SHORT = {"DESD_NNUNET_EPOCHS": "1", "DESD_NNUNET_ITERATIONS": "2", "DESD_NNUNET_VAL_ITERATIONS": "1", "DESD_NNUNET_VAL_MIRRORING": "0"}
+SHORT["nnUNet_n_proc_DA"] = "0"
+
+
+def nnunet_runner(tmp_path):
+    """A function that runs one nnU-Net command with its three folders under tmp_path and
+    returns its stdout, failing with its output."""
     env = dict(os.environ)
     env.update(
         nnUNet_raw=str(tmp_path / "raw"),
@@ -213,38 +223,74 @@ def test_the_readme_commands_train_and_predict_in_nnunet_from_a_desd_teacher(tmp
         nnUNet_def_n_proc="1",  # its default of 8 spawned export workers, each importing torch, cost 2 cores a minute
         PYTHONPATH=ROOT,
     )
-    write_raw(str(tmp_path / "raw" / "Dataset901_Box"))
-    write_teacher(tmp_path / "teacher.pth")
 
     def run(*cmd, **extra_env):
         done = subprocess.run(list(cmd), env={**env, **extra_env}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout
 
-    weights = tmp_path / "preprocessed" / "Dataset901_Box" / "nnUNetPlans_DeSD_res3d10.pth"
-    run(f"{bin_dir}/nnUNetv2_plan_and_preprocess", "-d", "901", "--no_pp", "-npfp", "1")
-    out = run(f"{bin_dir}/desd-nnunet-plans", "-d", "901", "--arch", "res3d10", "--pretrained", str(tmp_path / "teacher.pth"))
-    assert "images RAS as SimpleITKIO reads them" in out and weights.is_file()
-    run(f"{bin_dir}/nnUNetv2_preprocess", "-d", "901", "-plans_name", "nnUNetPlans_DeSD", "-c", "3d_fullres", "-np", "1")
-    # nnU-Net's own command with the short trainer (make install-nnunet makes -tr find it): one epoch of 2 iterations
-    short = {"DESD_NNUNET_EPOCHS": "1", "DESD_NNUNET_ITERATIONS": "2", "DESD_NNUNET_VAL_ITERATIONS": "1", "nnUNet_n_proc_DA": "0"}
-    out = run(f"{bin_dir}/nnUNetv2_train", "901", "3d_fullres", "0", "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD",
-              "-pretrained_weights", str(weights), "-device", "cpu", **short)  # fmt: skip
+    return run
+
+
+def same_grid(a: str, b: str) -> bool:
+    """Whether two images have the same size, origin, spacing and direction."""
+    a, b = sitk.ReadImage(a), sitk.ReadImage(b)
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
+
+
+@pytest.mark.slow
+@NEEDS_SHIM
+def test_the_nnunet_route_runs_on_real_ct_and_writes_each_prediction_on_its_inputs_grid(tmp_path):
+    """The README's five commands on the real-CT set (tools/real_ct_dataset.py), training cut
+    short. Its images are stored RAS, LPS and PLI, so the plans take the reorienting reader (the
+    plain one is refused by name); its three cases take the fold it ships in splits_final.json.
+    nnU-Net's validation of the converted DICOM series (512 x 512, 2 mm, PLI) and the prediction
+    of the int32 RAS abdomen come back on their inputs' grids."""
+    from tests.helpers import realct_files
+    from tools import real_ct_dataset
+
+    realct_files()
+    raw = tmp_path / "raw" / "Dataset901_RealCT"
+    assert real_ct_dataset.main(["--out", str(raw)]) == 0
+    write_teacher(tmp_path / "teacher.pth")
+    run = nnunet_runner(tmp_path)
+    run(f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "901", "--no_pp", "-npfp", "1")
+    plans = [f"{BIN}/desd-nnunet-plans", "-d", "901", "--arch", "res3d10", "--pretrained", str(tmp_path / "teacher.pth")]
+    plans += ["--spacing", "3", "--patch_size", "32", "64", "64"]  # a coarse grid: a CPU check, not a model
+    refused = subprocess.run(plans, env={**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "preprocessed")},
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "chestcta_0000.nii.gz (LPS), upperabdomen_0000.nii.gz (PLI)" in refused.stderr
+    out = run(*plans, "--reader", "SimpleITKIOWithReorient")
+    assert "images RAS as SimpleITKIOWithReorient reads them" in out
+    run(f"{BIN}/nnUNetv2_preprocess", "-d", "901", "-plans_name", "nnUNetPlans_DeSD", "-c", "3d_fullres", "-np", "1")
+    shutil.copy(raw / "splits_final.json", tmp_path / "preprocessed" / "Dataset901_RealCT" / "splits_final.json")
+    weights = tmp_path / "preprocessed" / "Dataset901_RealCT" / "nnUNetPlans_DeSD_res3d10.pth"
+    out = run(f"{BIN}/nnUNetv2_train", "901", "3d_fullres", "0", "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD",
+              "-pretrained_weights", str(weights), "-device", "cpu", **SHORT)  # fmt: skip
     assert f"Loading pretrained weights from file  {weights}" in out
+    assert "This split has 2 training and 1 validation cases" in out
+    run_folder = tmp_path / "results" / "Dataset901_RealCT" / "nnUNetTrainer_DeSD__nnUNetPlans_DeSD__3d_fullres"
+    fold = run_folder / "fold_0"
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert (fold / "checkpoint_final.pth").is_file() and "Epoch 0" in log and "Epoch 1" not in log  # one epoch
+    plans_json = json.loads((run_folder / "plans.json").read_text())
+    assert plans_json["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "models.nnunet.DeSDUNet"
+    assert same_grid(str(fold / "validation" / "upperabdomen.nii.gz"), str(raw / "imagesTr" / "upperabdomen_0000.nii.gz"))
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(raw / "imagesTr" / "abdomen_0000.nii.gz", tmp_path / "in" / "abdomen_0000.nii.gz")
     run(
-        f"{bin_dir}/nnUNetv2_predict", "-i", str(tmp_path / "raw" / "Dataset901_Box" / "imagesTs"), "-o", str(tmp_path / "preds"),
-        "-d", "901", "-c", "3d_fullres", "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD", "-f", "0", "-device", "cpu",
-        "-npp", "1", "-nps", "1", "--disable_tta",
+        f"{BIN}/nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "preds"), "-d", "901", "-c", "3d_fullres",
+        "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta",
     )  # fmt: skip
-    pred = nib.load(tmp_path / "preds" / "box_005.nii.gz")
-    image = nib.load(tmp_path / "raw" / "Dataset901_Box" / "imagesTs" / "box_005_0000.nii.gz")
-    assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
-    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
-    run_folder = tmp_path / "results" / "Dataset901_Box" / "nnUNetTrainer_DeSD__nnUNetPlans_DeSD__3d_fullres"
-    log = "".join(p.read_text() for p in (run_folder / "fold_0").glob("training_log_*.txt"))
-    assert (run_folder / "fold_0" / "checkpoint_final.pth").is_file() and "Epoch 0" in log and "Epoch 1" not in log  # one epoch
-    plans = json.loads((run_folder / "plans.json").read_text())
-    assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "models.nnunet.DeSDUNet"
+    assert same_grid(str(tmp_path / "preds" / "abdomen.nii.gz"), str(tmp_path / "in" / "abdomen_0000.nii.gz"))
+    labels = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "preds" / "abdomen.nii.gz"))))
+    assert set(labels) <= set(range(7))  # background and the six organs; never the ignore label
 
 
 def test_plans_refuse_a_network_name_that_resolves_to_another_models_package(tmp_path, monkeypatch):
@@ -286,3 +332,23 @@ def test_the_short_trainer_takes_its_length_from_the_environment(monkeypatch):
     monkeypatch.setenv("DESD_NNUNET_EPOCHS", "0")
     with pytest.raises(ValueError, match=r"\$DESD_NNUNET_EPOCHS='0': expected a whole number"):
         nnunet_trainer.nnUNetTrainer_DeSD({}, "3d_fullres", 0, {})
+
+
+def test_the_short_trainer_validates_without_mirroring_only_when_asked_and_keeps_the_axes(monkeypatch):
+    pytest.importorskip("nnunetv2")
+    from downstream import nnunet_trainer
+
+    seen = []
+    monkeypatch.setattr(nnunet_trainer.nnUNetTrainer, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(
+        nnunet_trainer.nnUNetTrainer, "perform_actual_validation", lambda self, *a: seen.append(self.inference_allowed_mirroring_axes)
+    )
+    trainer = nnunet_trainer.nnUNetTrainer_DeSD({}, "3d_fullres", 0, {})
+    trainer.inference_allowed_mirroring_axes = (0, 1, 2)
+    trainer.perform_actual_validation()
+    monkeypatch.setenv("DESD_NNUNET_VAL_MIRRORING", "0")
+    trainer.perform_actual_validation()
+    assert seen == [(0, 1, 2), None] and trainer.inference_allowed_mirroring_axes == (0, 1, 2)
+    monkeypatch.setenv("DESD_NNUNET_VAL_MIRRORING", "no")
+    with pytest.raises(ValueError, match=r"\$DESD_NNUNET_VAL_MIRRORING='no': expected 0 or 1"):
+        trainer.perform_actual_validation()

@@ -143,11 +143,10 @@ def test_a_real_labelled_set_passes_the_check_fine_tunes_and_predicts_in_each_in
     upper = sitk.GetArrayFromImage(sitk.ReadImage(str(task / "labelsTr" / "upperabdomen.nii.gz")))
     assert (upper == 1).mean() > 0.05  # the liver fills much of the upper abdomen's 20 slices
 
-    (tmp_path / "split.json").write_text('{"train": ["abdomen", "chestcta"], "val": ["upperabdomen"]}')
     args = finetune.get_args_parser().parse_args(
         ["--data_dir", str(task), "--output_dir", str(tmp_path / "run"), "--arch", "res3d10", "--spacing", "3",
          "--patch_size", "16", "48", "48", "--epochs", "1", "--max_iters_per_epoch", "2", "--num_workers", "0",
-         "--device", "cpu", "--split_file", str(tmp_path / "split.json"), "--sw_batch_size", "4"]
+         "--device", "cpu", "--split_file", str(task / "splits_final.json"), "--fold", "0", "--sw_batch_size", "4"]
     )  # fmt: skip
     finetune.main(args)
     scores = json.loads((tmp_path / "run" / "dice.json").read_text())

@@ -13,6 +13,12 @@ written on its image's grid (the DICOM case's and the angiogram's aorta are resa
 nearest neighbour, in world coordinates). The labels are TotalSegmentator's predictions, not
 manual ground truth.
 
+Three cases are too few for nnU-Net's own five-fold split, so the set comes with
+`splits_final.json`: one fold that trains on the abdomen and the angiogram and validates on the
+DICOM case. `finetune.py --split_file` reads it in place; for nnU-Net, copy it into
+`$nnUNet_preprocessed/Dataset901_RealCT/` before `nnUNetv2_train`. The images are stored in three
+orientations, so `desd-nnunet-plans` needs `--reader SimpleITKIOWithReorient`.
+
     python tools/real_ct_dataset.py --out data/Dataset901_RealCT
 """
 
@@ -35,6 +41,7 @@ from tools.real_ct_figure import REALCT, class_map
 CLASSES = {"liver": ("liver",), "spleen": ("spleen",), "kidney": ("kidney_right", "kidney_left"), "stomach": ("stomach",)}
 CLASSES.update(aorta=("aorta",), heart=("heart",))
 LABELS = {"background": 0, **{name: k + 1 for k, name in enumerate(CLASSES)}, "ignore": len(CLASSES) + 1}
+SPLITS = [{"train": ["abdomen", "chestcta"], "val": ["upperabdomen"]}]  # nnU-Net's splits_final.json, one fold
 
 
 def total_to_ours(realct: str) -> np.ndarray:
@@ -100,6 +107,8 @@ def build(realct: str, out: str) -> dict:
     }
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    with open(os.path.join(out, "splits_final.json"), "w") as f:
+        json.dump(SPLITS, f, indent=1)
     return meta
 
 
@@ -123,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(os.path.join(args.out, sub), exist_ok=True)
             for name in os.listdir(os.path.join(work, sub)):
                 os.replace(os.path.join(work, sub, name), os.path.join(args.out, sub, name))
+        os.replace(os.path.join(work, "splits_final.json"), os.path.join(args.out, "splits_final.json"))
         os.replace(os.path.join(work, "dataset.json"), existing)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"3 cases of real CT in {args.out} (labels: {', '.join(CLASSES)}; the angiogram's other voxels ignored)")
+    print(f"one fold in {args.out}/splits_final.json (nnU-Net reads it from $nnUNet_preprocessed/<dataset>/)")
     return 0
 
 
