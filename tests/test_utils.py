@@ -124,7 +124,8 @@ def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):
 def test_device_augmentation_seeds_of_a_64_rank_300_epoch_1000_iteration_run_are_all_distinct():
     rank, epoch, it = np.meshgrid(np.arange(64), np.arange(300), np.arange(1000), indexing="ij")
     seeds = utils.hashed_seed(0, rank.ravel(), epoch.ravel(), it.ravel())
-    assert seeds.dtype == np.uint64 and len(np.unique(seeds)) == 64 * 300 * 1000
+    ordered = np.sort(seeds)  # sorted, all distinct means no two neighbours equal (np.unique takes 20x as long here)
+    assert seeds.dtype == np.uint64 and seeds.size == 64 * 300 * 1000 and np.all(ordered[1:] != ordered[:-1])
     # the scalar form is what training passes to torch, and equals the vectorised one
     assert utils.hashed_seed(0, 5, 7, 11) == int(seeds[(5 * 300 + 7) * 1000 + 11])
     assert utils.hashed_seed(1, 0, 0, 0) != utils.hashed_seed(0, 0, 0, 0)
