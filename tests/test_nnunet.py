@@ -222,6 +222,7 @@ def nnunet_runner(tmp_path):
         nnUNet_compile="f",
         nnUNet_def_n_proc="1",  # its default of 8 spawned export workers, each importing torch, cost 2 cores a minute
         PYTHONPATH=ROOT,
+        PATH=BIN + os.pathsep + os.environ["PATH"],  # the README's lines name the commands bare
     )
 
     def run(*cmd, **extra_env):
@@ -243,35 +244,62 @@ def same_grid(a: str, b: str) -> bool:
     )
 
 
+# What the README's nnU-Net lines get appended here: the CPU, the short trainer, one worker, a coarse grid.
+README_BUDGET = {
+    "nnUNetv2_plan_and_preprocess": " -npfp 1",
+    "desd-nnunet-plans": " --spacing 3 --patch_size 32 64 64",  # a coarse grid: a CPU check, not a model
+    "nnUNetv2_preprocess": " -np 1",
+    "nnUNetv2_train": " -tr nnUNetTrainer_DeSD -device cpu",
+    "nnUNetv2_predict": " -tr nnUNetTrainer_DeSD -device cpu -npp 1 -nps 1 --disable_tta",
+}
+
+
+def readme_nnunet_lines() -> list[str]:
+    """The README's five nnU-Net commands, on the real-CT set (Dataset003_Liver -> 901) with a
+    res3d10 teacher, each with its budget appended."""
+    from tests.test_readme import readme_shell_lines
+
+    lines = []
+    for line in readme_shell_lines():
+        program = line.split()[0]
+        if program in README_BUDGET:
+            line = line.replace("Dataset003_Liver", "Dataset901_RealCT").replace("res3d50", "res3d10")
+            lines.append(re.sub(r"(-d|nnUNetv2_train) 3 ", r"\1 901 ", line) + README_BUDGET[program])
+    return lines
+
+
 @pytest.mark.slow
 @NEEDS_SHIM
-def test_the_nnunet_route_runs_on_real_ct_and_writes_each_prediction_on_its_inputs_grid(tmp_path):
-    """The README's five commands on the real-CT set (tools/real_ct_dataset.py), training cut
-    short. Its images are stored RAS, LPS and PLI, so the plans take the reorienting reader (the
-    plain one is refused by name); its three cases take the fold it ships in splits_final.json.
-    nnU-Net's validation of the converted DICOM series (512 x 512, 2 mm, PLI) and the prediction
-    of the int32 RAS abdomen come back on their inputs' grids."""
+def test_the_readme_nnunet_route_runs_on_real_ct_and_writes_each_prediction_on_its_inputs_grid(tmp_path):
+    """The README's five nnU-Net commands on the real-CT set (tools/real_ct_dataset.py), with the
+    dataset and a res3d10 teacher swapped in and the budget turned down (README_BUDGET). Its
+    images are stored RAS, LPS and PLI: the plans tool refuses them with the plain reader, naming
+    the odd files, and takes them with the reorienting one; its three cases take the fold it ships
+    in splits_final.json. nnU-Net's validation of the converted DICOM series (512 x 512, 2 mm,
+    PLI) and its prediction of the int32 RAS abdomen come back on their inputs' grids."""
     from tests.helpers import realct_files
     from tools import real_ct_dataset
 
     realct_files()
     raw = tmp_path / "raw" / "Dataset901_RealCT"
     assert real_ct_dataset.main(["--out", str(raw)]) == 0
+    (raw / "imagesTs").mkdir()
+    shutil.copy(raw / "imagesTr" / "abdomen_0000.nii.gz", raw / "imagesTs" / "abdomen_0000.nii.gz")
     write_teacher(tmp_path / "teacher.pth")
     run = nnunet_runner(tmp_path)
-    run(f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "901", "--no_pp", "-npfp", "1")
-    plans = [f"{BIN}/desd-nnunet-plans", "-d", "901", "--arch", "res3d10", "--pretrained", str(tmp_path / "teacher.pth")]
-    plans += ["--spacing", "3", "--patch_size", "32", "64", "64"]  # a coarse grid: a CPU check, not a model
-    refused = subprocess.run(plans, env={**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "preprocessed")},
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = readme_nnunet_lines()
+    assert [line.split()[0] for line in lines] == [*README_BUDGET], lines  # the five, in order
+
+    run("sh", "-c", lines[0])
+    env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "preprocessed")}
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    refused = subprocess.run(["sh", "-c", lines[1]], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "chestcta_0000.nii.gz (LPS), upperabdomen_0000.nii.gz (PLI)" in refused.stderr
-    out = run(*plans, "--reader", "SimpleITKIOWithReorient")
-    assert "images RAS as SimpleITKIOWithReorient reads them" in out
-    run(f"{BIN}/nnUNetv2_preprocess", "-d", "901", "-plans_name", "nnUNetPlans_DeSD", "-c", "3d_fullres", "-np", "1")
+    assert "images RAS as SimpleITKIOWithReorient reads them" in run("sh", "-c", lines[1] + " --reader SimpleITKIOWithReorient")
+    run("sh", "-c", lines[2])
     shutil.copy(raw / "splits_final.json", tmp_path / "preprocessed" / "Dataset901_RealCT" / "splits_final.json")
+    out = run("sh", "-c", lines[3], **SHORT)
     weights = tmp_path / "preprocessed" / "Dataset901_RealCT" / "nnUNetPlans_DeSD_res3d10.pth"
-    out = run(f"{BIN}/nnUNetv2_train", "901", "3d_fullres", "0", "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD",
-              "-pretrained_weights", str(weights), "-device", "cpu", **SHORT)  # fmt: skip
     assert f"Loading pretrained weights from file  {weights}" in out
     assert "This split has 2 training and 1 validation cases" in out
     run_folder = tmp_path / "results" / "Dataset901_RealCT" / "nnUNetTrainer_DeSD__nnUNetPlans_DeSD__3d_fullres"
@@ -282,13 +310,8 @@ def test_the_nnunet_route_runs_on_real_ct_and_writes_each_prediction_on_its_inpu
     assert plans_json["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == "models.nnunet.DeSDUNet"
     assert same_grid(str(fold / "validation" / "upperabdomen.nii.gz"), str(raw / "imagesTr" / "upperabdomen_0000.nii.gz"))
 
-    (tmp_path / "in").mkdir()
-    shutil.copy(raw / "imagesTr" / "abdomen_0000.nii.gz", tmp_path / "in" / "abdomen_0000.nii.gz")
-    run(
-        f"{BIN}/nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "preds"), "-d", "901", "-c", "3d_fullres",
-        "-p", "nnUNetPlans_DeSD", "-tr", "nnUNetTrainer_DeSD", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta",
-    )  # fmt: skip
-    assert same_grid(str(tmp_path / "preds" / "abdomen.nii.gz"), str(tmp_path / "in" / "abdomen_0000.nii.gz"))
+    run("sh", "-c", lines[4])
+    assert same_grid(str(tmp_path / "preds" / "abdomen.nii.gz"), str(raw / "imagesTs" / "abdomen_0000.nii.gz"))
     labels = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "preds" / "abdomen.nii.gz"))))
     assert set(labels) <= set(range(7))  # background and the six organs; never the ignore label
 

@@ -84,8 +84,7 @@ def readme_shell_lines() -> list[str]:
 
 
 # Lines the tests below do not run, and why: they need GPUs, several nodes, a scheduler, the
-# whole suite itself or an hour, or nnU-Net (whose five commands tests/test_nnunet.py runs on
-# its own data, generated and real).
+# whole suite itself or an hour; nnU-Net's five run in tests/test_nnunet.py.
 NOT_RUN = {
     "make demo": "the demo itself",
     "make test": "the suite itself",
@@ -94,8 +93,8 @@ NOT_RUN = {
     "DATA_PATH=data/DeepLesion OUTPUT_DIR": "every GPU of the node",
     "NNODES=2": "two nodes",
     "MASTER_ADDR=$(scontrol": "SLURM",
-    "nnUNetv2_": "nnU-Net (tests/test_nnunet.py)",
-    "desd-nnunet-plans": "nnU-Net (tests/test_nnunet.py)",
+    "nnUNetv2_": "tests/test_nnunet.py runs the five on the real-CT set, a res3d10 teacher and a coarse grid",
+    "desd-nnunet-plans": "tests/test_nnunet.py, as above",
 }
 
 
