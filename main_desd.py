@@ -396,12 +396,11 @@ def run_training(args: argparse.Namespace, device: torch.device) -> None:
         train_stats = train_one_epoch(run, epoch, first)
 
         # ============ writing logs ... ============
-        save_checkpoint(run, epoch + 1, 0)
         numbered = args.saveckp_freq and epoch % args.saveckp_freq == 0 and args.keep_checkpoints == "all"
-        if utils.is_main_process() and numbered:
-            save_checkpoint(run, epoch + 1, 0, f"checkpoint{epoch:04}.pth")
+        save_checkpoint(run, epoch + 1, 0, f"checkpoint{epoch:04}.pth" if numbered else "")
         if utils.is_main_process():
             write_logs(run, epoch, train_stats, writer)
+    run.checkpoints.wait()
     if writer is not None:
         writer.close()
     total_time = time.time() - start_time
@@ -549,6 +548,8 @@ def resume(args: argparse.Namespace, **objects) -> tuple[int, int]:
         del ckpt
     if to_restore["iteration"]:
         print(f"Resuming at epoch {to_restore['epoch']}, iteration {to_restore['iteration']}")
+    if utils.is_main_process():
+        utils.drop_epochs_from(os.path.join(args.output_dir, "log.txt"), to_restore["epoch"])
     return to_restore["epoch"], to_restore["iteration"]
 
 
@@ -591,12 +592,14 @@ class TrainingRun:
     iters_per_epoch: int
     trend: CollapseTrend | None = None  # the progress points' entropy and KL, for the slow-collapse warning
     curves: utils.Curves | None = None  # curves.png, drawn on rank 0
+    checkpoints: utils.CheckpointWriter = dataclasses.field(default_factory=utils.CheckpointWriter)
 
 
-def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, name: str = "checkpoint.pth") -> None:
-    """Write the run's state on rank 0, atomically. `epoch` and `iteration` say where to resume.
-    Model keys carry the `module.` prefix at every world size (docs/method.md, section 6).
-    Weights that are not finite are never written: the run stops instead."""
+def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, numbered: str = "") -> None:
+    """Write the run's state on rank 0 to checkpoint.pth (and to the file `numbered` names, if
+    any), atomically, on the writer's thread while training goes on. `epoch` and `iteration` say
+    where to resume. Model keys carry the `module.` prefix at every world size (docs/method.md,
+    section 6). Weights that are not finite are never written: the run stops instead."""
     if not utils.is_main_process():
         return
     args, student, teacher = run.args, run.student_without_ddp, run.teacher
@@ -609,7 +612,7 @@ def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, name: str = "c
     if bad:
         print(
             f"Non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}) at epoch {epoch}, iteration {iteration}: stopping without "
-            f"writing {name}; the last checkpoint is left as it was.",
+            "writing checkpoint.pth; the last checkpoint is left as it was.",
             flush=True,
         )
         sys.exit(1)
@@ -625,7 +628,10 @@ def save_checkpoint(run: TrainingRun, epoch: int, iteration: int, name: str = "c
     if run.fp16_scaler is not None:
         state["fp16_scaler"] = run.fp16_scaler.state_dict()
     os.makedirs(args.output_dir, exist_ok=True)
-    utils.save_atomic(state, os.path.join(args.output_dir, name), keep_previous=name == "checkpoint.pth")
+    paths = [(os.path.join(args.output_dir, "checkpoint.pth"), True)]
+    if numbered:
+        paths.append((os.path.join(args.output_dir, numbered), False))
+    run.checkpoints.write(state, paths)
 
 
 PLAUSIBLE_PEAK_LR = {"adamw": 0.1, "sgd": 10.0}  # above these a peak learning rate is almost surely a typo (SGD and LARS alike)

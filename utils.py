@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections import defaultdict, deque
 
@@ -306,6 +307,55 @@ def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
     files.write_atomic(path, lambda tmp: torch.save(obj, tmp), keep_previous=rotate, fsync=True)
 
 
+def detached_copy(obj):
+    """`obj` (nested dicts, lists and tuples) with every tensor copied to host memory, so that
+    later in-place updates of the originals cannot reach it."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a thread while training goes on. `write` waits for the write before
+    it, copies the state to host memory (the next steps cannot change what is written: a copy
+    takes a fraction of the time torch.save and fsync do) and writes it through `save_atomic`
+    to each of its paths. `wait` returns once the last write is done and raises its error, as
+    the write itself would have. A process that stops still finishes the write under way (the
+    thread is not a daemon); one that is killed leaves the last complete checkpoint, as a
+    synchronous write would."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def write(self, state: dict, paths: list[tuple[str, bool]]) -> None:
+        """`paths`: (path, keep_previous) pairs, written in that order."""
+        self.wait()
+        snapshot = detached_copy(state)
+
+        def run() -> None:
+            try:
+                for path, keep_previous in paths:
+                    save_atomic(snapshot, path, keep_previous=keep_previous)
+            except BaseException as err:  # raised in the training thread by `wait`
+                self.error = err
+
+        self.thread = threading.Thread(target=run, name="checkpoint-writer")
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 def save_atomic_json(obj, path: str) -> None:
     """Indented JSON through `files.write_atomic`, flushed to disk."""
 
@@ -574,6 +624,33 @@ def append_json_line(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_epochs_from(log_path: str, epoch: int) -> int:
+    """Remove log.txt's lines of epochs `epoch` and later (an epoch is logged as its checkpoint is
+    being written: a run stopped before that write completed redoes the epoch and logs it
+    again); returns how many went. Lines that are not JSON records stay."""
+    if not os.path.exists(log_path):
+        return 0
+    with open(log_path) as f:
+        lines = f.readlines()
+
+    def later(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] >= epoch
+
+    kept = [line for line in lines if not later(line)]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+
+    if len(kept) < len(lines):
+        files.write_atomic(log_path, write, fsync=True)
+    return len(lines) - len(kept)
 
 
 # ============ curves ============

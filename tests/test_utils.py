@@ -121,6 +121,28 @@ def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):
         utils.load_checkpoint(str(path))
 
 
+def test_the_checkpoint_writer_writes_the_state_as_it_was_handed_over_and_raises_a_failed_write(tmp_path):
+    writer = utils.CheckpointWriter()
+    weights = torch.zeros(2**20)
+    state = {"student": {"w": weights}, "optimizer": {"state": {0: {"exp_avg": weights}}, "param_groups": [{"lr": 0.5}]}}
+    writer.write(state, [(str(tmp_path / "checkpoint.pth"), True), (str(tmp_path / "checkpoint0000.pth"), False)])
+    weights += 1  # the next training step, while the write may still be under way
+    writer.wait()
+    for name in ("checkpoint.pth", "checkpoint0000.pth"):
+        saved = utils.load_checkpoint(str(tmp_path / name))
+        assert saved["student"]["w"].sum() == 0 and saved["optimizer"]["state"][0]["exp_avg"].sum() == 0
+        assert saved["optimizer"]["param_groups"] == [{"lr": 0.5}]
+    writer.write({"epoch": 2}, [(str(tmp_path / "checkpoint.pth"), True)])
+    writer.wait()
+    assert utils.load_checkpoint(str(tmp_path / "checkpoint.prev.pth"))["student"]["w"].sum() == 0  # rotated as before
+
+    with file_size_limit(2**20), pytest.raises(OSError, match=r"could not write .*checkpoint\.pth.*already there is unchanged"):
+        writer.write({"w": weights}, [(str(tmp_path / "checkpoint.pth"), True)])  # 4 MiB on a disk with 1 MiB free
+        writer.wait()  # the failure of the write on the thread, raised in the caller
+    assert utils.load_checkpoint(str(tmp_path / "checkpoint.pth")) == {"epoch": 2}
+    writer.wait()  # reported once
+
+
 def test_device_augmentation_seeds_of_a_64_rank_300_epoch_1000_iteration_run_are_all_distinct():
     rank, epoch, it = np.meshgrid(np.arange(64), np.arange(300), np.arange(1000), indexing="ij")
     seeds = utils.hashed_seed(0, rank.ravel(), epoch.ravel(), it.ravel())
@@ -151,3 +173,11 @@ def test_curves_are_drawn_once_a_minute_at_most_and_always_after_the_last_epoch(
     assert not out.exists()  # 9 s after the last drawing
     curves.update(last_epoch=True)
     assert out.stat().st_size > 10_000
+
+
+def test_a_resumed_run_drops_the_log_lines_of_the_epochs_it_redoes(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("".join(f'{{"train_loss": 1.0, "epoch": {e}}}\n' for e in range(4)) + "not json\n")
+    assert utils.drop_epochs_from(str(log), 2) == 2
+    assert log.read_text() == '{"train_loss": 1.0, "epoch": 0}\n{"train_loss": 1.0, "epoch": 1}\nnot json\n'
+    assert utils.drop_epochs_from(str(log), 2) == 0 and utils.drop_epochs_from(str(tmp_path / "none.txt"), 0) == 0
