@@ -17,10 +17,13 @@ One command runs the whole experiment:
    cell as one Holm-corrected family, no claim from fewer than 3 seeds;
 5. where the configuration fine-tunes (smoke, gpu), fine-tunes each encoder and logs Dice on the
    held-out cases at several step counts, so that a plateau can be seen;
+   pretrainings and fine-tunings run as concurrent processes where the configuration says so, and
+   with a clock their timed first epochs or steps decide whether the fixed schedule fits: if not,
+   the run stops and names the shortfall (exit 2) instead of shrinking the schedule;
 6. writes results.json, results.md and a figure.
 
     python evaluate.py --config cpu --out evidence      # `make evaluate`: about an hour on 2 CPU cores
-    python evaluate.py --config gpu --out evidence_gpu  # one H100/H200, 8 minutes, its own clock
+    python evaluate.py --config gpu --out evidence_gpu  # one H100/H200 within 9 minutes, or refused
     python evaluate.py --config smoke --out /tmp/smoke  # the smallest run, for the tests
 
 The CPU hour does not fine-tune: 30 steps did not feel the label count and a converged run per
@@ -102,12 +105,16 @@ class Config:
     ft_counts: tuple = ()  # labelled cases to fine-tune with; () skips fine-tuning
     ft_steps: tuple = ()  # step counts at which Dice is logged (the last is the run's length)
     ft_seeds: int = 1  # pretraining seeds whose encoders are fine-tuned
+    ft_draws: int = 1  # distinct draws of cases per count (the first split's) that are fine-tuned
     ft_patch: tuple = (16, 64, 64)
     ft_batch: int = 4
     ft_lr: float = 1e-3
     sw_overlap: float = 0.0
-    time_limit: float = 0.0  # seconds for the whole run (step counts set from timed first steps); 0: none
-    workers: int = 2
+    time_limit: float = 0.0  # seconds for the whole run (a schedule that cannot fit is refused); 0: none
+    min_pretrain_steps: int = 0  # steps per pretraining run at least: fewer is refused before it starts
+    concurrent: int = 1  # pretraining processes at once (on one device)
+    ft_concurrent: int = 1  # fine-tuning processes at once
+    workers: int = 2  # loader workers per pretraining process; the preprocessing uses every core
     device: str = "cpu"
     extra: tuple = ()  # further main_desd.py flags
 
@@ -116,21 +123,24 @@ CONFIGS = {
     "cpu": Config(),
     "smoke": Config(
         patients=3, png_size=128, context_mm=30, labelled_cases=6, msd_size=64, msd_slices=16, out_dim=64, batch=4,
-        epochs=1, iters_per_epoch=2, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_splits=2, probe_rows=2000, probe_iters=20, ft_counts=(1,),
+        epochs=2, iters_per_epoch=1, min_pretrain_steps=2, concurrent=2, ft_concurrent=2, time_limit=1800, seeds=(0, 1), probe_per_case=4, probe_counts=(1, 4), probe_splits=2, probe_rows=2000, probe_iters=20, ft_counts=(1,),
         ft_steps=(1, 2), ft_batch=2, warmup_epochs=1, teacher_temp_warmup=1, extra=("--head_hidden_dim", "256"),
     ),
     "gpu": Config(
         arch="res3d18", spacing=1.0, patients=32, png_size=256, context_mm=48, labelled_cases=15, msd_size=160,
-        msd_slices=40, view=96, out_dim=1024, batch=64, epochs=10, seeds=(0, 1), ft_counts=(1, 4),
-        ft_steps=(25, 50, 100, 200, 400, 800), ft_seeds=2, ft_patch=(32, 96, 96), sw_overlap=0.25, time_limit=420,
-        workers=8, device="cuda", extra=("--use_bf16", "True", "--augment_on_device", "True"),
+        msd_slices=40, view=96, out_dim=1024, batch=64, epochs=10, iters_per_epoch=30, min_pretrain_steps=300,
+        concurrent=6, ft_counts=(1, 4), ft_draws=2, ft_steps=(50, 100, 200, 400), ft_concurrent=12, ft_patch=(32, 96, 96),
+        sw_overlap=0.25, time_limit=500, workers=2, device="cuda", extra=("--use_bf16", "True", "--augment_on_device", "True"),
     ),
 }  # fmt: skip
-# gpu: the CPU experiment scaled up to fit 8 minutes of one H100/H200 with benchmarks/gpu_evaluate.sh: 32
-# phantoms at 1 mm, 96 x 96 x 16 views, batch 64 (the same flags: the peak learning rate scales with
-# the batch), bf16 and the intensity chain on the device, res3d18 (res3d50 would get some 50 steps a
-# run in this time). Its epochs and fine-tuning steps are upper bounds: the clock (time_limit, 7
-# minutes, the wheels' install and start-up being the eighth) sets the steps from timed first steps.
+# gpu: the CPU experiment scaled up to answer within one 9-minute call on one H100/H200
+# (benchmarks/gpu_evaluate.sh): 32 phantoms at 1 mm, 96 x 96 x 16 views, batch 64 (the same flags:
+# the peak learning rate scales with the batch), bf16 and the intensity chain on the device,
+# res3d18. DeSD and DINO x 3 seeds pretrain as 6 concurrent processes on the one GPU, 300 steps each
+# (a fixed schedule, the minimum); then the 3 encoders of seed 0 fine-tune with 1 and 4 cases, 2
+# draws each, as 12 concurrent processes, scored at 50 to 400 steps. The clock (time_limit, 500 s)
+# never shrinks a schedule: the first epochs and steps of the real runs are timed, and a projection
+# past the clock stops the phase with a message that names the shortfall.
 
 
 PRIMARY = {"pair": "desd - dino", "head": "linear", "features": "stages1-3"}  # at the largest label count
@@ -172,6 +182,14 @@ class OutOfTime(RuntimeError):
     """The run's own clock ran out; what finished is still written."""
 
 
+class Shortfall(RuntimeError):
+    """A stated schedule cannot be met (too few patches for its steps, or its timed first steps
+    project past the clock): the run stops and says by how much, rather than shrink the schedule."""
+
+
+PRETRAIN_SHARE = 0.5  # of the clock left after the data: the pretraining's part; the probes and fine-tuning get the rest
+
+
 class Clock:
     """The wall-clock budget of a run: `left()` seconds remain (infinite without a limit)."""
 
@@ -205,7 +223,7 @@ def make_data(cfg: Config, out: str) -> tuple[str, str]:
     list_file = os.path.join(data, "SSL_data_deeplesion.txt")
     if not os.path.isfile(list_file):
         make_deeplesion(data, patients=cfg.patients, size=cfg.png_size, seed=1, context_mm=cfg.context_mm)
-        common = ["--data_root", data, "--workers", str(cfg.workers)]
+        common = ["--data_root", data, "--workers", str(os.cpu_count() or 1)]
         py = sys.executable
         # as modules from the repository root: they import the project's modules installed or not
         run([py, "-m", "preprocessing.DL_save_nifti", *common], os.path.join(out, "prep1.log"))
@@ -224,9 +242,8 @@ def make_labelled(cfg: Config, task: str) -> None:
     make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices)
 
 
-def pretrain_command(cfg: Config, name: str, data: str, folder: str, seed: int = 0, iters_per_epoch: int | None = None) -> list[str]:
+def pretrain_command(cfg: Config, name: str, data: str, folder: str, seed: int = 0) -> list[str]:
     """main_desd.py's arguments for one encoder of the experiment."""
-    iters = cfg.iters_per_epoch if iters_per_epoch is None else iters_per_epoch
     return [
         "--data_path", data, "--output_dir", folder, "--arch", cfg.arch, "--device", cfg.device,
         "--out_dim", str(cfg.out_dim), "--batch_size_per_gpu", str(cfg.batch), "--epochs", str(cfg.epochs),
@@ -237,7 +254,7 @@ def pretrain_command(cfg: Config, name: str, data: str, folder: str, seed: int =
         "--warmup_epochs", str(cfg.warmup_epochs), "--warmup_teacher_temp", str(cfg.warmup_teacher_temp),
         "--teacher_temp", str(cfg.teacher_temp), "--warmup_teacher_temp_epochs", str(cfg.teacher_temp_warmup),
         "--use_fp16", "False", "--num_workers", str(cfg.workers), "--saveckp_freq", "0", "--print_freq", "20",
-        "--seed", str(seed), "--stage_weights", *STAGE_WEIGHTS[name], "--max_iters_per_epoch", str(iters), *cfg.extra,
+        "--seed", str(seed), "--stage_weights", *STAGE_WEIGHTS[name], "--max_iters_per_epoch", str(cfg.iters_per_epoch), *cfg.extra,
     ]  # fmt: skip
 
 
@@ -246,15 +263,110 @@ def read_log(folder: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def pretrain(cfg: Config, name: str, seed: int, data: str, out: str, iters_per_epoch: int | None, clock: Clock) -> str:
-    """One pretraining; returns its checkpoint. Skipped when it already finished."""
-    folder = os.path.join(out, f"pretrain_{name}_seed{seed}")
+def pretrain_folder(out: str, name: str, seed: int) -> str:
+    return os.path.join(out, f"pretrain_{name}_seed{seed}")
+
+
+def finished(folder: str, epochs: int) -> bool:
     ckpt = os.path.join(folder, "checkpoint.pth")
-    if os.path.isfile(ckpt) and load_checkpoint(ckpt, mmap=True).get("epoch", 0) >= cfg.epochs:
-        return ckpt
-    cmd = [sys.executable, "-m", "main_desd", *pretrain_command(cfg, name, data, folder, seed, iters_per_epoch)]
-    run(cmd, folder + ".log", timeout=clock.left())
-    return ckpt
+    return os.path.isfile(ckpt) and load_checkpoint(ckpt, mmap=True).get("epoch", 0) >= epochs
+
+
+@dataclasses.dataclass
+class Job:
+    """One process of a phase: its command, the folder whose log.txt gets a line per epoch, and
+    (once it runs) the times at which those lines appeared, in seconds from its start."""
+
+    name: str
+    cmd: list[str]
+    folder: str
+    epochs: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    ended: float = 0.0
+    epoch_times: list = dataclasses.field(default_factory=list)
+    error: str = ""
+
+    def logged_epochs(self) -> int:
+        try:
+            with open(os.path.join(self.folder, "log.txt")) as f:
+                return sum(1 for line in f if line.strip())
+        except OSError:
+            return 0
+
+    def projected_seconds(self) -> float | None:
+        """Its whole run's length at its measured pace (start-up, then the time between its first
+        and last logged epochs for each further epoch); None before it has logged two."""
+        t = self.epoch_times
+        if len(t) < 2:
+            return None
+        return t[-1] + (self.epochs - len(t)) * (t[-1] - t[0]) / (len(t) - 1)
+
+
+def projected_end(running: list[Job], queued: int, at_once: int, now: float) -> float | None:
+    """When the phase ends: each running job at its own pace, then the queued ones in further
+    waves of `at_once`, each as long as the slowest running job. None until every running job
+    has logged two epochs."""
+    lengths = [j.projected_seconds() for j in running]
+    if not running or None in lengths:
+        return None
+    end = max(j.started + length for j, length in zip(running, lengths))
+    return max(now, end) + math.ceil(queued / at_once) * max(lengths)
+
+
+def run_concurrently(jobs: list[Job], at_once: int, deadline: float, hard_deadline: float, poll: float = 0.5) -> None:
+    """Run the jobs' processes, `at_once` at a time, each with its output in <folder>.log; a job
+    that fails keeps its error and the others go on. Each job's epochs are timed as its log.txt
+    grows: as soon as the phase's end can be projected (`projected_end`) and it falls after
+    `deadline`, every job is stopped and Shortfall names the gap. OutOfTime at `hard_deadline`."""
+    queue, running = list(jobs), []
+    try:
+        while queue or running:
+            while queue and len(running) < at_once:
+                job = queue.pop(0)
+                os.makedirs(os.path.dirname(job.folder) or ".", exist_ok=True)
+                with open(job.folder + ".log", "w") as log:
+                    job.proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT)
+                job.started = time.time()
+                running.append(job)
+            time.sleep(poll)
+            now = time.time()
+            for job in running:
+                job.epoch_times += [now - job.started] * (job.logged_epochs() - len(job.epoch_times))
+            for job in [j for j in running if j.proc.poll() is not None]:
+                running.remove(job)
+                job.ended = now
+                if job.proc.returncode:
+                    with open(job.folder + ".log") as f:
+                        tail = f.read()[-2000:]
+                    job.error = f"{job.name} failed (exit {job.proc.returncode}); see {job.folder}.log:\n{tail}"
+            end = projected_end(running, len(queue), at_once, now)
+            if end is not None and end > deadline and math.isfinite(deadline):
+                paces = [(j.epoch_times[-1] - j.epoch_times[0]) / (len(j.epoch_times) - 1) for j in running]
+                raise Shortfall(
+                    f"{len(jobs)} runs of {jobs[0].epochs} epochs, {at_once} at once, would end {end - deadline:.0f} s after "
+                    f"their share of the clock ({deadline - min(j.started for j in running):.0f} s from the first start), at the "
+                    f"measured {max(paces):.1f} s an epoch; the schedule is the minimum, so the run stops rather than shrink it"
+                )
+            if now > hard_deadline:
+                raise OutOfTime(f"{', '.join(j.name for j in running)} stopped by the time limit")
+    finally:
+        for job in running:
+            job.proc.kill()
+            job.proc.wait()
+
+
+def pretrain_all(cfg: Config, runs: list[tuple[str, int]], data: str, out: str, clock: Clock) -> dict[tuple[str, int], Job]:
+    """The pretrainings of `runs`, cfg.concurrent at once; a run that already finished is not redone."""
+    jobs = {}
+    for name, seed in runs:
+        folder = pretrain_folder(out, name, seed)
+        cmd = [sys.executable, "-m", "main_desd", *pretrain_command(cfg, name, data, folder, seed)]
+        jobs[name, seed] = Job(f"pretraining {name} seed {seed}", cmd, folder, cfg.epochs)
+    todo = [job for job in jobs.values() if not finished(job.folder, cfg.epochs)]
+    deadline = time.time() + PRETRAIN_SHARE * clock.left()
+    run_concurrently(todo, cfg.concurrent, deadline, time.time() + clock.left())
+    return jobs
 
 
 def trend_checks(records: list[dict], batch: int, out_dim: int) -> dict:
@@ -277,25 +389,6 @@ def trend_checks(records: list[dict], batch: int, out_dim: int) -> dict:
 FAILED = {"entropy_does_not_rise": "entropy rises", "kl_falls": "KL does not fall", "retrieval_at_3x_chance": "retrieval under 3x chance"}
 
 
-def iters_for_budget(step_seconds: float, fixed_seconds: float, budget: float, runs: int, epochs: int, cap: int) -> int:
-    """Iterations per epoch so that `runs` pretrainings of `epochs` epochs fit `budget` seconds,
-    each paying `fixed_seconds` (start-up and per-epoch costs) once: at least 1, at most `cap`."""
-    per_run = budget / runs - fixed_seconds
-    return int(max(1, min(cap, per_run // (epochs * step_seconds))))
-
-
-def calibrate(cfg: Config, data: str, out: str, clock: Clock) -> tuple[float, float]:
-    """(seconds per step, fixed seconds per run) from a run of the full schedule at one
-    iteration per epoch: the step time is the median of the logged epochs after the first."""
-    folder = os.path.join(out, "calibrate")
-    start = time.time()
-    run([sys.executable, "-m", "main_desd", *pretrain_command(cfg, "desd", data, folder, 0, 1)], folder + ".log", clock.left())
-    wall = time.time() - start
-    per_iter = [r["train_time_per_iter"] for r in read_log(folder)]
-    step = float(np.median(per_iter[1:] if len(per_iter) > 1 else per_iter))
-    return step, max(0.0, wall - step * len(per_iter))
-
-
 # ============ fine-tuning ============
 
 
@@ -314,7 +407,9 @@ def fine_tune(
 ) -> dict[int, list[float]]:
     """Fine-tune a segmentation network (AdamW, cosine decay over the last of `steps`, the
     network, loss and sliding-window inference of finetune.py); per-class Dice on the test cases
-    after each of `steps`. Raises OutOfTime when the clock runs out."""
+    after each of `steps`. With a clock, the steps and the scoring up to the first of `steps` are
+    timed: a projection of the rest past the clock raises Shortfall (the steps are a fixed
+    schedule, never cut); OutOfTime when the clock runs out all the same."""
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
 
@@ -345,6 +440,7 @@ def fine_tune(
         return [float(v) for v in torch.nanmean(torch.stack(scores), 0)]
 
     model.train()
+    start = time.time()
     for it in range(total):
         if clock.left() <= 0:
             raise OutOfTime(f"fine-tuning stopped by the time limit at step {it} of {total}")
@@ -356,19 +452,18 @@ def fine_tune(
         loss.backward()
         opt.step()
         if it + 1 in steps:
+            scored = time.time()
             curve[it + 1] = score()
+            if len(curve) == 1 and math.isfinite(clock.left()):
+                step_s, score_s = (scored - start) / (it + 1), time.time() - scored
+                rest = (total - it - 1) * step_s + (len(steps) - 1) * score_s
+                if rest > clock.left():
+                    raise Shortfall(
+                        f"fine-tuning for {total} steps would end {rest - clock.left():.0f} s after the time limit, at the "
+                        f"measured {step_s:.2f} s a step and {score_s:.1f} s a scoring; the schedule is the minimum, so the "
+                        "run stops rather than shrink it"
+                    )
     return curve
-
-
-def fine_tuning_steps(cfg: Config, seconds_per_step: float, seconds_per_score: float, budget: float, runs: int) -> list[int]:
-    """The step counts at which each of `runs` fine-tunings is scored: cfg.ft_steps, cut so that
-    they fit `budget` seconds at the measured costs (the last count kept as the run's length)."""
-    steps = list(cfg.ft_steps)
-    while len(steps) > 1 and runs * (steps[-1] * seconds_per_step + len(steps) * seconds_per_score) > budget:
-        steps.pop()
-    if runs * (steps[-1] * seconds_per_step + seconds_per_score) > budget:  # even the shortest does not fit: shorten it
-        steps = [max(1, int((budget / runs - seconds_per_score) / seconds_per_step))]
-    return steps
 
 
 # ============ the experiment ============
@@ -714,6 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutOfTime as stop:
         results["stopped"] = str(stop)
         print(f"Stopped by the time limit ({cfg.time_limit:.0f} s): {stop}; writing what finished.", flush=True)
+    except Shortfall as stop:
+        results["refused"] = str(stop)
+        print(f"Refused: {stop}. Writing what finished.", flush=True)
     results["title"] = (
         f"{args.config}: {cfg.arch}, {results.get('unlabelled_patches', '?')} unlabelled patches at {cfg.spacing:g} mm, "
         f"{len(cfg.seeds)} pretraining seeds per method; {machine}"
@@ -723,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     if "no network" in results["probe"]["rows"]:
         print(write_report(results, args.out, args.figure or os.path.join(args.out, "evidence.png")))
     print(f"Total {time.time() - clock.start:.0f} s; results in {os.path.join(args.out, 'results.json')}")
-    return 0
+    return 2 if "refused" in results else 0
 
 
 def load_results(path: str) -> dict:
@@ -745,10 +843,11 @@ def report_again(path: str, figure: str = "") -> int:
     results = load_results(path)
     rows = results["probe"]["rows"]
     settings = results["settings"]
-    iters = results.get("calibration", {}).get("iters_per_epoch") or settings["iters_per_epoch"]
+    full = results["unlabelled_patches"] // settings["batch"]
+    iters = results.get("calibration", {}).get("iters_per_epoch") or settings["iters_per_epoch"]  # calibration: former runs
     for run in results["pretraining"].values():
         if "log" in run:
-            run["steps"] = len(run["log"]) * (iters or results["unlabelled_patches"] // settings["batch"])
+            run["steps"] = len(run["log"]) * (min(iters, full) if iters else full)
     feature_sets = tuple(probe.FEATURE_SETS)
     results["claims"] = claims(rows, results["settings"]["seeds"], [str(c) for c in results["probe_counts"]], feature_sets)
     out = os.path.dirname(os.path.abspath(path))
@@ -766,30 +865,30 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
         results["unlabelled_patches"] = n_patches = sum(1 for line in f if line.strip())
     lap("data")
     runs = [(enc, seed) for seed in cfg.seeds for enc in PRETRAINED]
-    iters, full = cfg.iters_per_epoch or None, n_patches // cfg.batch  # the loader drops the last partial batch
-    if cfg.time_limit > 0:  # the clock sets the steps: pretraining gets half of what is left
-        step, fixed = calibrate(cfg, data, out, clock)
-        iters = iters_for_budget(step, fixed, 0.5 * clock.left(), len(runs), cfg.epochs, cfg.iters_per_epoch or full)
-        results["calibration"] = {"seconds_per_step": step, "fixed_seconds": fixed, "iters_per_epoch": iters}
-        lap("calibrate")
+    full = n_patches // cfg.batch  # the loader drops the last partial batch
+    iters = min(cfg.iters_per_epoch, full) if cfg.iters_per_epoch else full
+    results["schedule"] = {"steps_per_run": iters * cfg.epochs, "min_steps_per_run": cfg.min_pretrain_steps, "concurrent": cfg.concurrent}
+    if iters * cfg.epochs < cfg.min_pretrain_steps:
+        raise Shortfall(
+            f"{n_patches} patches give {full} batches of {cfg.batch} an epoch: {iters * cfg.epochs} steps a run over "
+            f"{cfg.epochs} epochs, under the minimum of {cfg.min_pretrain_steps}; nothing was pretrained"
+        )
+    t = time.time()
+    jobs = pretrain_all(cfg, runs, data, out, clock)
     checkpoints: dict[tuple[str, int], str] = {}
-    for enc, seed in runs:
-        t = time.time()
-        try:
-            ckpt = pretrain(cfg, enc, seed, data, out, iters, clock)
-        except RuntimeError as err:  # a failed run (a non-finite loss, say) is reported, the others go on
-            if isinstance(err, OutOfTime):
-                raise
-            results["pretraining"][f"{enc} seed{seed}"] = {"failed": str(err)[-1500:]}
-            print(f"  pretraining {enc} seed {seed} failed: {str(err).splitlines()[0]}", flush=True)
+    for (enc, seed), job in jobs.items():
+        if job.error:  # a failed run (a non-finite loss, say) is reported, the others go on
+            results["pretraining"][f"{enc} seed{seed}"] = {"failed": job.error[-1500:]}
+            print(f"  pretraining {enc} seed {seed} failed: {job.error.splitlines()[0]}", flush=True)
             continue
-        checkpoints[enc, seed] = ckpt
-        log = read_log(os.path.dirname(ckpt))
+        checkpoints[enc, seed] = os.path.join(job.folder, "checkpoint.pth")
+        log = read_log(job.folder)
         results["pretraining"][f"{enc} seed{seed}"] = {
-            "steps": len(log) * (iters or full), "seconds": round(time.time() - t, 1), "log": log,
+            "steps": len(log) * iters, "seconds": round(job.ended - job.started, 1) if job.ended else None, "log": log,
             **trend_checks(log, cfg.batch, cfg.out_dim),
         }  # fmt: skip
-        lap(f"pretrain {enc} seed{seed}")
+    print(f"  {len(jobs)} pretrainings, {cfg.concurrent} at once: {time.time() - t:.0f} s", flush=True)
+    lap("pretraining")
     cases, classes = probe.load_cases(task, cfg.spacing)
     results["classes"] = classes
     b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
@@ -820,31 +919,64 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
         lap("finetune")
 
 
+def fine_tune_job(threads: int, *args) -> tuple[str, object]:
+    """fine_tune(*args), in a process of its own where the pool runs it: ("ok", its curve), or the
+    stop's kind and message (so that no exception class has to cross the process boundary)."""
+    torch.set_num_threads(threads)
+    try:
+        return "ok", fine_tune(*args)
+    except (OutOfTime, Shortfall) as stop:
+        return type(stop).__name__, str(stop)
+
+
 def fine_tuning(cfg: Config, cases, b, checkpoints, device, clock: Clock, results: dict) -> None:
     """Each encoder (DeSD, DINO, none; the first cfg.ft_seeds pretraining seeds) fine-tuned with
-    each of cfg.ft_counts labelled cases (the first split's first draw of them), scored on that
-    split's held-out cases at several step counts."""
+    each of cfg.ft_counts labelled cases (the first split's first cfg.ft_draws draws of them),
+    scored on that split's held-out cases at each of cfg.ft_steps; cfg.ft_concurrent runs at once,
+    each a process of its own. A run that stops (Shortfall, OutOfTime) stops them all."""
+    import multiprocessing
+
     test = [cases[i] for i in b.held_out]
-    seeds = cfg.seeds[: cfg.ft_seeds]
-    jobs = [(count, enc, seed) for count in cfg.ft_counts for seed in seeds for enc in ENCODERS]
-    steps = list(cfg.ft_steps)
-    if cfg.time_limit > 0:  # time a few steps and one scoring, then fit the step counts to what is left
-        t = time.time()
-        fine_tune(cfg, [cases[i] for i in b.draws[min(b.draws)][0]], test[:1], b.num_classes, None, 0, device, [3], clock)
-        per_step = (time.time() - t) / 4  # three steps and a scoring of one case, roughly a step's cost
-        steps = fine_tuning_steps(cfg, per_step, per_step * len(test) * 2, clock.left() - 30, len(jobs))
-        results["calibration_finetune"] = {"seconds_per_step": per_step, "steps": steps}
-    results["ft_steps"] = steps
-    for count, enc, seed in jobs:
+    jobs = []
+    for count in cfg.ft_counts:
         count = min(count, max(b.draws))
-        train = [cases[i] for i in b.draws[count][0]]
-        curve = fine_tune(cfg, train, test, b.num_classes, checkpoints.get((enc, seed)), seed, device, steps, clock)
-        by_enc = results["finetune"].setdefault(str(count), {})
-        by_enc.setdefault(enc, []).append({str(k): v for k, v in curve.items()})
-        print(
-            f"  fine-tuned {enc} seed {seed} with {count} cases: " + ", ".join(f"{k}: {np.nanmean(v):.3f}" for k, v in curve.items()),
-            flush=True,
+        for draw, picked in enumerate(b.draws[count][: cfg.ft_draws]):
+            jobs += [(count, draw, picked, enc, seed) for seed in cfg.seeds[: cfg.ft_seeds] for enc in ENCODERS]
+    results["ft_steps"] = list(cfg.ft_steps)
+    threads = max(1, torch.get_num_threads() // cfg.ft_concurrent)
+    arguments = [
+        (
+            threads,
+            cfg,
+            [cases[i] for i in picked],
+            test,
+            b.num_classes,
+            checkpoints.get((enc, seed)),
+            seed,
+            device,
+            list(cfg.ft_steps),
+            clock,
         )
+        for _, _, picked, enc, seed in jobs
+    ]
+    pool = multiprocessing.get_context("spawn").Pool(cfg.ft_concurrent) if cfg.ft_concurrent > 1 else None
+    try:
+        pending = [pool.apply_async(fine_tune_job, a) for a in arguments] if pool else None
+        for i, (count, draw, _, enc, seed) in enumerate(jobs):
+            kind, value = pending[i].get() if pool else fine_tune_job(*arguments[i])
+            if kind != "ok":
+                raise (Shortfall if kind == "Shortfall" else OutOfTime)(f"fine-tuning {enc} seed {seed} with {count} cases: {value}")
+            by_enc = results["finetune"].setdefault(str(count), {})
+            by_enc.setdefault(enc, []).append({str(k): v for k, v in value.items()})
+            print(
+                f"  fine-tuned {enc} seed {seed} with {count} cases (draw {draw}): "
+                + ", ".join(f"{k}: {np.nanmean(v):.3f}" for k, v in value.items()),
+                flush=True,
+            )
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
 
 
 cli = entry(main)  # the installed command

@@ -1,11 +1,15 @@
 """The experiment command end to end, in its smallest configuration."""
 
+import dataclasses
 import json
 import math
 import os
 import sys
+import time
 
+import numpy as np
 import pytest
+import torch
 
 import evaluate
 
@@ -132,16 +136,70 @@ def test_trend_checks_read_the_second_half_of_a_hand_made_log():
     assert checks == {"entropy_does_not_rise": False, "kl_falls": True, "retrieval_at_3x_chance": False}
 
 
-def test_the_clock_sets_step_counts_that_fit_the_budget():
-    # 6 runs of 10 epochs in 600 s at 0.5 s a step and 20 s of start-up each: (100 - 20) / (10 * 0.5) = 16
-    assert evaluate.iters_for_budget(0.5, 20, 600, 6, 10, cap=1000) == 16
-    assert evaluate.iters_for_budget(0.5, 20, 600, 6, 10, cap=5) == 5  # never more than the whole list
-    assert evaluate.iters_for_budget(0.5, 200, 600, 6, 10, cap=1000) == 1  # at least one
-    cfg = evaluate.CONFIGS["gpu"]
-    steps = evaluate.fine_tuning_steps(cfg, seconds_per_step=0.1, seconds_per_score=2, budget=300, runs=12)
-    assert cfg.ft_steps[:4] == (25, 50, 100, 200)
-    assert steps == [25, 50, 100]  # 12 x (100 x 0.1 + 3 x 2) = 192 s fits, 12 x (200 x 0.1 + 4 x 2) = 336 s does not
-    assert evaluate.fine_tuning_steps(cfg, 1.0, 2, budget=120, runs=12) == [8]  # even 25 steps do not fit: shortened
+def fake_run(folder, epochs: int, seconds: float, exit_code: int = 0) -> list[str]:
+    """A process that logs `epochs` lines to <folder>/log.txt, one every `seconds`, as main_desd does."""
+    script = (
+        "import os, sys, time\n"
+        f"os.makedirs({str(folder)!r}, exist_ok=True)\n"
+        f"for e in range({epochs}):\n"
+        f"    time.sleep({seconds})\n"
+        f"    open(os.path.join({str(folder)!r}, 'log.txt'), 'a').write('{{}}\\n')\n"
+        f"sys.exit({exit_code})\n"
+    )
+    return [sys.executable, "-c", script]
+
+
+def test_the_scheduler_runs_its_jobs_at_once_then_in_waves_and_keeps_a_failure(tmp_path):
+    lengths = (2, 5, 2)  # the second runs longest, and fails at its end
+    jobs = [
+        evaluate.Job(f"job{i}", fake_run(tmp_path / f"j{i}", n, 0.4, exit_code=3 if i == 1 else 0), str(tmp_path / f"j{i}"), n)
+        for i, n in enumerate(lengths)
+    ]
+    evaluate.run_concurrently(jobs, at_once=2, deadline=math.inf, hard_deadline=math.inf, poll=0.05)
+    first, second, third = jobs
+    assert abs(first.started - second.started) < 0.3  # the first wave together
+    assert first.ended <= third.started < second.ended  # the third waits for a free place, and no longer
+    assert [len(j.epoch_times) for j in jobs] == list(lengths) and all(j.epoch_times[1] > j.epoch_times[0] for j in jobs)
+    assert first.error == third.error == "" and "job1 failed (exit 3)" in second.error
+
+
+def test_a_projection_past_the_deadline_stops_every_job_and_names_the_shortfall(tmp_path):
+    """Runs of 20 epochs of 0.3 s cannot end within 3 s: stopped once two epochs are timed, not shrunk."""
+    jobs = [evaluate.Job(f"job{i}", fake_run(tmp_path / f"j{i}", 20, 0.3), str(tmp_path / f"j{i}"), 20) for i in range(3)]
+    start = time.time()
+    with pytest.raises(evaluate.Shortfall, match=r"3 runs of 20 epochs, 2 at once, would end \d+ s after"):
+        evaluate.run_concurrently(jobs, at_once=2, deadline=start + 3, hard_deadline=math.inf, poll=0.05)
+    assert time.time() - start < 2.5  # well before the deadline: at the third epoch at the latest
+    assert all(j.proc.poll() is not None for j in jobs[:2]) and jobs[2].proc is None  # killed; the third never started
+    assert all(len((tmp_path / f"j{i}" / "log.txt").read_text().split()) < 20 for i in range(2))
+
+
+def test_the_projection_runs_each_job_at_its_pace_then_the_queue_in_waves():
+    job = evaluate.Job("a", [], "", epochs=10, started=100.0, epoch_times=[12.0, 15.0, 18.0])  # 12 s start-up, 3 s an epoch
+    assert job.projected_seconds() == 18.0 + 7 * 3.0
+    slow = evaluate.Job("b", [], "", epochs=10, started=101.0, epoch_times=[10.0, 14.0])
+    assert slow.projected_seconds() == 14.0 + 8 * 4.0
+    # the running ones end at 100 + 39 and 101 + 46; 3 queued, 2 at once: two waves of the slowest's 46 s
+    assert evaluate.projected_end([job, slow], queued=3, at_once=2, now=120.0) == 147.0 + 2 * 46.0
+    assert evaluate.projected_end([job, evaluate.Job("c", [], "", 10, epoch_times=[5.0])], 0, 2, 120.0) is None
+
+
+def test_a_schedule_the_patches_cannot_fill_is_refused_before_any_pretraining(tmp_path, monkeypatch):
+    monkeypatch.setitem(evaluate.CONFIGS, "smoke", dataclasses.replace(evaluate.CONFIGS["smoke"], min_pretrain_steps=10**6))
+    assert evaluate.main(["--config", "smoke", "--out", str(tmp_path / "ev")]) == 2
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert "under the minimum of 1000000; nothing was pretrained" in results["refused"]
+    assert not list((tmp_path / "ev").glob("pretrain_*")) and results["pretraining"] == {}
+
+
+def test_fine_tuning_that_cannot_reach_its_steps_in_time_stops_after_its_first_scoring():
+    cfg = evaluate.CONFIGS["smoke"]
+    rng = np.random.default_rng(0)
+    case = (rng.normal(size=(16, 64, 64)).astype(np.float32), (rng.random((16, 64, 64)) > 0.7).astype(np.int64))
+    clock = evaluate.Clock(120.0)
+    with pytest.raises(evaluate.Shortfall, match=r"fine-tuning for 100000 steps would end \d+ s after the time limit"):
+        evaluate.fine_tune(cfg, [case], [case], 2, None, 0, torch.device("cpu"), [1, 100000], clock)
+    assert clock.left() > 60  # stopped at once, not at the limit
 
 
 def test_the_gpu_run_enforces_its_own_clock(tmp_path, monkeypatch):
@@ -149,7 +207,7 @@ def test_the_gpu_run_enforces_its_own_clock(tmp_path, monkeypatch):
     clock = evaluate.Clock(1.0)
     with pytest.raises(evaluate.OutOfTime):
         evaluate.run([sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path / "sleep.log"), clock.left())
-    assert evaluate.CONFIGS["gpu"].time_limit <= 480
+    assert evaluate.CONFIGS["gpu"].time_limit <= 500  # a 9-minute call, less the wheels' install and start-up
 
     def too_slow(cfg, out, device, clock, results, lap):
         results["pretraining"]["desd seed0"] = {"steps": 1}
