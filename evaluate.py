@@ -897,16 +897,17 @@ def experiment(cfg: Config, out: str, device: torch.device, clock: Clock, result
     results["probe"]["auc_classes"] = [classes[k] for k in b.scored]
     rows = results["probe"]["rows"]
     for seed in cfg.seeds:
-        encoders = [("none", None, "teacher", tuple(probe.FEATURE_SETS))]
+        # the students by the linear head only: the reports read nothing else of them
+        encoders = [("none", None, "teacher", tuple(probe.FEATURE_SETS), cfg.knn_sets)]
         for enc in (e for e in PRETRAINED if (e, seed) in checkpoints):
-            encoders += [(enc, checkpoints[enc, seed], "teacher", tuple(probe.FEATURE_SETS))]
-            encoders += [(f"{enc} student", checkpoints[enc, seed], "student", cfg.student_sets)]
-        for name, ckpt, part, sets in encoders:
+            encoders += [(enc, checkpoints[enc, seed], "teacher", tuple(probe.FEATURE_SETS), cfg.knn_sets)]
+            encoders += [(f"{enc} student", checkpoints[enc, seed], "student", cfg.student_sets, ())]
+        for name, ckpt, part, sets, knn_sets in encoders:
             if clock.left() <= 0:
                 raise OutOfTime(f"probes stopped by the time limit before {name} seed{seed}")
             maps = probe.encoder_maps(cfg.arch, ckpt, b.images, seed, cfg.device, part=part)
             rows[f"{name} seed{seed}"] = probe.encoder_row(
-                benches, maps, sets, knn_sets=cfg.knn_sets, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters,
+                benches, maps, sets, knn_sets=knn_sets, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters,
                 every_count=cfg.every_count_sets,
             )  # fmt: skip
             del maps
