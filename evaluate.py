@@ -340,6 +340,7 @@ def run_concurrently(jobs: list[Job], at_once: int, deadline: float, hard_deadli
                     with open(job.folder + ".log") as f:
                         tail = f.read()[-2000:]
                     job.error = f"{job.name} failed (exit {job.proc.returncode}); see {job.folder}.log:\n{tail}"
+                print(f"  {job.name}: {'failed' if job.error else 'done'} in {job.ended - job.started:.0f} s", flush=True)
             end = projected_end(running, len(queue), at_once, now)
             if end is not None and end > deadline and math.isfinite(deadline):
                 paces = [(j.epoch_times[-1] - j.epoch_times[0]) / (len(j.epoch_times) - 1) for j in running]
@@ -660,8 +661,10 @@ def write_report(results: dict, out: str, figure: str) -> str:
             continue
         h, c = r["second_half"], r["checks"]
         failed = [FAILED[k] for k, ok in c.items() if not ok]
+        t = r["seconds"]  # None (NaN once through results.json): finished by an earlier invocation
+        seconds = "-" if t is None or math.isnan(t) else f"{t:.0f}"
         lines.append(
-            f"| {name} | {r['steps']} | {r['seconds']:.0f} | {h['entropy'][0]:.2f} -> {h['entropy'][-1]:.2f} | "
+            f"| {name} | {r['steps']} | {seconds} | {h['entropy'][0]:.2f} -> {h['entropy'][-1]:.2f} | "
             f"{h['kl'][0]:.2f} -> {h['kl'][-1]:.2f} | {min(h['retrieval']):.3f} | {'passes' if not failed else 'fails: ' + ', '.join(failed)} |"
         )
     lines += ["", "## Frozen dense probe, stages 1-3: mean Dice on the held-out cases", "", summary_table(results)]

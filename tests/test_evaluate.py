@@ -54,6 +54,12 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     (out / "results.md").unlink()
     assert evaluate.main(["--from_results", str(out / "results.json"), "--figure", str(out / "again.png")]) == 0
     assert (out / "results.md").read_text() == table and os.path.getsize(out / "again.png") > 10_000
+    # a run finished by an earlier invocation has no time of this one's
+    results = json.loads((out / "results.json").read_text())
+    results["pretraining"]["desd seed0"]["seconds"] = None
+    (out / "results.json").write_text(json.dumps(results))
+    assert evaluate.main(["--from_results", str(out / "results.json"), "--figure", str(out / "again.png")]) == 0
+    assert "| desd seed0 | 2 | - |" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("config", sorted(evaluate.CONFIGS))
