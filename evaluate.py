@@ -22,7 +22,7 @@ One command runs the whole experiment:
    the run stops and names the shortfall (exit 2) instead of shrinking the schedule;
 6. writes results.json, results.md and a figure.
 
-    python evaluate.py --config cpu --out evidence      # `make evaluate`: about an hour on 2 CPU cores
+    python evaluate.py --config cpu --out evidence      # `make evaluate`: 56 min on 2 CPU cores
     python evaluate.py --config gpu --out evidence_gpu  # one H100/H200 within 9 minutes, or refused
     python evaluate.py --config smoke --out /tmp/smoke  # the smallest run, for the tests
 
@@ -58,7 +58,7 @@ PAIRS = (("desd", "dino"), ("desd", "none"), ("dino", "none"))
 
 @dataclasses.dataclass
 class Config:
-    """One experiment's size: data, pretraining recipe, probes and fine-tuning. `cpu` takes about an hour
+    """One experiment's size: data, pretraining recipe, probes and fine-tuning. `cpu` takes under an hour
     on 2 cores: res3d10 on a 2 mm grid, batch 8 of 48 x 48 x 16 views, 8 epochs (296 steps) per
     run, 3 seeds per method, with the recipe that passed most of the pilots' gate
     (benchmarks/results/pilots/README.md: AdamW at a peak of 1e-4, clipping at 3, the teacher's
@@ -772,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         default="cpu",
         choices=list(CONFIGS),
-        help="cpu: about an hour on 2 cores; gpu: one H100/H200; smoke: the tests' minute.",
+        help="cpu: 56 min on 2 cores; gpu: one H100/H200; smoke: the tests' minute.",
     )
     parser.add_argument("--out", default="evidence", help="Working folder (data, runs, results).")
     parser.add_argument("--figure", default="", help="Where the figure goes (default: <out>/evidence.png).")
