@@ -212,14 +212,17 @@ def knn_head(x: torch.Tensor, t: torch.Tensor, k: int = 10, chunk: int = 4096, d
     return head
 
 
-def dice_of(head, fmap: torch.Tensor, labels: torch.Tensor, num_classes: int, batch: int = 16) -> list[float]:
+def dice_of(head, fmap: torch.Tensor, labels: torch.Tensor, num_classes: int, batch: int = 16, ignore: int | None = None) -> list[float]:
     """Dice per foreground class over all `labels` (N, D, H, W) of the head's coarse logits
-    upsampled (trilinearly) to the patch; NaN for a class absent from prediction and truth."""
+    upsampled (trilinearly) to the patch; NaN for a class absent from prediction and truth.
+    Voxels labelled `ignore` count neither way."""
     inter, total = torch.zeros(num_classes), torch.zeros(num_classes)
     with torch.no_grad():
         for i in range(0, len(fmap), batch):
             logits = F.interpolate(head(fmap[i : i + batch]), size=labels.shape[1:], mode="trilinear", align_corners=False)
             pred, truth = logits.argmax(1), labels[i : i + batch].to(logits.device)
+            if ignore is not None:
+                pred = torch.where(truth == ignore, ignore, pred)  # an ignored voxel matches no class of 1..K-1
             for c in range(1, num_classes):
                 p, q = pred == c, truth == c
                 inter[c] += (p & q).sum().item()
@@ -242,6 +245,45 @@ def case_draws(pool: list[int], counts, draws: int, seed: int = 0) -> dict[int, 
             if subset not in subsets:
                 subsets.append(subset)
         out[count] = subsets
+    return out
+
+
+def tiles(image: np.ndarray, label: np.ndarray, patch, pad_label: int, air: float = -1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole volume cut into non-overlapping patches, so that every voxel is scored once: the
+    image (z, x, y) padded at the far ends with `air` (HU -1024 at this project's scaling) and
+    the label with `pad_label`, to a multiple of `patch`: images (N, 1, *patch), labels (N, *patch)."""
+    pad = [(0, -n % p) for n, p in zip(image.shape, patch)]
+    img = np.pad(image, pad, constant_values=air)
+    lab = np.pad(label, pad, constant_values=pad_label)
+    grid = [n // p for n, p in zip(img.shape, patch)]
+
+    def cut(a: np.ndarray) -> torch.Tensor:
+        blocks = a.reshape(grid[0], patch[0], grid[1], patch[1], grid[2], patch[2]).transpose(0, 2, 4, 1, 3, 5)
+        return torch.from_numpy(np.ascontiguousarray(blocks.reshape(-1, *patch)))
+
+    return cut(img)[:, None], cut(lab).long()
+
+
+def transfer_scores(
+    train: tuple[torch.Tensor, torch.Tensor],
+    tests: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    ignore: int,
+    seed: int = 0,
+    device="cpu",
+    limit: int = 10000,
+    max_iter: int = 100,
+) -> dict:
+    """Heads fitted on one scan's feature map and applied to others: the linear head (`fit_linear_head`)
+    and k-NN transfer, on at most `limit` coarse voxels of `train` (feature map (N, C, ...),
+    labels (N, D, H, W), no `ignore` there), each scored by Dice per foreground class on every
+    test scan's tiles, the voxels labelled `ignore` left out: {"linear": {test: [dice per class]}, "knn": ...}."""
+    fmap, labels = train
+    x, t = voxel_rows(fmap, coarse_targets(labels, fmap.shape[2:], num_classes), np.arange(len(fmap)), limit, seed)
+    x, t = x.to(device), t.to(device)
+    out: dict = {}
+    for kind, head in (("linear", fit_linear_head(x, t, max_iter=max_iter)), ("knn", knn_head(x, t))):
+        out[kind] = {name: dice_of(head, f, lab, num_classes, ignore=ignore) for name, (f, lab) in tests.items()}
     return out
 
 

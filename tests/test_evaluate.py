@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate
+from tests.helpers import REALCT, realct_files
 
 
 @pytest.mark.slow
@@ -60,6 +61,27 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     (out / "results.json").write_text(json.dumps(results))
     assert evaluate.main(["--from_results", str(out / "results.json"), "--figure", str(out / "again.png")]) == 0
     assert "| desd seed0 | 2 | - |" in (out / "results.md").read_text()
+    # the same encoders on real CT, fitted on one scan and scored on two others (one seed: the test's minute)
+    realct_files()
+    results["settings"]["seeds"] = [0]
+    (out / "results.json").write_text(json.dumps(results))
+    assert evaluate.main(["--probe_real_ct", str(out / "results.json"), "--realct", REALCT]) == 0
+    results = evaluate.load_results(str(out / "results.json"))
+    real = results["real_ct"]
+    assert set(real["rows"]) == {"desd seed0", "dino seed0", "none seed0", "no network"}
+    # the classes of both the abdomen and each test scan (the DICOM case has no kidney, the angiogram only its heart and aorta)
+    assert real["scored"] == {"upperabdomen": ["liver", "spleen", "stomach", "aorta"], "chestcta": ["aorta"]}
+    for row in real["rows"].values():
+        for head in ("linear", "knn"):
+            assert set(row[head]) == {"abdomen", *evaluate.REAL_TESTS}  # the fitted scan scored too
+            scores = [row[head][scan][real["classes"].index(c)] for scan in evaluate.REAL_TESTS for c in real["scored"][scan]]
+            assert all(0 <= d <= 1 for d in scores)
+    assert real["fitted"] == ["liver", "spleen", "kidney", "stomach", "aorta"]  # the abdomen has no heart
+    # the labels lie on their organs: a head on intensity histograms alone finds the liver it was fitted on
+    assert real["rows"]["no network"]["linear"]["abdomen"][0] > 0.6
+    assert real["median_hu"]["chestcta"]["aorta"] > 200  # the angiogram's contrast, read as HU
+    table = (out / "results.md").read_text()
+    assert "## Real CT (secondary)" in table and evaluate.real_ct_table(results) in table and "not manual ground truth" in table
 
 
 @pytest.mark.parametrize("config", sorted(evaluate.CONFIGS))
@@ -235,3 +257,16 @@ def test_split_means_slice_each_splits_draws_out_of_the_merged_list():
     splits = [{"held_out": [0], "draws": {"8": [[1], [2]]}}, {"held_out": [1], "draws": {"8": [[0]]}}]
     results = {"probe": {"rows": rows, "splits": splits}, "settings": {"seeds": [0, 1, 2]}}
     assert split_means(results, "desd", "linear", "stages1-3", "8") == pytest.approx([0.6, 0.7])
+
+
+def test_the_real_ct_probe_names_what_is_missing_before_any_work(tmp_path):
+    run = tmp_path / "ev"
+    run.mkdir()
+    results = {"settings": dataclasses.asdict(evaluate.CONFIGS["smoke"])}
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="make realct"):
+        evaluate.main(["--probe_real_ct", str(run / "results.json"), "--realct", str(tmp_path / "nowhere")])
+    realct_files()
+    with pytest.raises(SystemExit, match=r"pretrain_desd_seed0/checkpoint.pth: no checkpoint"):
+        evaluate.main(["--probe_real_ct", str(run / "results.json"), "--realct", REALCT])
+    assert (run / "results.json").read_text() == json.dumps(results)  # left as it was

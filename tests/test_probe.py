@@ -135,3 +135,44 @@ def test_three_splits_hold_out_disjoint_thirds_and_their_draws_follow_each_other
     merged = probe.merge_splits([{"x": a}, {"x": c}])
     assert merged["x"]["linear"] == {"1": [0.1, 0.2, 0.4, 0.5], "4": [0.3, 0.6]}
     assert merged["x"]["per_class"]["linear"]["4"] == [[0.3], [0.6]]
+
+
+def test_tiles_cut_a_volume_into_patches_that_hold_every_voxel_once():
+    rng = np.random.default_rng(0)
+    image = rng.random((5, 9, 7)).astype(np.float32)
+    label = rng.integers(0, 3, (5, 9, 7)).astype(np.uint8)
+    imgs, labs = probe.tiles(image, label, (2, 4, 4), pad_label=9)
+    assert imgs.shape == (3 * 3 * 2, 1, 2, 4, 4) and labs.shape == (18, 2, 4, 4)
+    # the patches put back together give the padded volume: the image and label at their places
+    whole = imgs[:, 0].reshape(3, 3, 2, 2, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(6, 12, 8)
+    back = labs.reshape(3, 3, 2, 2, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(6, 12, 8)
+    assert torch.equal(whole[:5, :9, :7], torch.from_numpy(image)) and torch.equal(back[:5, :9, :7], torch.from_numpy(label).long())
+    assert (whole[5:] == -1).all() and (whole[:, 9:] == -1).all() and (whole[:, :, 7:] == -1).all()  # air
+    assert int((back == 9).sum()) == 6 * 12 * 8 - 5 * 9 * 7  # the padding, and only it, has the pad label
+
+
+def test_dice_leaves_out_ignored_voxels_on_both_sides():
+    labels = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    labels[0, :, :2] = 1  # the class in the first half
+    labels[0, :, 3] = 7  # an ignored row, which the head also calls the class
+    fmap = torch.zeros(1, 1, 2, 4, 4)
+    fmap[0, 0, :, :2] = 1.0
+    fmap[0, 0, :, 3] = 1.0
+
+    def head(f):
+        return torch.cat([1 - f, f], 1)  # logits: class 1 where the channel is 1
+
+    background = torch.where(labels == 7, 0, labels)
+    assert probe.dice_of(head, fmap, background, 2)[0] == pytest.approx(2 * 16 / (24 + 16))  # the row a false positive
+    assert probe.dice_of(head, fmap, labels, 2, ignore=7)[0] == pytest.approx(1.0)  # the row left out
+
+
+def test_transfer_scores_fit_on_one_scan_and_score_each_other():
+    fmap, labels = planted(n=16, seed=2)
+    test_labels = labels[8:].clone()
+    test_labels[:, :, :, :2] = 7  # a strip of unlabelled voxels
+    out = probe.transfer_scores((fmap[:8], labels[:8]), {"a": (fmap[8:], labels[8:]), "b": (fmap[8:], test_labels)}, 2, ignore=7)
+    assert set(out) == {"linear", "knn"} and set(out["linear"]) == {"a", "b"}
+    assert all(out[h][s][0] > 0.9 for h in out for s in ("a", "b"))
+    noise = torch.randn_like(fmap)
+    assert probe.transfer_scores((noise[:8], labels[:8]), {"a": (noise[8:], labels[8:])}, 2, ignore=7)["linear"]["a"][0] < 0.6
