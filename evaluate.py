@@ -56,6 +56,7 @@ from models.pretrained import load_checkpoint
 from preprocessing import files
 from preprocessing.network_input import HU_SCALE
 from preprocessing.runner import command_parser, entry, run_command
+from preprocessing.synthetic_deeplesion import STYLES
 
 PRETRAINED = ("desd", "dino")
 ENCODERS = (*PRETRAINED, "none")
@@ -73,6 +74,7 @@ class Config:
     says what it does and does not show."""
 
     arch: str = "res3d10"
+    phantoms: str = "portal"  # the generated CT's style (preprocessing/synthetic_deeplesion.py --style)
     spacing: float = 2.0
     patients: int = 16  # unlabelled phantoms (1-2 studies of 1-2 series each)
     png_size: int = 192
@@ -227,9 +229,14 @@ def make_data(cfg: Config, out: str) -> tuple[str, str]:
     from preprocessing.synthetic_deeplesion import make_deeplesion
 
     data, task = os.path.join(out, "DeepLesion"), os.path.join(out, "Labelled")
+    style_file = os.path.join(out, "phantoms.txt")  # a resumed run must not mix the styles' data and runs
+    made = open(style_file).read().strip() if os.path.isfile(style_file) else ("portal" if os.path.isdir(data) else "")
+    if made and made != cfg.phantoms:
+        raise SystemExit(f"{out}: holds a run on {made} phantoms, not {cfg.phantoms}; give --out another folder")
+    files.write_atomic(style_file, lambda tmp: open(tmp, "w").write(cfg.phantoms + "\n"))
     list_file = os.path.join(data, "SSL_data_deeplesion.txt")
     if not os.path.isfile(list_file):
-        make_deeplesion(data, patients=cfg.patients, size=cfg.png_size, seed=1, context_mm=cfg.context_mm)
+        make_deeplesion(data, patients=cfg.patients, size=cfg.png_size, seed=1, context_mm=cfg.context_mm, style=cfg.phantoms)
         common = ["--data_root", data, "--workers", str(os.cpu_count() or 1)]
         py = sys.executable
         # as modules from the repository root: they import the project's modules installed or not
@@ -246,7 +253,7 @@ def make_labelled(cfg: Config, task: str) -> None:
     cases every time for a configuration."""
     from preprocessing.synthetic_deeplesion import make_msd
 
-    make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices)
+    make_msd(task, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices, style=cfg.phantoms)
 
 
 def pretrain_command(cfg: Config, name: str, data: str, folder: str, seed: int = 0) -> list[str]:
@@ -828,6 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="evidence", help="Working folder (data, runs, results).")
     parser.add_argument("--figure", default="", help="Where the figure goes (default: <out>/evidence.png).")
     parser.add_argument("--time_limit", default=None, type=float, help="Seconds for the whole run (default: the configuration's).")
+    parser.add_argument(
+        "--phantoms",
+        default=None,
+        choices=STYLES,
+        help="The generated CT's style (default: the configuration's, portal): see synthetic_deeplesion.py --style.",
+    )
     parser.add_argument("--from_results", default="", help="Only redo the gaps, tables and figure from this results.json.")
     parser.add_argument(
         "--probe_real_ct",
@@ -847,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CONFIGS[args.config]
     if args.time_limit is not None:
         cfg = dataclasses.replace(cfg, time_limit=args.time_limit)
+    if args.phantoms is not None:
+        cfg = dataclasses.replace(cfg, phantoms=args.phantoms)
     files.prepare_output_folder(args.out, "--out")
     device = torch.device(cfg.device)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -6,7 +6,9 @@ DeepLesion (220 GB) cannot be downloaded everywhere, so this writes look-alike d
 trunk: body outline, skin, subcutaneous fat, muscle, lungs and heart in the upper slices,
 liver, spleen, stomach, pancreas, kidneys, aorta and vena cava, bowel, spine with discs, ribs,
 a patient table, and a few lesions; portal-venous-phase HU values, a scanner's partial-volume
-blur and 10-25 HU of noise. Series draw an in-plane spacing of 0.6-1.0 mm and a slice interval
+blur and 10-25 HU of noise. With `--style varied` each scan draws its contrast phase, its
+tissues' HU (organs overlapping), calibration, noise and organ shapes (`varied_look`), so that no
+intensity band names an organ; the default, `portal`, writes what it always wrote. Series draw an in-plane spacing of 0.6-1.0 mm and a slice interval
 of 0.8-5 mm, and keep only the slices around their key slices, so slice indices have gaps.
 
 It can also write, for the same kind of phantom, labelled volumes in the Medical Segmentation
@@ -16,6 +18,7 @@ fine-tuning.
     python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 4
     python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 0 \
         --msd_dir data/Task01_SyntheticAbdomen --msd_cases 12 --msd_size 128
+    python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 4 --style varied
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ class Canvas:
         self.hu = np.full((size, size), -1000.0, np.float32)
         self.lab = np.zeros((size, size), np.uint8)
 
-    def region(self, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0):
-        """(row slice, col slice) of the box and the ellipse mask inside it; None if empty."""
-        r = max(rx, ry)
+    def region(self, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0, lobes=()):
+        """(row slice, col slice) of the box and the ellipse mask inside it; None if empty. `lobes`,
+        (k, amplitude, phase) triples, modulate the radius by 1 + sum(amplitude cos(k theta + phase))."""
+        r = max(rx, ry) * (1 + sum(abs(amp) for _, amp, _ in lobes))
         half = (self.size - 1) / 2
         c0, c1 = int(math.floor((cx - r) / self.spacing + half)), int(math.ceil((cx + r) / self.spacing + half)) + 1
         r0, r1 = (
@@ -76,12 +80,16 @@ class Canvas:
         dy, dx = np.meshgrid(ys, xs, indexing="ij")
         ca, sa = math.cos(angle), math.sin(angle)
         u, v = (dx * ca + dy * sa) / rx, (-dx * sa + dy * ca) / ry
-        return (slice(r0, r1), slice(c0, c1)), u * u + v * v <= 1.0
+        if not lobes:
+            return (slice(r0, r1), slice(c0, c1)), u * u + v * v <= 1.0
+        theta = np.arctan2(v, u)
+        radius = 1.0 + sum(amp * np.cos(k * theta + phase) for k, amp, phase in lobes)
+        return (slice(r0, r1), slice(c0, c1)), u * u + v * v <= radius * radius
 
-    def fill(self, value: float, cx, cy, rx, ry, angle=0.0, label: int | None = None, within: int | None = None) -> None:
-        """Paint an ellipse (mm, centre relative to the body centre, y towards the back);
-        `within` restricts it to pixels already labelled so."""
-        found = self.region(cx, cy, rx, ry, angle)
+    def fill(self, value: float, cx, cy, rx, ry, angle=0.0, label: int | None = None, within: int | None = None, lobes=()) -> None:
+        """Paint an ellipse (mm, centre relative to the body centre, y towards the back), lobulated
+        by `lobes` (see `region`); `within` restricts it to pixels already labelled so."""
+        found = self.region(cx, cy, rx, ry, angle, lobes)
         if found is None:
             return
         box, m = found
@@ -92,10 +100,61 @@ class Canvas:
             self.lab[box][m] = label
 
 
-class Phantom:
-    """One patient's trunk; `render(z, size, spacing)` gives an axial slice in HU and labels."""
+STYLES = ("portal", "varied")  # the phantoms' look: one portal phase, or drawn per scan (`varied_look`)
+PHASES = ("unenhanced", "arterial", "portal")
+PORTAL_LOOK = {  # HU of each tissue in the "portal" style (the liver's is drawn, 100-130)
+    "muscle": 50.0, "paraspinal": 52.0, "liver_veins": 165.0, "spleen_minus_liver": -10.0, "kidney_cortex": 185.0,
+    "kidney_medulla": 110.0, "aorta": 210.0, "ivc": 140.0, "heart_blood": 170.0, "pancreas": 95.0, "bowel_wall": 45.0,
+    "bowel_fluid": 20.0, "stomach": 12.0, "offset": 0.0,
+}  # fmt: skip
 
-    def __init__(self, rng: np.random.Generator):
+
+def varied_look(rng: np.random.Generator) -> dict:
+    """One scan's tissues, geometry and scanner, drawn so that no intensity band names an organ:
+    a contrast phase (unenhanced, arterial or portal); liver HU per case, fatty at times; the
+    spleen's HU the liver's plus -30 to +30, mottled in the arterial phase; a kidney cortex and
+    medulla that differ by phase; muscle at 55-65 HU; bowel loops at the liver's HU and with oral
+    contrast at times, a stomach holding a meal at the liver's HU half the time; a calibration offset of -20 to +20 HU and noise of 5 to 40 HU; each organ
+    moved and scaled by up to 15%, turned, and lobulated."""
+    phase = PHASES[int(rng.integers(len(PHASES)))]
+    u = rng.uniform
+    if phase == "unenhanced":
+        liver = u(-5, 40) if rng.random() < 0.25 else u(45, 65)  # a fatty liver a quarter of the time
+        look = {"liver_veins": liver - u(10, 25), "kidney_cortex": u(28, 40), "aorta": u(35, 50), "ivc": u(35, 50),
+                "heart_blood": u(35, 50), "pancreas": u(35, 50), "bowel_wall": u(35, 50)}  # fmt: skip
+        look["kidney_medulla"] = look["kidney_cortex"] - u(0, 8)
+    elif phase == "arterial":
+        liver = u(60, 85)
+        look = {"liver_veins": u(70, 120), "kidney_cortex": u(150, 230), "kidney_medulla": u(50, 90), "aorta": u(250, 400),
+                "ivc": u(60, 110), "heart_blood": u(200, 350), "pancreas": u(90, 130), "bowel_wall": u(70, 110)}  # fmt: skip
+    else:
+        liver = u(95, 130)
+        look = {"liver_veins": u(150, 190), "kidney_cortex": u(150, 200), "aorta": u(140, 200), "ivc": u(120, 170),
+                "heart_blood": u(130, 180), "pancreas": u(80, 110), "bowel_wall": u(60, 100)}  # fmt: skip
+        look["kidney_medulla"] = look["kidney_cortex"] - u(0, 30)
+    oral = rng.random() < 0.3  # positive oral contrast in the bowel
+    look.update(
+        phase=phase, liver=liver, spleen_minus_liver=u(-30, 30), muscle=u(55, 65), paraspinal=u(55, 65),
+        bowel_fluid=u(150, 300) if oral else u(5, 30), offset=u(-20, 20), noise=u(5, 40),
+        mottle=u(30, 60) if phase == "arterial" else 0.0,
+        bowel_like_organ=[liver + u(-20, 20) if rng.random() < 0.6 else None for _ in range(14)],
+        stomach=liver + u(-20, 20) if rng.random() < 0.5 else u(5, 20),  # a meal at the liver's HU half the time
+        geometry={organ: (u(-0.15, 0.15), u(-0.15, 0.15), u(0.85, 1.15), u(-0.35, 0.35),
+                          tuple((int(rng.integers(2, 6)), u(0.03, 0.12), u(0, 2 * math.pi)) for _ in range(2)))
+                  for organ in ("liver", "spleen", "kidney")},
+        spleen_spots=[(u(-0.7, 0.7), u(-0.7, 0.7), u(0.15, 0.35), rng.choice([-1.0, 1.0])) for _ in range(8)],
+    )  # fmt: skip
+    return look
+
+
+class Phantom:
+    """One patient's trunk; `render(z, size, spacing)` gives an axial slice in HU and labels. Its
+    style (`STYLES`) sets the tissues' HU and the organs' shapes: "portal", one portal-venous look
+    whose organs differ by fixed HU bands, or "varied" (`varied_look`)."""
+
+    def __init__(self, rng: np.random.Generator, style: str = "portal"):
+        if style not in STYLES:
+            raise ValueError(f"phantom style {style!r}: expected one of {', '.join(STYLES)}")
         self.rng = rng
         self.a = rng.uniform(125, 175)  # body half-width, mm
         self.b = self.a * rng.uniform(0.66, 0.78)  # body half-depth, mm
@@ -106,6 +165,22 @@ class Phantom:
         self.lung_vessels = [(rng.uniform(0.2, 0.75), rng.uniform(-0.5, 0.45), rng.uniform(1.5, 3.5)) for _ in range(24)]
         self.bowel = [(rng.uniform(-0.5, 0.5), rng.uniform(-0.55, 0.1), rng.uniform(9, 18), rng.random() < 0.3) for _ in range(14)]
         self.lesions: list[Lesion] = []
+        self.style = style
+        self.look = dict(PORTAL_LOOK, geometry={}, mottle=0.0, bowel_like_organ=[None] * len(self.bowel), spleen_spots=[])
+        if style == "varied":  # drawn after the portal style's draws, which stay as they were
+            self.look = varied_look(rng)
+            self.liver_hu = self.look["liver"]
+
+    def noise_std(self, rng: np.random.Generator) -> float:
+        """The scan's noise, HU: 10-25 (drawn from `rng`) in the portal style, the look's in the varied one."""
+        drawn = float(rng.uniform(10, 25))
+        return self.look.get("noise", drawn)
+
+    def organ(self, name: str, rx: float, ry: float) -> tuple[float, float, float, float, tuple]:
+        """The look's change to an organ of half-axes rx, ry: its move (mm, x and y), scale, turn
+        (radians) and lobes; none in the portal style."""
+        dx, dy, scale, turn, lobes = self.look["geometry"].get(name, (0.0, 0.0, 1.0, 0.0, ()))
+        return dx * rx, dy * ry, scale, turn, lobes
 
     def series_spacing(self, size: int) -> float:
         """A reconstruction field of view fitted to this patient: 0.6-1.0 mm pixels at 512."""
@@ -145,7 +220,7 @@ class Phantom:
         """Noise-free axial slice at depth z mm: (HU float32, labels uint8), both (size, size)."""
         cv = Canvas(size, spacing, y_offset=-0.12 * self.b)  # body a little above the image centre, table below
         t = z / TRUNK_MM
-        a, b, j = self.a, self.b, self.jitter
+        a, b, j, look = self.a, self.b, self.jitter, self.look
 
         def profile(t0, t1):  # ellipsoid cross-section factor over [t0, t1], 0 outside
             if not t0 < t < t1:
@@ -161,7 +236,7 @@ class Phantom:
         cv.fill(40.0, 0, 0, a, b, label=9)  # 9: inside the body (cleared below)
         cv.fill(-100.0, 0, 0, a - 2, b - 2)
         inner = 1 - self.fat
-        cv.fill(50.0, 0, 0, a * inner, b * inner)
+        cv.fill(look["muscle"], 0, 0, a * inner, b * inner)
         cv.fill(-90.0, 0, 0, a * (inner - 0.06), b * (inner - 0.07))
 
         # ribs, under the muscle wall of the chest and upper abdomen
@@ -186,44 +261,56 @@ class Phantom:
         f = profile(0.06, 0.34)
         if f:
             cv.fill(45.0, a * 0.12, -b * 0.18, a * 0.32 * f, b * 0.38 * f, 0.5)
-            cv.fill(170.0, a * 0.14, -b * 0.2, a * 0.22 * f, b * 0.26 * f, 0.5)
+            cv.fill(look["heart_blood"], a * 0.14, -b * 0.2, a * 0.22 * f, b * 0.26 * f, 0.5)
 
         # abdominal organs
         f = profile(0.28, 0.7)
         if f:
-            cv.fill(self.liver_hu, -a * (0.38 + j[1]), -b * 0.02, a * 0.5 * f, b * 0.62 * f, 0.2, label=LABELS["liver"])
+            rx, ry = a * 0.5 * f, b * 0.62 * f
+            dx, dy, k, turn, lobes = self.organ("liver", rx, ry)
+            cv.fill(self.liver_hu, -a * (0.38 + j[1]) + dx, -b * 0.02 + dy, rx * k, ry * k, 0.2 + turn, label=LABELS["liver"], lobes=lobes)
             for vx, vy, r in self.veins:  # portal and hepatic vein branches
-                cv.fill(165.0, -a * vx, b * vy, r * f + 1, r * f + 1, within=LABELS["liver"])
+                cv.fill(look["liver_veins"], -a * vx + dx, b * vy + dy, r * f + 1, r * f + 1, within=LABELS["liver"])
         f = profile(0.32, 0.6)
         if f:
-            cv.fill(self.liver_hu - 10, a * (0.6 + j[2]), b * 0.28, a * 0.2 * f, b * 0.3 * f, -0.5, label=LABELS["spleen"])
+            rx, ry = a * 0.2 * f, b * 0.3 * f
+            dx, dy, k, turn, lobes = self.organ("spleen", rx, ry)
+            cx, cy, rx, ry = a * (0.6 + j[2]) + dx, b * 0.28 + dy, rx * k, ry * k
+            spleen = self.liver_hu + look["spleen_minus_liver"]
+            cv.fill(spleen, cx, cy, rx, ry, -0.5 + turn, label=LABELS["spleen"], lobes=lobes)
+            for sx, sy, sr, sign in look["spleen_spots"] if look["mottle"] else ():  # the arterial phase's mottled spleen
+                cv.fill(spleen + sign * look["mottle"], cx + sx * rx, cy + sy * ry, sr * rx, sr * ry, within=LABELS["spleen"])
         f = profile(0.32, 0.56)
         if f:
             sx, sy = a * 0.28, -b * 0.32
             cv.fill(40.0, sx, sy, a * 0.28 * f, b * 0.24 * f)  # stomach wall
-            cv.fill(12.0, sx, sy, a * 0.25 * f, b * 0.21 * f, label=7)
+            cv.fill(look["stomach"], sx, sy, a * 0.25 * f, b * 0.21 * f, label=7)
             cv.fill(-950.0, sx, sy - b * 0.21 * f, a * 0.25 * f, b * 0.12 * f, within=7)  # air above the fluid
         f = profile(0.48, 0.6)
         if f:
-            cv.fill(95.0, a * 0.05, b * 0.1, a * 0.3 * f, b * 0.07 * f, -0.2)  # pancreas
+            cv.fill(look["pancreas"], a * 0.05, b * 0.1, a * 0.3 * f, b * 0.07 * f, -0.2)  # pancreas
         for side in (-1, 1):
             f = profile(0.5 + 0.03 * side, 0.8 + 0.03 * side)
             if f:
-                cx = side * a * (0.4 + j[3])
-                cv.fill(185.0, cx, b * 0.4, a * 0.13 * f + 2, b * 0.2 * f + 2, side * 0.4, label=LABELS["kidney"])
-                cv.fill(110.0, cx - side * 4, b * 0.4, a * 0.07 * f, b * 0.11 * f, side * 0.4, within=LABELS["kidney"])
-        if t > 0.6:
-            for bx, by, r, air in self.bowel:
+                dx, dy, k, turn, lobes = self.organ("kidney", a * 0.13 * f + 2, b * 0.2 * f + 2)
+                cx, cy, angle = side * a * (0.4 + j[3]) + dx, b * 0.4 + dy, side * 0.4 + turn
+                cv.fill(
+                    look["kidney_cortex"], cx, cy, (a * 0.13 * f + 2) * k, (b * 0.2 * f + 2) * k, angle, label=LABELS["kidney"], lobes=lobes
+                )
+                cv.fill(look["kidney_medulla"], cx - side * 4, cy, a * 0.07 * f * k, b * 0.11 * f * k, angle, within=LABELS["kidney"])
+        if t > (0.6 if self.style == "portal" else 0.45):  # the varied style's bowel reaches the kidneys and the liver
+            for (bx, by, r, air), like_organ in zip(self.bowel, look["bowel_like_organ"]):
                 cx, cy = a * bx, b * by + 6 * math.sin(z / 20 + bx * 10)
-                cv.fill(45.0, cx, cy, r, r)
-                cv.fill(-900.0 if air else 20.0, cx, cy, r - 3, r - 3)
+                cv.fill(look["bowel_wall"], cx, cy, r, r)
+                lumen = -900.0 if air else (like_organ if like_organ is not None else look["bowel_fluid"])
+                cv.fill(lumen, cx, cy, r - 3, r - 3)
 
         # great vessels, spine with discs, paraspinal muscles
-        cv.fill(210.0, a * 0.06, b * 0.26, 12, 12)  # aorta
+        cv.fill(look["aorta"], a * 0.06, b * 0.26, 12, 12)  # aorta
         if t > 0.32:
-            cv.fill(140.0, -a * 0.12, b * 0.24, 12, 10)  # inferior vena cava
+            cv.fill(look["ivc"], -a * 0.12, b * 0.24, 12, 10)  # inferior vena cava
         for side in (-1, 1):
-            cv.fill(52.0, side * a * 0.17, b * 0.66, a * 0.12, b * 0.15)
+            cv.fill(look["paraspinal"], side * a * 0.17, b * 0.66, a * 0.12, b * 0.15)
         disc = (z % 32.0) < 6.0
         vy = b * 0.45
         cv.fill(90.0 if disc else 800.0, 0, vy, 21, 18)
@@ -238,6 +325,8 @@ class Phantom:
             if r2 > 1:
                 cv.fill(lesion.hu, lesion.x, lesion.y, math.sqrt(r2), math.sqrt(r2) * 0.9)
         lab = np.where(cv.lab <= 3, cv.lab, 0).astype(np.uint8)
+        if look["offset"]:  # the scanner's calibration
+            cv.hu += look["offset"]
         return cv.hu, lab
 
 
@@ -269,7 +358,7 @@ def make_series(phantom: Phantom, folder: str, size: int, context_mm: float, rng
     for _ in range(n_keys):  # key slices far enough apart that their runs leave a gap
         k += int(rng.integers(2 * context + 2, 2 * context + 12))
         keys.append(k)
-    noise = float(rng.uniform(10, 25))
+    noise = phantom.noise_std(rng)
     os.makedirs(folder, exist_ok=True)
     rows, written = [], set()
     for key in keys:
@@ -297,14 +386,17 @@ def make_series(phantom: Phantom, folder: str, size: int, context_mm: float, rng
     return rows, {"spacing": (spacing, spacing, interval)}
 
 
-def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, context_mm: float = 30.0) -> str:
-    """Write Images_png/ and DL_info.csv for `patients` phantoms under root; returns the CSV path."""
+def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, context_mm: float = 30.0, style: str = "portal") -> str:
+    """Write Images_png/ and DL_info.csv for `patients` phantoms of a style (`STYLES`) under root;
+    returns the CSV path."""
+    if style not in STYLES:
+        raise ValueError(f"phantom style {style!r}: expected one of {', '.join(STYLES)}")
     rng = np.random.default_rng(seed)
     png_dir = os.path.join(root, "Images_png")
     os.makedirs(png_dir, exist_ok=True)
     records = []
     for p in range(1, patients + 1):
-        phantom = Phantom(rng)
+        phantom = Phantom(rng, style)
         gender, age = rng.choice(["M", "F"]), int(rng.integers(20, 85))
         split = int(rng.choice([1, 2, 3], p=[0.7, 0.15, 0.15]))
         for study in range(1, int(rng.integers(1, 3)) + 1):
@@ -339,15 +431,16 @@ def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, co
     return csv_path
 
 
-def render_case(rng: np.random.Generator, size: int, slices: int) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    """One labelled phantom: image (HU) and label volumes, (rows, cols, slices) with NIH's affine."""
-    phantom = Phantom(rng)
+def render_case(rng: np.random.Generator, size: int, slices: int, style: str = "portal") -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """One labelled phantom: image (HU) and label volumes, (rows, cols, slices) with NIH's affine.
+    Its first slice lies 30-45% of the way down the trunk, or 20-60% in the varied style."""
+    phantom = Phantom(rng, style)
     spacing = phantom.series_spacing(size)
     interval = float(rng.uniform(2.5, 3.5))
-    start = rng.uniform(0.3, 0.45) * TRUNK_MM
+    start = rng.uniform(*((0.3, 0.45) if style == "portal" else (0.2, 0.6))) * TRUNK_MM
     for _ in range(int(rng.integers(1, 3))):
         phantom.add_lesion(start + rng.uniform(0.2, 0.8) * slices * interval)
-    noise = float(rng.uniform(10, 25))
+    noise = phantom.noise_std(rng)
     hu, lab = [], []
     for s in range(slices):
         h, lbl = phantom.render(start + s * interval, size, spacing)
@@ -357,30 +450,36 @@ def render_case(rng: np.random.Generator, size: int, slices: int) -> tuple[nib.N
     return nib.Nifti1Image(np.stack(hu, axis=2), affine), nib.Nifti1Image(np.stack(lab, axis=2), affine)
 
 
-def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: int = 48, test_cases: int = 0) -> str:
-    """Labelled phantoms in the Decathlon layout, and `test_cases` unlabelled ones in imagesTs/
-    (drawn apart, so that the training cases do not depend on their number); volumes are (rows,
-    cols, slices) with NIH's affine, so nibabel reads them in the same orientation as the
-    pretraining patches."""
+def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: int = 48, test_cases: int = 0, style: str = "portal") -> str:
+    """Labelled phantoms of a style (`STYLES`) in the Decathlon layout, and `test_cases` unlabelled
+    ones in imagesTs/ (drawn apart, so that the training cases do not depend on their number);
+    volumes are (rows, cols, slices) with NIH's affine, so nibabel reads them in the same
+    orientation as the pretraining patches."""
+    if style not in STYLES:
+        raise ValueError(f"phantom style {style!r}: expected one of {', '.join(STYLES)}")
     rng = np.random.default_rng(seed + 1_000_003)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):  # imagesTs/ even when empty: nnU-Net's MSD converter expects it
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     training = []
     for i in range(cases):
-        image, label = render_case(rng, size, slices)
+        image, label = render_case(rng, size, slices, style)
         name = f"synth_{i:03d}.nii.gz"
         write_atomic(os.path.join(out_dir, "imagesTr", name), lambda tmp, im=image: nib.save(im, tmp))
         write_atomic(os.path.join(out_dir, "labelsTr", name), lambda tmp, im=label: nib.save(im, tmp))
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     test, test_rng = [], np.random.default_rng(seed + 2_000_003)
     for i in range(test_cases):
-        image, _ = render_case(test_rng, size, slices)
+        image, _ = render_case(test_rng, size, slices, style)
         name = f"synth_test_{i:03d}.nii.gz"
         write_atomic(os.path.join(out_dir, "imagesTs", name), lambda tmp, im=image: nib.save(im, tmp))
         test.append(f"./imagesTs/{name}")
     meta = {
         "name": "SyntheticAbdomen",
-        "description": "Synthetic portal-venous CT phantoms (DeSD project); not real patients",
+        "description": (
+            "Synthetic portal-venous CT phantoms (DeSD project); not real patients"
+            if style == "portal"
+            else "Synthetic CT phantoms in unenhanced, arterial and portal phases (DeSD project); not real patients"
+        ),
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": {str(v): k for k, v in LABELS.items()},
@@ -408,13 +507,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--msd_size", default=128, type=int, help="Image side of the labelled cases.")
     parser.add_argument("--msd_slices", default=48, type=int)
     parser.add_argument("--msd_test_cases", default=2, type=int, help="Unlabelled cases for imagesTs/, as a Decathlon task has.")
+    parser.add_argument(
+        "--style",
+        default="portal",
+        choices=STYLES,
+        help="portal: one portal-venous look, organs in fixed HU bands (every figure so far); varied: phase, HU, "
+        "calibration, noise, organ shape and position drawn per scan, with organ-like distractors.",
+    )
     args = parser.parse_args(argv)
     if args.patients > 0:
-        csv_path = make_deeplesion(args.out, args.patients, args.size, args.seed, args.context_mm)
+        csv_path = make_deeplesion(args.out, args.patients, args.size, args.seed, args.context_mm, args.style)
         n = len(os.listdir(os.path.join(args.out, "Images_png")))
         print(f"wrote {n} series to {os.path.join(args.out, 'Images_png')} and {csv_path}")
     if args.msd_dir:
-        make_msd(args.msd_dir, args.msd_cases, args.msd_size, args.seed, args.msd_slices, args.msd_test_cases)
+        make_msd(args.msd_dir, args.msd_cases, args.msd_size, args.seed, args.msd_slices, args.msd_test_cases, args.style)
         print(f"wrote {args.msd_cases} labelled and {args.msd_test_cases} test cases to {args.msd_dir}")
     return 0
 

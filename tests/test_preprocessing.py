@@ -250,3 +250,42 @@ def test_synthetic_organs_have_portal_venous_hu(tmp_path):
     assert np.median(img[lab == 2]) < np.median(img[lab == 1])  # spleen a little below
     assert np.median(img[lab == 3]) > 120  # enhanced kidney
     assert (img < -950).mean() > 0.2  # air around the body
+
+
+def test_varied_phantoms_draw_phase_hu_scanner_and_shape_per_scan():
+    """The varied style: every phase appears, the spleen's HU sits -30 to +30 from the liver's,
+    and calibration, noise and each organ's move, scale and turn stay within their stated ranges."""
+    looks = [syn.varied_look(np.random.default_rng(k)) for k in range(60)]
+    assert {look["phase"] for look in looks} == set(syn.PHASES)
+    gaps = [look["spleen_minus_liver"] for look in looks]
+    assert min(gaps) < -20 and max(gaps) > 20 and all(-30 <= g <= 30 for g in gaps)  # the spleen above the liver too
+    assert all(-20 <= look["offset"] <= 20 and 5 <= look["noise"] <= 40 and 55 <= look["muscle"] <= 65 for look in looks)
+    livers = [look["liver"] for look in looks]
+    assert min(livers) < 45 and max(livers) > 100  # fatty, unenhanced and portal livers
+    for look in looks:
+        for dx, dy, scale, turn, lobes in look["geometry"].values():
+            assert abs(dx) <= 0.15 and abs(dy) <= 0.15 and 0.85 <= scale <= 1.15 and abs(turn) <= 0.35 and len(lobes) == 2
+
+
+def test_varied_phantoms_have_no_intensity_band_per_organ(tmp_path):
+    """Across varied cases the organs' median HU overlap: the liver's of one case is another's
+    spleen's, unlike the portal style's fixed order (spleen 10 HU below the liver)."""
+    syn.make_msd(str(tmp_path), cases=8, size=64, slices=24, seed=0, style="varied")
+    medians = {1: [], 2: []}
+    for k in range(8):
+        img = np.asarray(nib.load(str(tmp_path / "imagesTr" / f"synth_{k:03d}.nii.gz")).dataobj)
+        lab = np.asarray(nib.load(str(tmp_path / "labelsTr" / f"synth_{k:03d}.nii.gz")).dataobj)
+        for c in medians:
+            if (lab == c).sum() > 50:
+                medians[c].append(float(np.median(img[lab == c])))
+    assert len(medians[1]) >= 4 and len(medians[2]) >= 2
+    liver, spleen = medians[1], medians[2]
+    assert max(liver) - min(liver) > 40  # phases: the liver's HU is no band
+    assert min(spleen) < max(liver) and max(spleen) > min(liver)  # the spleen's HU inside the liver's range
+    assert "phases" in json.loads((tmp_path / "dataset.json").read_text())["description"]
+
+
+def test_an_unknown_phantom_style_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="'venous'.*portal, varied"):
+        syn.make_msd(str(tmp_path), cases=1, size=32, slices=4, style="venous")
+    assert not os.listdir(tmp_path)  # refused before anything is written

@@ -1,0 +1,120 @@
+"""The labelled phantoms' gate: can a network-free feature set solve them, and can a network?
+
+For each phantom style (preprocessing/synthetic_deeplesion.py, `--style`), the labelled set of an
+`evaluate.py` configuration is made as that experiment makes it, and scored on the experiment's
+own bench (patches, the held-out thirds, the distinct draws of training cases):
+- the strongest network-free floor at hand (`probe.floor_row`: 54 intensity-histogram features,
+  linear head and k-NN), mean and per-class Dice on the held-out cases at every label count;
+- with `--scratch_steps`, a segmentation network trained from scratch (evaluate.fine_tune: the
+  configuration's arch, patch, batch and learning rate, cosine decay over the last step count)
+  on the largest draw of the first split, with volumetric Dice on its held-out cases after each
+  step count.
+The gate of a style that the experiment can learn from: the floor at most 0.35 mean Dice with 8
+cases while the network from scratch reaches at least 0.75.
+
+    python benchmarks/phantom_gate.py --styles portal varied --out benchmarks/results/phantom_gate.json
+    python benchmarks/phantom_gate.py --styles varied --scratch_steps 250 500 1000 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import evaluate
+import utils
+from downstream import metrics, probe
+from preprocessing.synthetic_deeplesion import STYLES, make_msd
+
+
+def floor_scores(benches, cfg: evaluate.Config) -> dict:
+    """The histogram floor on every split: mean Dice per count (over splits and draws), and Dice
+    per class at the largest count, for the linear head and k-NN."""
+    dense = probe.floor_row(benches, device=cfg.device, limit=cfg.probe_rows, max_iter=cfg.probe_iters)["dense"]["histogram"]
+    top = str(max(cfg.probe_counts))
+    return {
+        head: {
+            "mean": {count: float(np.mean(values)) for count, values in dense[head].items()},
+            "per_class": [float(v) for v in np.nanmean(np.array(dense["per_class"][head][top], dtype=float), 0)],
+        }
+        for head in ("linear", "knn")
+    }
+
+
+def scratch_curve(cases, benches, num_classes: int, cfg: evaluate.Config, steps: list[int]) -> dict:
+    """A network from scratch on the first split's largest draw: per-class Dice on its held-out
+    cases after each step count."""
+    b = benches[0]
+    train = b.draws[max(b.draws)][0]
+    curve = evaluate.fine_tune(
+        cfg, [cases[i] for i in train], [cases[i] for i in b.held_out], num_classes, None, 0, torch.device(cfg.device), steps,
+        evaluate.Clock(float("inf")),
+    )  # fmt: skip
+    return {"train_cases": train, "held_out": b.held_out, "dice": {str(k): v for k, v in curve.items()},
+            "mean": {str(k): metrics.mean_or_nan(v) for k, v in curve.items()}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="cpu", choices=sorted(evaluate.CONFIGS), help="The evaluate.py configuration.")
+    parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
+    parser.add_argument("--scratch_steps", nargs="*", type=int, default=[], help="Step counts of a network from scratch.")
+    parser.add_argument("--out", default="", help="Also write the results here (JSON).")
+    args = parser.parse_args(argv)
+    cfg = evaluate.CONFIGS[args.config]
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = {
+        "command": "python benchmarks/phantom_gate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "config": args.config,
+        "counts": list(cfg.probe_counts),
+        "styles": {},
+    }
+    for style in args.styles:
+        start = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            make_msd(tmp, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices, style=style)
+            cases, classes = probe.load_cases(tmp, cfg.spacing)
+        b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
+        benches = [probe.resplit(b, k, cfg.probe_counts, cfg.probe_draws) for k in range(cfg.probe_splits)]
+        one = {"classes": classes, "floor": floor_scores(benches, cfg), "floor_seconds": round(time.time() - start, 1)}
+        if args.scratch_steps:
+            start = time.time()
+            one["scratch"] = scratch_curve(cases, benches, len(classes) + 1, cfg, sorted(args.scratch_steps))
+            one["scratch_seconds"] = round(time.time() - start, 1)
+        results["styles"][style] = one
+        print(report(style, one, cfg), flush=True)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(utils.strict_json(results), f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+    return 0
+
+
+def report(style: str, one: dict, cfg: evaluate.Config) -> str:
+    counts = [str(c) for c in cfg.probe_counts]
+    lines = [f"{style}: histogram floor, mean Dice over {', '.join(one['classes'])} ({one['floor_seconds']:.0f} s)"]
+    for head, scores in one["floor"].items():
+        per_class = ", ".join(f"{c} {v:.3f}" for c, v in zip(one["classes"], scores["per_class"]))
+        lines.append(
+            f"  {head}: "
+            + " / ".join(f"{scores['mean'][c]:.3f}" for c in counts)
+            + f" at {'/'.join(counts)} cases; {per_class} at {counts[-1]}"
+        )
+    if "scratch" in one:
+        curve = one["scratch"]
+        lines.append(f"  from scratch on cases {curve['train_cases']} ({one['scratch_seconds']:.0f} s): "
+                     + ", ".join(f"{k} steps {v:.3f}" for k, v in curve["mean"].items()))  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
