@@ -72,6 +72,23 @@ def test_the_evidence_tables_are_those_of_the_recorded_run():
         assert table in f.read()  # and results.md was written from the same results.json
 
 
+def test_the_real_ct_table_is_that_of_the_recorded_run():
+    """docs/evidence.md's real-CT table is rebuilt from the recorded run's results.json too, and
+    says whose labels it scores against."""
+    import evaluate
+
+    results = evaluate.load_results(os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_rerun", "results.json"))
+    table = evaluate.real_ct_table(results)
+    assert "upperabdomen liver" in table and "chestcta aorta" in table
+    with open(os.path.join(ROOT, "docs", "evidence.md")) as f:
+        evidence = f.read()
+    assert table in evidence, "docs/evidence.md's real-CT table differs from evaluate.real_ct_table of the recorded run"
+    section = evidence[evidence.index(table.splitlines()[0]) - 2000 :]
+    assert "predicted by TotalSegmentator" in section  # the labels are a tool's, not manual ground truth
+    with open(os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_rerun", "results.md")) as f:
+        assert table in f.read()
+
+
 def readme_shell_lines() -> list[str]:
     """Every command of the README's sh blocks, continuation lines joined, comments dropped."""
     lines = []
