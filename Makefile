@@ -72,9 +72,9 @@ evaluate: install
 	$(PY) evaluate.py --config cpu --out evidence
 
 # then the same encoders on real CT (TotalSegmentator's reference scans, that tool's labels): heads
-# fitted on one scan, scored on two others; adds a secondary table to evidence/results.md (2 min)
+# fitted on one scan, scored on two others; adds a secondary table to evidence/results.md (3 min)
 evaluate-realct: install realct
-	$(PY) evaluate.py --probe_real_ct evidence/results.json --realct $(REALCT)
+	$(PY) tools/real_ct_probe.py --results evidence/results.json --realct $(REALCT)
 
 lint: install
 	$(VENV)/bin/ruff format --check .

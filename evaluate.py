@@ -22,12 +22,12 @@ One command runs the whole experiment:
    the run stops and names the shortfall (exit 2) instead of shrinking the schedule;
 6. writes results.json, results.md and a figure.
 
-A secondary table then takes the finished run's teachers to real CT (`--probe_real_ct`):
+A secondary table then takes the finished run's teachers to real CT (tools/real_ct_probe.py):
 TotalSegmentator's reference scans with that tool's predicted labels, heads fitted on the
 abdomen/pelvis CT and scored on the DICOM upper abdomen and the chest CT angiogram.
 
     python evaluate.py --config cpu --out evidence      # `make evaluate`: 56 min on 2 CPU cores
-    python evaluate.py --probe_real_ct evidence/results.json  # `make evaluate-realct`: 2 min
+    python tools/real_ct_probe.py --results evidence/results.json  # `make evaluate-realct`: 3 min
     python evaluate.py --config gpu --out evidence_gpu  # one H100/H200 within 9 minutes, or refused
     python evaluate.py --config smoke --out /tmp/smoke  # the smallest run, for the tests
 
@@ -44,17 +44,15 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
 import utils
-from downstream import cache, labelled, metrics, patches, probe
+from downstream import cache, metrics, patches, probe
 from models.pretrained import load_checkpoint
 from preprocessing import files
-from preprocessing.network_input import HU_SCALE
 from preprocessing.runner import command_parser, entry, run_command
 from preprocessing.synthetic_deeplesion import STYLES
 
@@ -571,12 +569,8 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-REAL_TRAIN, REAL_TESTS = "abdomen", ("upperabdomen", "chestcta")  # tools/real_ct_dataset.py's cases
-REAL_MIN_VOXELS = 1000  # a class is scored on a real scan where it and the training scan each hold this many voxels
-
-
 def real_ct_table(results: dict) -> str:
-    """The real-CT rows (`probe_real_ct`): Dice per (test scan, class) and their mean, frozen stages
+    """The real-CT rows (tools/real_ct_probe.py): Dice per (test scan, class) and their mean, frozen stages
     1-3, heads fitted on the one training scan (encoders: mean +- std over pretraining seeds)."""
     real, seeds = results["real_ct"], results["settings"]["seeds"]
     pairs = [(scan, c) for scan in real["tests"] for c in real["scored"][scan]]
@@ -842,19 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         help="The generated CT's style (default: the configuration's, portal): see synthetic_deeplesion.py --style.",
     )
     parser.add_argument("--from_results", default="", help="Only redo the gaps, tables and figure from this results.json.")
-    parser.add_argument(
-        "--probe_real_ct",
-        default="",
-        help="Only probe this finished run's encoders (its results.json) on real CT too, adding the rows to its results.",
-    )
-    parser.add_argument(
-        "--realct",
-        default="",
-        help="Where `make realct` put the reference scans, for --probe_real_ct (default: its cache, ~/.cache/desd/realct).",
-    )
     args = parser.parse_args(argv)
-    if args.probe_real_ct:
-        return probe_real_ct(args.probe_real_ct, args.realct, args.figure, argv if argv is not None else sys.argv[1:])
     if args.from_results:
         return report_again(args.from_results, args.figure)
     cfg = CONFIGS[args.config]
@@ -932,75 +914,6 @@ def report_again(path: str, figure: str = "") -> int:
     feature_sets = tuple(probe.FEATURE_SETS)
     results["claims"] = claims(rows, results["settings"]["seeds"], [str(c) for c in results["probe_counts"]], feature_sets)
     out = os.path.dirname(os.path.abspath(path))
-    with open(path + ".tmp", "w") as f:
-        json.dump(utils.strict_json(results), f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(write_report(results, out, figure or os.path.join(out, "evidence.png")))
-    return 0
-
-
-def probe_real_ct(path: str, realct: str, figure: str = "", argv: list[str] | None = None) -> int:
-    """Probe a finished run's encoders on real CT: TotalSegmentator's reference scans
-    (tools/real_ct_dataset.py), read as the labelled phantoms are. Each encoder's frozen stages 1-3
-    (and the histogram floor) on the abdomen CT, tiled whole, fit the linear and the k-NN head;
-    the whole DICOM case and the whole angiogram are scored. Adds `real_ct` to results.json and
-    rewrites results.md and the figure."""
-    from tools import real_ct_dataset
-    from tools.real_ct_figure import REALCT
-
-    realct = realct or REALCT
-    results = load_results(path)
-    out, settings = os.path.dirname(os.path.abspath(path)), results["settings"]
-    if not os.path.isdir(os.path.join(realct, "tests", "reference_files", "example_ct_dicom")):
-        raise SystemExit(f"{realct}: the reference scans are not there; fetch them once with `make realct`")
-    checkpoints = {(enc, s): os.path.join(pretrain_folder(out, enc, s), "checkpoint.pth") for s in settings["seeds"] for enc in PRETRAINED}
-    missing = [c for c in checkpoints.values() if not os.path.isfile(c)]
-    if missing:
-        raise SystemExit(f"{missing[0]}: no checkpoint there; --probe_real_ct needs the run's pretraining folders beside {path}")
-    start, device, patch = time.time(), torch.device(settings["device"]), tuple(settings["probe_patch"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        device = torch.device("cpu")
-    ignore = real_ct_dataset.LABELS["ignore"]
-    with tempfile.TemporaryDirectory() as work:
-        real_ct_dataset.build(realct, work)
-        cases, classes = probe.load_cases(work, settings["spacing"])
-        by_id = dict(zip((c["id"] for c in labelled.read_dataset(work).cases), cases))
-    scans = {REAL_TRAIN: probe.tiles(*by_id[REAL_TRAIN], patch, pad_label=0)}
-    scans.update({name: probe.tiles(*by_id[name], patch, pad_label=ignore) for name in REAL_TESTS})
-    num_classes = len(classes) + 1
-    in_train = [int((scans[REAL_TRAIN][1] == k).sum()) >= REAL_MIN_VOXELS for k in range(1, num_classes)]
-    scored = {
-        n: [c for k, c in enumerate(classes, 1) if in_train[k - 1] and (scans[n][1] == k).sum() >= REAL_MIN_VOXELS] for n in REAL_TESTS
-    }
-    median_hu = {  # each class's median HU in each scan: the contrast phases differ
-        name: {c: round(float(np.median(img[lab == k])) * HU_SCALE) for k, c in enumerate(classes, 1) if (lab == k).any()}
-        for name, (img, lab) in by_id.items()
-    }
-    images = torch.cat([img for img, _ in scans.values()])
-    bounds = np.cumsum([0] + [len(img) for img, _ in scans.values()])
-
-    def scores(fmap: torch.Tensor, seed: int) -> dict:
-        parts = {name: (fmap[a:b], lab) for (name, (_, lab)), a, b in zip(scans.items(), bounds[:-1], bounds[1:])}
-        return probe.transfer_scores(  # the training scan scored too: how well the heads fit it
-            parts[REAL_TRAIN], parts, num_classes, ignore, seed=seed, device=device, limit=settings["probe_rows"],
-            max_iter=settings["probe_iters"],
-        )  # fmt: skip
-
-    rows = {}
-    for seed in settings["seeds"]:
-        for enc in ENCODERS:
-            maps = probe.encoder_maps(settings["arch"], checkpoints.get((enc, seed)), images, seed, device)
-            rows[f"{enc} seed{seed}"] = scores(probe.stack_stages(maps, probe.FEATURE_SETS["stages1-3"]), seed)
-            del maps
-        print(f"  real CT: probed seed {seed}", flush=True)
-    rows["no network"] = scores(probe.histogram_maps(images, patch), 0)
-    machine = f"{os.uname().machine}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
-    results["real_ct"] = {
-        "train": REAL_TRAIN, "tests": list(REAL_TESTS), "classes": classes, "scored": scored,
-        "fitted": [c for c, present in zip(classes, in_train) if present],
-        "tiles": {name: len(img) for name, (img, _) in scans.items()}, "median_hu": median_hu, "rows": rows,
-        "command": "python evaluate.py " + " ".join(argv or []), "machine": machine, "seconds": round(time.time() - start, 1),
-    }  # fmt: skip
     with open(path + ".tmp", "w") as f:
         json.dump(utils.strict_json(results), f, indent=1)
     os.replace(path + ".tmp", path)

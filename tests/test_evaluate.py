@@ -13,6 +13,7 @@ import torch
 
 import evaluate
 from tests.helpers import REALCT, realct_files
+from tools import real_ct_probe
 
 
 @pytest.mark.slow
@@ -65,7 +66,7 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     realct_files()
     results["settings"]["seeds"] = [0]
     (out / "results.json").write_text(json.dumps(results))
-    assert evaluate.main(["--probe_real_ct", str(out / "results.json"), "--realct", REALCT]) == 0
+    assert real_ct_probe.main(["--results", str(out / "results.json"), "--realct", REALCT]) == 0
     results = evaluate.load_results(str(out / "results.json"))
     real = results["real_ct"]
     assert set(real["rows"]) == {"desd seed0", "dino seed0", "none seed0", "no network"}
@@ -73,8 +74,8 @@ def test_smallest_experiment_runs_end_to_end_and_writes_results_table_and_figure
     assert real["scored"] == {"upperabdomen": ["liver", "spleen", "stomach", "aorta"], "chestcta": ["aorta"]}
     for row in real["rows"].values():
         for head in ("linear", "knn"):
-            assert set(row[head]) == {"abdomen", *evaluate.REAL_TESTS}  # the fitted scan scored too
-            scores = [row[head][scan][real["classes"].index(c)] for scan in evaluate.REAL_TESTS for c in real["scored"][scan]]
+            assert set(row[head]) == {"abdomen", *real_ct_probe.REAL_TESTS}  # the fitted scan scored too
+            scores = [row[head][scan][real["classes"].index(c)] for scan in real_ct_probe.REAL_TESTS for c in real["scored"][scan]]
             assert all(0 <= d <= 1 for d in scores)
     assert real["fitted"] == ["liver", "spleen", "kidney", "stomach", "aorta"]  # the abdomen has no heart
     # the labels lie on their organs: a head on intensity histograms alone finds the liver it was fitted on
@@ -265,10 +266,10 @@ def test_the_real_ct_probe_names_what_is_missing_before_any_work(tmp_path):
     results = {"settings": dataclasses.asdict(evaluate.CONFIGS["smoke"])}
     (run / "results.json").write_text(json.dumps(results))
     with pytest.raises(SystemExit, match="make realct"):
-        evaluate.main(["--probe_real_ct", str(run / "results.json"), "--realct", str(tmp_path / "nowhere")])
+        real_ct_probe.main(["--results", str(run / "results.json"), "--realct", str(tmp_path / "nowhere")])
     realct_files()
     with pytest.raises(SystemExit, match=r"pretrain_desd_seed0/checkpoint.pth: no checkpoint"):
-        evaluate.main(["--probe_real_ct", str(run / "results.json"), "--realct", REALCT])
+        real_ct_probe.main(["--results", str(run / "results.json"), "--realct", REALCT])
     assert (run / "results.json").read_text() == json.dumps(results)  # left as it was
 
 
