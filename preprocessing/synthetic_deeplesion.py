@@ -109,6 +109,12 @@ PORTAL_LOOK = {  # HU of each tissue in the "portal" style (the liver's is drawn
 }  # fmt: skip
 
 
+def check_style(style: str) -> None:
+    """Refuse an unknown phantom style by name, before anything is drawn or written."""
+    if style not in STYLES:
+        raise ValueError(f"phantom style {style!r}: expected one of {', '.join(STYLES)}")
+
+
 def varied_look(rng: np.random.Generator) -> dict:
     """One scan's tissues, geometry and scanner, drawn so that no intensity band names an organ:
     a contrast phase (unenhanced, arterial or portal); liver HU per case, fatty at times; the
@@ -153,8 +159,7 @@ class Phantom:
     whose organs differ by fixed HU bands, or "varied" (`varied_look`)."""
 
     def __init__(self, rng: np.random.Generator, style: str = "portal"):
-        if style not in STYLES:
-            raise ValueError(f"phantom style {style!r}: expected one of {', '.join(STYLES)}")
+        check_style(style)
         self.rng = rng
         self.a = rng.uniform(125, 175)  # body half-width, mm
         self.b = self.a * rng.uniform(0.66, 0.78)  # body half-depth, mm
@@ -389,8 +394,7 @@ def make_series(phantom: Phantom, folder: str, size: int, context_mm: float, rng
 def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, context_mm: float = 30.0, style: str = "portal") -> str:
     """Write Images_png/ and DL_info.csv for `patients` phantoms of a style (`STYLES`) under root;
     returns the CSV path."""
-    if style not in STYLES:
-        raise ValueError(f"phantom style {style!r}: expected one of {', '.join(STYLES)}")
+    check_style(style)
     rng = np.random.default_rng(seed)
     png_dir = os.path.join(root, "Images_png")
     os.makedirs(png_dir, exist_ok=True)
@@ -455,8 +459,7 @@ def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: i
     ones in imagesTs/ (drawn apart, so that the training cases do not depend on their number);
     volumes are (rows, cols, slices) with NIH's affine, so nibabel reads them in the same
     orientation as the pretraining patches."""
-    if style not in STYLES:
-        raise ValueError(f"phantom style {style!r}: expected one of {', '.join(STYLES)}")
+    check_style(style)
     rng = np.random.default_rng(seed + 1_000_003)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):  # imagesTs/ even when empty: nnU-Net's MSD converter expects it
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
