@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from augment.intensity import augment_intensity, probs_for_view, swap_in_plane
+from augment.intensity import BRIGHTNESS_ADD_SD, augment_intensity, probs_for_view, swap_in_plane
 from preprocessing.network_input import HU_SCALE
 
 BASE_SCALE = (1.4, 1.8)  # base crop side / global crop side
@@ -46,6 +46,7 @@ class ViewConfig:
     depth: int = 16
     local_crops_number: int = 0
     per_slice: bool = True
+    offset_sd: float = BRIGHTNESS_ADD_SD  # the additive brightness offset's sd
     # what the worker returns: "views" (augmented), "plain" (views without the intensity chain),
     # or "crops" (raw crops and their geometry; the training device makes the views, views_from_crops)
     output: str = "views"
@@ -244,7 +245,11 @@ def make_views(path: str, cfg: ViewConfig, rng: np.random.Generator, g: torch.Ge
     # step of the chain treats the two in-plane axes alike)
     probs = [[probs_for_view(0), probs_for_view(1)], probs_for_view(2)]
     for k, part in enumerate(out):
-        out[k] = augment_intensity(part, probs[k], g, cfg.per_slice, swap_hw=True) if cfg.output == "views" else swap_in_plane(part)
+        out[k] = (
+            augment_intensity(part, probs[k], g, cfg.per_slice, swap_hw=True, offset_sd=cfg.offset_sd)
+            if cfg.output == "views"
+            else swap_in_plane(part)
+        )
     return [v[None] for part in out for v in part]
 
 

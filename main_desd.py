@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import utils
 from augment import native_chain
-from augment.intensity import augment_views
+from augment.intensity import BRIGHTNESS_ADD_SD, augment_views
 from dataset import EpochSampler, SSLDataset, ViewConfig, collate, init_worker, views_from_crops
 from loss import STAGE_NAMES, DeSDLoss, view_retrieval
 from models import DeSDStudent, DeSDTeacher, create_model, list_models
@@ -193,6 +193,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="One intensity draw per view instead of one per slice (the published weights were trained per slice).",
     )
     group.add_argument(
+        "--brightness_add_sd",
+        default=BRIGHTNESS_ADD_SD,
+        type=float,
+        help="Sd of the additive brightness offset, in units of 1024 HU (the published chain: 0.4, about 410 HU, drawn per slice).",
+    )
+    group.add_argument(
         "--augment_on_device",
         default=False,
         type=utils.bool_flag,
@@ -279,7 +285,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise NotADirectoryError(f"--output_dir {args.output_dir!r} is a file, not a folder")
     positive = ("lr", "warmup_teacher_temp", "teacher_temp")
-    non_negative = ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs", "warmup_teacher_temp_epochs")
+    non_negative = (
+        "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs", "warmup_teacher_temp_epochs", "brightness_add_sd"
+    )  # fmt: skip
     for name in positive + non_negative:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
@@ -443,6 +451,7 @@ def build_loader(args: argparse.Namespace, device: torch.device) -> tuple[torch.
         depth=args.crop_depth,
         local_crops_number=args.local_crops_number,
         per_slice=not args.augment_per_volume,
+        offset_sd=args.brightness_add_sd,
         output="crops" if args.augment_on_device else "views",
     )
     dataset = SSLDataset(args.data_path, args.list_path, cfg, seed=args.seed, skip_bad_patches=args.skip_bad_patches)
@@ -825,7 +834,7 @@ def device_views(run: TrainingRun, views, epoch: int, it: int) -> list[torch.Ten
         crops = [c.to(device, non_blocking=True) for c in crops]
         views = views_from_crops(crops, geometry.to(device, non_blocking=True), run.loader.dataset.cfg)
         g = torch.Generator(device=device).manual_seed(utils.hashed_seed(args.seed, args.rank, epoch, it))
-        views = augment_views(views, g, per_slice=not args.augment_per_volume)
+        views = augment_views(views, g, per_slice=not args.augment_per_volume, offset_sd=args.brightness_add_sd)
     else:
         views = [v.to(device, non_blocking=True) for v in views]
     if args.channels_last and device.type == "cuda":

@@ -30,6 +30,7 @@ from augment import native_chain
 
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+BRIGHTNESS_ADD_SD = 0.4  # sd of the additive brightness offset, in normalised units (about 410 HU)
 # gamma's base is floored here instead of at 0: the CPU's vector log and exp take a slow path
 # for 0 and -inf (much slower on views with much air clipped to the minimum), and
 # POWER_FLOOR ** gamma (below 1e-14 for gamma >= 0.7) vanishes next to the values it joins
@@ -163,7 +164,13 @@ def _prob_table(probs: IntensityProbs | list[IntensityProbs], b: int, device) ->
 
 
 def draw_intensity_params(
-    b: int, d: int, probs: IntensityProbs | list[IntensityProbs], g: torch.Generator, per_slice: bool = True, device="cpu"
+    b: int,
+    d: int,
+    probs: IntensityProbs | list[IntensityProbs],
+    g: torch.Generator,
+    per_slice: bool = True,
+    device="cpu",
+    offset_sd: float = BRIGHTNESS_ADD_SD,
 ) -> dict[str, torch.Tensor]:
     """Every random choice of the intensity chain for B views of D slices: per view (B, 1) or
     per unit (B, units), units being the slices (per_slice) or the whole view. A factor of 1,
@@ -189,7 +196,7 @@ def draw_intensity_params(
     def two_sided(side: torch.Tensor, v: torch.Tensor, low: float, high: float) -> torch.Tensor:
         return torch.where(side < 0.5, v * (1.0 - low) + low, v * (high - 1.0) + 1.0)
 
-    offset = torch.randn((b, units), generator=g, device=device).mul_(0.4)
+    offset = torch.randn((b, units), generator=g, device=device).mul_(offset_sd)
     return {
         "noise_std": (per_view[:, -1:] * 0.1).mul_(view_on("noise")),
         "blur_on": view_on("blur") & (blur_slice < table[:, i_blur : i_blur + 1]),
@@ -315,24 +322,31 @@ def _gamma_restoring_mean_std(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
 
 
 def augment_intensity(
-    x: torch.Tensor, probs: IntensityProbs | list[IntensityProbs], g: torch.Generator, per_slice: bool = True, swap_hw: bool = False
+    x: torch.Tensor,
+    probs: IntensityProbs | list[IntensityProbs],
+    g: torch.Generator,
+    per_slice: bool = True,
+    swap_hw: bool = False,
+    offset_sd: float = BRIGHTNESS_ADD_SD,
 ) -> torch.Tensor:
     """Apply docs/method.md section 3's intensity chain to a batch of views x (B, D, H, W); `probs` is
     one set for every view or one per view. Returns a new tensor, (B, D, W, H) with swap_hw."""
     b, d = x.shape[:2]
-    params = draw_intensity_params(b, d, probs, g, per_slice, x.device)
+    params = draw_intensity_params(b, d, probs, g, per_slice, x.device, offset_sd)
     if compiled_chain_runs(x):  # it draws the noise itself, under a key drawn from g (augment/intensity.c)
         key = int(torch.randint(0, 2**62, (), generator=g))
         return native_chain.apply_intensity(x, params, None, swap_hw, key)
     return apply_intensity(x, params, torch.randn(x.shape, generator=g, device=x.device), swap_hw)
 
 
-def augment_views(views: list[torch.Tensor], g: torch.Generator, per_slice: bool = True) -> list[torch.Tensor]:
+def augment_views(
+    views: list[torch.Tensor], g: torch.Generator, per_slice: bool = True, offset_sd: float = BRIGHTNESS_ADD_SD
+) -> list[torch.Tensor]:
     """Augment each view position of a batch, views[k] being (B, 1, D, H, W): the two global
     positions in one call, the local ones in another."""
     b = views[0].shape[0]
-    out = augment_intensity(torch.cat(views[:2])[:, 0], [GLOBAL_1] * b + [GLOBAL_2] * b, g, per_slice).unsqueeze(1)
+    out = augment_intensity(torch.cat(views[:2])[:, 0], [GLOBAL_1] * b + [GLOBAL_2] * b, g, per_slice, offset_sd=offset_sd).unsqueeze(1)
     result = list(out.split(b))
     if len(views) > 2:
-        result += list(augment_intensity(torch.cat(views[2:])[:, 0], LOCAL, g, per_slice).unsqueeze(1).split(b))
+        result += list(augment_intensity(torch.cat(views[2:])[:, 0], LOCAL, g, per_slice, offset_sd=offset_sd).unsqueeze(1).split(b))
     return result

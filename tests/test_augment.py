@@ -124,6 +124,16 @@ def test_noise_std_is_uniform_up_to_point_one():
     assert stds.max().item() < 0.104 and abs(stds.mean().item() - 0.05) < 0.003
 
 
+def test_the_brightness_offset_sd_scales_the_offsets_and_nothing_else():
+    """--brightness_add_sd: the same draws, the additive offsets scaled by sd / 0.4."""
+    published = draw_intensity_params(500, 16, GLOBAL_1, torch.Generator().manual_seed(3))
+    smaller = draw_intensity_params(500, 16, GLOBAL_1, torch.Generator().manual_seed(3), offset_sd=0.1)
+    for name, values in published.items():
+        expected = values * 0.25 if name == "brightness_add" else values
+        assert torch.allclose(smaller[name].double(), expected.double()), name
+    assert published["brightness_add"].abs().max() > 0.5  # the offsets were drawn at all
+
+
 @pytest.mark.parametrize("probs", [GLOBAL_1, GLOBAL_2, LOCAL], ids=["global 1", "global 2", "local"])
 def test_drawn_parameters_follow_the_published_distributions(probs):
     """docs/method.md section 3's table, parameter by parameter, on 4,000 views of 16 slices (a

@@ -97,6 +97,7 @@ def test_run_resumed_after_an_epoch_ends_with_the_same_state(tmp_path):
         (("--warmup_teacher_temp", "0"), "--warmup_teacher_temp"),
         (("--momentum_teacher", "1.5"), "--momentum_teacher"),
         (("--weight_decay", "nan"), "--weight_decay"),
+        (("--brightness_add_sd=-0.1",), "--brightness_add_sd must be a finite non-negative"),
         (("--stage_weights", "0", "0", "0", "0"), "not all zero"),
     ],
 )
