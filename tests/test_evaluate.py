@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate
+from benchmarks import pilot_recipes
 from tests.helpers import REALCT, realct_files
 from tools import real_ct_probe
 
@@ -163,6 +164,23 @@ def test_trend_checks_read_the_second_half_of_a_hand_made_log():
     collapsing = [rec(2.0, 3.0, 0.5), rec(2.5, 2.5, 0.5), rec(3.0, 2.0, 0.5), rec(4.0, 1.0, 0.3)]
     checks = evaluate.trend_checks(collapsing, batch=8, out_dim=256)["checks"]
     assert checks == {"entropy_does_not_rise": False, "kl_falls": True, "retrieval_at_3x_chance": False}
+
+
+def test_a_pilot_recipe_passes_only_on_trends_and_a_gain_above_two_seed_sd():
+    def run(passes, dense, random):
+        return {"passes": passes, "dense_dice": dense, "dense_dice_random": random}
+
+    steady = [run(True, 0.30, 0.23), run(True, 0.32, 0.24)]  # gains 0.07 and 0.08: sd 0.007
+    assert pilot_recipes.recipe_verdict(steady)["passes"]
+    assert pilot_recipes.recipe_verdict(steady)["gain"] == pytest.approx(0.075)
+    noisy = [run(True, 0.30, 0.23), run(True, 0.24, 0.24)]  # gains 0.07 and 0: mean 0.035, sd 0.049
+    assert not pilot_recipes.recipe_verdict(noisy)["passes"] and pilot_recipes.recipe_verdict(noisy)["trends_pass"]
+    collapsing = [run(True, 0.30, 0.23), run(False, 0.32, 0.24)]
+    assert not pilot_recipes.recipe_verdict(collapsing)["passes"]
+    one_seed = pilot_recipes.recipe_verdict([run(True, 0.40, 0.23)])
+    assert not one_seed["passes"] and one_seed["gain_sd"] is None  # no verdict of gain from one seed
+    failed = pilot_recipes.recipe_verdict([run(True, 0.30, 0.23), {"passes": False, "failed": "main_desd exited 1"}])
+    assert not failed["passes"] and not failed["trends_pass"]
 
 
 def fake_run(folder, epochs: int, seconds: float, exit_code: int = 0) -> list[str]:
