@@ -231,6 +231,7 @@ def make_data(cfg: Config, out: str) -> tuple[str, str]:
     made = open(style_file).read().strip() if os.path.isfile(style_file) else ("portal" if os.path.isdir(data) else "")
     if made and made != cfg.phantoms:
         raise SystemExit(f"{out}: holds a run on {made} phantoms, not {cfg.phantoms}; give --out another folder")
+    os.makedirs(out, exist_ok=True)
     files.write_atomic(style_file, lambda tmp: open(tmp, "w").write(cfg.phantoms + "\n"))
     list_file = os.path.join(data, "SSL_data_deeplesion.txt")
     if not os.path.isfile(list_file):

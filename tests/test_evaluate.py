@@ -308,3 +308,5 @@ def test_a_run_folder_keeps_one_phantom_style(tmp_path, monkeypatch):
     assert made == [("unlabelled", "varied"), ("labelled", "varied")] and (tmp_path / "phantoms.txt").read_text() == "varied\n"
     with pytest.raises(SystemExit, match="holds a run on varied phantoms, not portal"):
         evaluate.make_data(evaluate.CONFIGS["smoke"], str(tmp_path))
+    evaluate.make_data(cfg, str(tmp_path / "new" / "run"))  # a folder not made yet is made
+    assert (tmp_path / "new" / "run" / "phantoms.txt").read_text() == "varied\n"
