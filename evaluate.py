@@ -855,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.time() - clock.start - sum(timings.values()), 1)
         print(f"[{time.time() - clock.start:7.0f} s] {name} done", flush=True)
 
-    machine = f"{os.uname().machine}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
+    machine = utils.machine()
     results: dict = {
         "config": args.config,
         "settings": dataclasses.asdict(cfg),

@@ -52,6 +52,22 @@ def git_sha() -> str:
         return "sha: unknown (not a git checkout)"
 
 
+def machine() -> str:
+    """The machine line kept beside every figure: architecture, processor model, CPUs, torch and
+    GPU. The processor model matters: the same code and seed on another x86 CPU can round
+    differently (its vector units pick other kernels), so two runs' weights then differ."""
+    import platform
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()} ({model or 'processor unknown'}), {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}"
+
+
 # ============ distributed ============
 
 

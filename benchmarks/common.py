@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 
-import torch
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}"
+machine = utils.machine
 
 
 def report(name: str, rows: list[dict], columns: list[str]) -> None:

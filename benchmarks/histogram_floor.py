@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ def main() -> int:
     recorded["rows"]["no network"]["dense"] = floor["dense"]
     results["floor_added"] = {
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": utils.machine(),
         "seconds": round(time.time() - t, 1),
     }
     with open(args.results + ".tmp", "w") as f:

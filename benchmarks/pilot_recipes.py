@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} seed {seed}: {'passes' if verdict['passes'] else 'fails'} {verdict.get('checks', verdict.get('failed'))}",
                 flush=True,
             )
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine = utils.machine()
     print(write_table(recipes, args.phantoms, args.results, machine))
     return 0
 
