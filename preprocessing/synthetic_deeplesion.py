@@ -491,8 +491,7 @@ def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: i
         "training": training,
         "test": test,
     }
-    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_atomic(os.path.join(out_dir, "dataset.json"), lambda tmp: json.dump(meta, open(tmp, "w"), indent=2))
     return out_dir
 
 
