@@ -417,11 +417,20 @@ def crop_batch(cases, patch, n: int, rng: np.random.Generator):
 
 
 def fine_tune(
-    cfg: Config, train_cases, test_cases, num_classes: int, checkpoint: str | None, seed: int, device, steps: list[int], clock: Clock
+    cfg: Config,
+    train_cases,
+    test_cases,
+    num_classes: int,
+    checkpoint: str | None,
+    seed: int,
+    device,
+    steps: list[int],
+    clock: Clock,
+    on_score=None,
 ) -> dict[int, list[float]]:
     """Fine-tune a segmentation network (AdamW, cosine decay over the last of `steps`, the
     network, loss and sliding-window inference of finetune.py); per-class Dice on the test cases
-    after each of `steps`. With a clock, the steps and the scoring up to the first of `steps` are
+    after each of `steps`, also handed to `on_score(step, dice)` as it comes. With a clock, the steps and the scoring up to the first of `steps` are
     timed: a projection of the rest past the clock raises Shortfall (the steps are a fixed
     schedule, never cut); OutOfTime when the clock runs out all the same."""
     from monai.inferers import sliding_window_inference
@@ -468,6 +477,8 @@ def fine_tune(
         if it + 1 in steps:
             scored = time.time()
             curve[it + 1] = score()
+            if on_score is not None:
+                on_score(it + 1, curve[it + 1])
             if len(curve) == 1 and math.isfinite(clock.left()):
                 step_s, score_s = (scored - start) / (it + 1), time.time() - scored
                 rest = (total - it - 1) * step_s + (len(steps) - 1) * score_s

@@ -56,6 +56,7 @@ def scratch_curve(cases, benches, num_classes: int, cfg: evaluate.Config, steps:
     curve = evaluate.fine_tune(
         cfg, [cases[i] for i in train], [cases[i] for i in b.held_out], num_classes, None, 0, torch.device(cfg.device), steps,
         evaluate.Clock(float("inf")),
+        on_score=lambda step, dice: print(f"  from scratch, {step} steps: {', '.join(f'{v:.3f}' for v in dice)}", flush=True),
     )  # fmt: skip
     return {"train_cases": train, "held_out": b.held_out, "dice": {str(k): v for k, v in curve.items()},
             "mean": {str(k): metrics.mean_or_nan(v) for k, v in curve.items()}}  # fmt: skip
@@ -85,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
         benches = [probe.resplit(b, k, cfg.probe_counts, cfg.probe_draws) for k in range(cfg.probe_splits)]
         one = {"classes": classes, "floor": floor_scores(benches, cfg), "floor_seconds": round(time.time() - start, 1)}
+        print(report(style, one, cfg), flush=True)  # the floor before the long scratch run
         if args.scratch_steps:
             start = time.time()
             one["scratch"] = scratch_curve(cases, benches, len(classes) + 1, cfg, sorted(args.scratch_steps))
             one["scratch_seconds"] = round(time.time() - start, 1)
+            print(report(style, one, cfg).splitlines()[-1], flush=True)
         results["styles"][style] = one
-        print(report(style, one, cfg), flush=True)
     if args.out:
         with open(args.out + ".tmp", "w") as f:
             json.dump(utils.strict_json(results), f, indent=1)

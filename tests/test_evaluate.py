@@ -249,6 +249,18 @@ def test_fine_tuning_that_cannot_reach_its_steps_in_time_stops_after_its_first_s
     assert clock.left() > 60  # stopped at once, not at the limit
 
 
+def test_fine_tuning_hands_each_scoring_to_on_score_as_it_comes():
+    """A long curve shows its first points before it ends (phantom_gate prints them)."""
+    cfg = evaluate.CONFIGS["smoke"]
+    rng = np.random.default_rng(0)
+    case = (rng.normal(size=(16, 64, 64)).astype(np.float32), (rng.random((16, 64, 64)) > 0.7).astype(np.int64))
+    seen = []
+    curve = evaluate.fine_tune(
+        cfg, [case], [case], 2, None, 0, torch.device("cpu"), [1, 2], evaluate.Clock(float("inf")), on_score=lambda *a: seen.append(a)
+    )
+    assert [step for step, _ in seen] == [1, 2] and dict(seen) == curve
+
+
 def test_the_gpu_run_enforces_its_own_clock(tmp_path, monkeypatch):
     """A step that outlives the clock is stopped and the run still writes what finished."""
     clock = evaluate.Clock(1.0)
