@@ -430,9 +430,10 @@ def fine_tune(
 ) -> dict[int, list[float]]:
     """Fine-tune a segmentation network (AdamW, cosine decay over the last of `steps`, the
     network, loss and sliding-window inference of finetune.py); per-class Dice on the test cases
-    after each of `steps`, also handed to `on_score(step, dice)` as it comes. With a clock, the steps and the scoring up to the first of `steps` are
-    timed: a projection of the rest past the clock raises Shortfall (the steps are a fixed
-    schedule, never cut); OutOfTime when the clock runs out all the same."""
+    after each of `steps`, also handed to `on_score(step, dice)` as it comes. With a clock, the
+    steps and the scoring up to the first of `steps` are timed: a projection of the rest past the
+    clock raises Shortfall (the steps are a fixed schedule, never cut); OutOfTime when the clock
+    runs out all the same."""
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
 

@@ -19,7 +19,6 @@ cases while the network from scratch reaches at least 0.75.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -94,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report(style, one, cfg).splitlines()[-1], flush=True)
         results["styles"][style] = one
     if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(utils.strict_json(results), f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        utils.save_atomic_json(utils.strict_json(results), args.out)
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ import torch
 import evaluate
 import utils
 from downstream import probe
+from preprocessing import files
 from preprocessing.synthetic_deeplesion import STYLES
 
 BATCH, VIEW, EPOCHS, OUT_DIM = 8, 48, 8, 256
@@ -102,9 +104,7 @@ def random_dense(results_dir: str, cases, classes, patch, seed: int) -> float:
     path = os.path.join(results_dir, f"random_probe_seed{seed}.json")
     if not os.path.isfile(path):
         probed = probe.run_probe(cases, classes, "res3d10", None, patch, 24, seed, "cpu")
-        with open(path + ".tmp", "w") as f:
-            json.dump(utils.strict_json(probed), f, indent=1)
-        os.replace(path + ".tmp", path)
+        utils.save_atomic_json(utils.strict_json(probed), path)
     return mean_dense(json.load(open(path)))
 
 
@@ -129,10 +129,7 @@ def run_pilot(name: str, seed: int, data: str, out: str, results_dir: str, cases
             f.writelines(json.dumps(r) + "\n" for r in records)
         verdict = {"name": name, "seed": seed, **gate(records, mean_dense(probed), random)}
     verdict.update(command="python " + " ".join(cmd), pretraining_seconds=round(seconds, 1), departure=DEPARTURES.get(name, ""))
-    path = os.path.join(keep, "verdict.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(utils.strict_json(verdict), f, indent=1)
-    os.replace(path + ".tmp", path)
+    utils.save_atomic_json(utils.strict_json(verdict), os.path.join(keep, "verdict.json"))
     return verdict
 
 
@@ -160,10 +157,7 @@ def write_table(recipes: dict[str, list[dict]], phantoms: str, results_dir: str,
         gain = "-" if r["gain"] is None else f"{r['gain']:+.3f}" + ("" if r["gain_sd"] is None else f" +- {r['gain_sd']:.3f}")
         lines.append(f"| **{name}** | all {r['seeds']} | trends {yes[r['trends_pass']]} | | | | | {gain} | **{yes[r['passes']]}** | |")
     text = "\n".join(lines) + "\n"
-    path = os.path.join(results_dir, "table.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    files.write_atomic(os.path.join(results_dir, "table.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
     return text
 
 

@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import os
+import pathlib
 import sys
 from dataclasses import dataclass
 
@@ -491,7 +492,7 @@ def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: i
         "training": training,
         "test": test,
     }
-    write_atomic(os.path.join(out_dir, "dataset.json"), lambda tmp: json.dump(meta, open(tmp, "w"), indent=2))
+    write_atomic(os.path.join(out_dir, "dataset.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out_dir
 
 
