@@ -116,6 +116,7 @@ class Config:
     ft_patch: tuple = (16, 64, 64)
     ft_batch: int = 4
     ft_lr: float = 1e-3
+    ft_flip_axes: tuple = (0, 1, 2)  # axes of the patch (D, H, W) each flipped at random in fine-tuning, as finetune.py does
     sw_overlap: float = 0.0
     time_limit: float = 0.0  # seconds for the whole run (a schedule that cannot fit is refused); 0: none
     min_pretrain_steps: int = 0  # steps per pretraining run at least: fewer is refused before it starts
@@ -406,12 +407,12 @@ FAILED = {"entropy_does_not_rise": "entropy rises", "kl_falls": "KL does not fal
 # ============ fine-tuning ============
 
 
-def crop_batch(cases, patch, n: int, rng: np.random.Generator):
+def crop_batch(cases, patch, n: int, rng: np.random.Generator, flip_axes=(0, 1, 2)):
     """n training patches of (image, label, locations) cases as fine-tuning draws them (two in
-    three centred on foreground), each flipped along a random set of axes."""
+    three centred on foreground), each flipped along a random subset of `flip_axes`."""
     images, labels, _ = patches.sample(cases, patch, n, fg_share=2 / 3, rng=rng)
     for i in range(n):
-        flips = [a for a in range(3) if rng.random() < 0.5]
+        flips = [a for a in flip_axes if rng.random() < 0.5]
         images[i], labels[i] = np.flip(images[i], flips), np.flip(labels[i], flips)
     return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
 
@@ -470,7 +471,7 @@ def fine_tune(
             raise OutOfTime(f"fine-tuning stopped by the time limit at step {it} of {total}")
         for group in opt.param_groups:  # cosine decay
             group["lr"] = cfg.ft_lr * 0.5 * (1 + math.cos(math.pi * it / total))
-        x, y = crop_batch(train_cases, cfg.ft_patch, cfg.ft_batch, rng)
+        x, y = crop_batch(train_cases, cfg.ft_patch, cfg.ft_batch, rng, cfg.ft_flip_axes)
         loss = loss_fn(model(x.to(device)), y[:, None].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

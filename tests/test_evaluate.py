@@ -322,3 +322,20 @@ def test_a_run_folder_keeps_one_phantom_style(tmp_path, monkeypatch):
         evaluate.make_data(evaluate.CONFIGS["smoke"], str(tmp_path))
     evaluate.make_data(cfg, str(tmp_path / "new" / "run"))  # a folder not made yet is made
     assert (tmp_path / "new" / "run" / "phantoms.txt").read_text() == "varied\n"
+
+
+def test_fine_tuning_patches_are_flipped_only_along_the_axes_asked_for():
+    """Left-right mirroring can be left out (ft_flip_axes), as for labels that tell left from right."""
+    from downstream import cache
+
+    rng = np.random.default_rng(0)
+    image = np.broadcast_to(np.arange(32, dtype=np.float32), (8, 32, 32)).copy()  # rises along W
+    label = (image > 15).astype(np.int64)
+    case = (image, label, cache.foreground_locations(label, rng))
+
+    def w_reversed(flip_axes) -> list[bool]:
+        x, _ = evaluate.crop_batch([case], (4, 16, 32), 32, np.random.default_rng(1), flip_axes)
+        return [bool(row[0, 0, 0] > row[0, 0, -1]) for row in x[:, 0].numpy()]
+
+    assert not any(w_reversed((0, 1)))
+    assert 0 < sum(w_reversed((0, 1, 2))) < 32
