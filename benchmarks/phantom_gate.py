@@ -14,11 +14,16 @@ cases while the network from scratch reaches at least 0.75.
 
     python benchmarks/phantom_gate.py --styles portal varied --out benchmarks/results/phantom_gate.json
     python benchmarks/phantom_gate.py --styles varied --scratch_steps 250 500 1000 2000
+    python benchmarks/phantom_gate.py --styles varied --scratch_steps 500 1000 --flip_axes 0 1
+
+`--flip_axes`, `--ft_patch` and `--ft_batch` change the network's training from the
+configuration's (to find what defeats it); the results record the values used.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -66,15 +71,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="cpu", choices=sorted(evaluate.CONFIGS), help="The evaluate.py configuration.")
     parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
     parser.add_argument("--scratch_steps", nargs="*", type=int, default=[], help="Step counts of a network from scratch.")
+    parser.add_argument(
+        "--flip_axes",
+        nargs="*",
+        type=int,
+        choices=(0, 1, 2),
+        default=None,
+        help="Patch axes (D, H, W) flipped at random in training; default the configuration's.",
+    )
+    parser.add_argument("--ft_patch", nargs=3, type=int, default=None, help="Training patch (D H W); default the configuration's.")
+    parser.add_argument("--ft_batch", type=int, default=None, help="Training batch; default the configuration's.")
+    parser.add_argument("--no_floor", action="store_true", help="Leave out the histogram floor (only the network from scratch).")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads (default: every core).")
     parser.add_argument("--out", default="", help="Also write the results here (JSON).")
     args = parser.parse_args(argv)
     cfg = evaluate.CONFIGS[args.config]
-    torch.set_num_threads(os.cpu_count() or 1)
+    changes = {"ft_flip_axes": args.flip_axes, "ft_patch": args.ft_patch, "ft_batch": args.ft_batch}
+    cfg = dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None})
+    torch.set_num_threads(args.threads)
     results = {
         "command": "python benchmarks/phantom_gate.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": utils.machine(),
         "config": args.config,
         "counts": list(cfg.probe_counts),
+        "training": {"ft_patch": list(cfg.ft_patch), "ft_batch": cfg.ft_batch, "ft_flip_axes": list(cfg.ft_flip_axes), "ft_lr": cfg.ft_lr},
         "styles": {},
     }
     for style in args.styles:
@@ -84,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
             cases, classes = probe.load_cases(tmp, cfg.spacing)
         b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
         benches = [probe.resplit(b, k, cfg.probe_counts, cfg.probe_draws) for k in range(cfg.probe_splits)]
-        one = {"classes": classes, "floor": floor_scores(benches, cfg), "floor_seconds": round(time.time() - start, 1)}
-        print(report(style, one, cfg), flush=True)  # the floor before the long scratch run
+        one = {"classes": classes}
+        if not args.no_floor:
+            one.update(floor=floor_scores(benches, cfg), floor_seconds=round(time.time() - start, 1))
+            print(report(style, one, cfg), flush=True)  # the floor before the long scratch run
         if args.scratch_steps:
             start = time.time()
             one["scratch"] = scratch_curve(cases, benches, len(classes) + 1, cfg, sorted(args.scratch_steps))
             one["scratch_seconds"] = round(time.time() - start, 1)
             print(report(style, one, cfg).splitlines()[-1], flush=True)
+            print(f"  per class at {max(args.scratch_steps)} steps: "
+                  + ", ".join(f"{c} {v:.3f}" for c, v in zip(classes, one["scratch"]["dice"][str(max(args.scratch_steps))])), flush=True)  # fmt: skip
         results["styles"][style] = one
     if args.out:
         utils.save_atomic_json(utils.strict_json(results), args.out)
@@ -99,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(style: str, one: dict, cfg: evaluate.Config) -> str:
     counts = [str(c) for c in cfg.probe_counts]
-    lines = [f"{style}: histogram floor, mean Dice over {', '.join(one['classes'])} ({one['floor_seconds']:.0f} s)"]
-    for head, scores in one["floor"].items():
+    lines = [f"{style}: mean Dice over {', '.join(one['classes'])}"]
+    if "floor" in one:
+        lines.append(f"  histogram floor ({one['floor_seconds']:.0f} s):")
+    for head, scores in one.get("floor", {}).items():
         per_class = ", ".join(f"{c} {v:.3f}" for c, v in zip(one["classes"], scores["per_class"]))
         lines.append(
             f"  {head}: "
