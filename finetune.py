@@ -80,6 +80,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--samples_per_volume", default=2, type=int, help="Patches drawn from each volume per visit.")
     group.add_argument(
+        "--flip_axes",
+        default=(0, 1, 2),
+        type=int,
+        nargs="*",
+        choices=(0, 1, 2),
+        help="Patch axes (0 depth, 1 rows, 2 cols: inferior, posterior, left) each mirrored at random in training; "
+        "leave out 2 where labels tell left from right (e.g. left and right kidney).",
+    )
+    group.add_argument(
         "--pos_ratio", default=2.0, type=float, help="Foreground-centred patches per background-centred one (foreground oversampling)."
     )
     group.add_argument(
@@ -137,14 +146,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def patch_augmentation() -> Compose:
-    """What each training patch goes through after its crop from the cache."""
+def patch_augmentation(flip_axes=(0, 1, 2)) -> Compose:
+    """What each training patch goes through after its crop from the cache: each of `flip_axes`
+    (of depth, rows, cols) mirrored with probability 0.5, then a random intensity scale and shift."""
     keys = ["image", "label"]
     return Compose(
         [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         ]
@@ -256,7 +264,9 @@ def build_data(args: argparse.Namespace, device: torch.device):
         train_cases = [train_cases[i] for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train_cases))[:keep])]
     records = cache.build(train_cases + val_cases, args.spacing, cache_dir, args.num_workers, args.rank, args.world_size, checked=True)
     train_records, val_records = records[: len(train_cases)], records[len(train_cases) :]
-    train_ds = patches.PatchDataset(train_records, args.patch_size, args.samples_per_volume, args.pos_ratio, patch_augmentation())
+    train_ds = patches.PatchDataset(
+        train_records, args.patch_size, args.samples_per_volume, args.pos_ratio, patch_augmentation(args.flip_axes)
+    )
     sampler = DistributedSampler(train_ds, args.world_size, args.rank, shuffle=True, seed=args.seed) if args.world_size > 1 else None
     train_loader = DataLoader(
         train_ds,

@@ -318,3 +318,18 @@ def test_tensorboard_gets_each_epochs_scalars_when_asked(tmp_path, monkeypatch):
     write_cube_task(str(tmp_path / "task"), n=3)
     finetune.main(tiny_args(tmp_path, "--epochs", "2", "--tensorboard", "True"))
     assert {("train_loss", 0), ("train_loss", 1), ("mean_dice", 1), ("lr", 0)} <= set(written)
+
+
+def test_left_right_mirroring_can_be_left_out_of_the_patch_augmentation():
+    image = torch.arange(32, dtype=torch.float32).expand(1, 8, 16, 32).clone()  # rises to the patient's left (cols)
+
+    def cols_reversed(flip_axes) -> list[bool]:
+        augment = finetune.patch_augmentation(flip_axes)
+        augment.set_random_state(0)
+        out = [augment({"image": image.clone(), "label": (image > 15).long()})["image"] for _ in range(24)]
+        return [bool(x[0, 0, 0, 0] > x[0, 0, 0, -1]) for x in out]
+
+    assert not any(cols_reversed((0, 1)))
+    assert 0 < sum(cols_reversed((0, 1, 2))) < 24
+    parser = argparse.ArgumentParser(parents=[finetune.get_args_parser()])
+    assert parser.parse_args(["--data_dir", "d", "--flip_axes", "0", "1"]).flip_axes == [0, 1]
