@@ -72,6 +72,21 @@ def test_the_evidence_tables_are_those_of_the_recorded_run():
         assert table in f.read()  # and results.md was written from the same results.json
 
 
+def test_the_varied_phantoms_table_is_that_of_its_recorded_run():
+    """docs/evidence.md's table of the varied phantoms is rebuilt from that run's results.json,
+    which was made in the varied style."""
+    import evaluate
+
+    folder = os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_varied")
+    results = evaluate.load_results(os.path.join(folder, "results.json"))
+    assert results["settings"]["phantoms"] == "varied"
+    table = evaluate.summary_table(results)
+    with open(os.path.join(ROOT, "docs", "evidence.md")) as f:
+        assert table in f.read(), "docs/evidence.md's varied table differs from evaluate.summary_table of the recorded run"
+    with open(os.path.join(folder, "results.md")) as f:
+        assert table in f.read()
+
+
 def test_the_real_ct_table_is_that_of_the_recorded_run():
     """docs/evidence.md's real-CT table is rebuilt from the recorded run's results.json too, and
     says whose labels it scores against."""
