@@ -56,35 +56,39 @@ def test_a_preprocessing_script_runs_as_a_module_from_another_folder(tmp_path):
     assert out.returncode == 0 and "--data_root" in out.stdout, out.stderr
 
 
+def recorded_summary_table(run: str) -> tuple[dict, str]:
+    """A recorded run's results.json and the headline table rebuilt from it, checked to be the
+    table of the run's own results.md."""
+    import evaluate
+
+    folder = os.path.join(ROOT, "benchmarks", "results", run)
+    results = evaluate.load_results(os.path.join(folder, "results.json"))
+    table = evaluate.summary_table(results)
+    with open(os.path.join(folder, "results.md")) as f:
+        assert table in f.read()  # results.md was written from the same results.json
+    return results, table
+
+
+def evidence() -> str:
+    with open(os.path.join(ROOT, "docs", "evidence.md")) as f:
+        return f.read()
+
+
 def test_the_evidence_tables_are_those_of_the_recorded_run():
     """The README's and docs/evidence.md's headline table is rebuilt from the recorded run's
     results.json, so that no figure drifts from its run."""
-    import evaluate
-
-    results = evaluate.load_results(os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_fresh", "results.json"))
-    table = evaluate.summary_table(results)
+    _, table = recorded_summary_table("evidence_cpu_fresh")
     assert "histogram, 54 features (no network)" in table  # the floor is in the recorded run
-    with open(os.path.join(ROOT, "docs", "evidence.md")) as f:
-        evidence = f.read()
     assert table in readme(), "README's table differs from evaluate.summary_table of the recorded run"
-    assert table in evidence, "docs/evidence.md's table differs from evaluate.summary_table of the recorded run"
-    with open(os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_fresh", "results.md")) as f:
-        assert table in f.read()  # and results.md was written from the same results.json
+    assert table in evidence(), "docs/evidence.md's table differs from evaluate.summary_table of the recorded run"
 
 
 def test_the_varied_phantoms_table_is_that_of_its_recorded_run():
     """docs/evidence.md's table of the varied phantoms is rebuilt from that run's results.json,
     which was made in the varied style."""
-    import evaluate
-
-    folder = os.path.join(ROOT, "benchmarks", "results", "evidence_cpu_varied")
-    results = evaluate.load_results(os.path.join(folder, "results.json"))
+    results, table = recorded_summary_table("evidence_cpu_varied")
     assert results["settings"]["phantoms"] == "varied"
-    table = evaluate.summary_table(results)
-    with open(os.path.join(ROOT, "docs", "evidence.md")) as f:
-        assert table in f.read(), "docs/evidence.md's varied table differs from evaluate.summary_table of the recorded run"
-    with open(os.path.join(folder, "results.md")) as f:
-        assert table in f.read()
+    assert table in evidence(), "docs/evidence.md's varied table differs from evaluate.summary_table of the recorded run"
 
 
 def test_the_real_ct_table_is_that_of_the_recorded_run():
