@@ -7,8 +7,8 @@ own bench (patches, the held-out thirds, the distinct draws of training cases):
   linear head and k-NN), mean and per-class Dice on the held-out cases at every label count;
 - with `--scratch_steps`, a segmentation network trained from scratch (evaluate.fine_tune: the
   configuration's arch, patch, batch and learning rate, cosine decay over the last step count)
-  on the largest draw of the first split, with volumetric Dice on its held-out cases after each
-  step count.
+  on the largest draw of one split (`--split`, default the first; `--seed` seeds it), with
+  volumetric Dice on that split's held-out cases after each step count.
 The gate of a style that the experiment can learn from: the floor at most 0.35 mean Dice with 8
 cases while the network from scratch reaches at least 0.75.
 
@@ -52,17 +52,17 @@ def floor_scores(benches, cfg: evaluate.Config) -> dict:
     }
 
 
-def scratch_curve(cases, benches, num_classes: int, cfg: evaluate.Config, steps: list[int]) -> dict:
-    """A network from scratch on the first split's largest draw: per-class Dice on its held-out
-    cases after each step count."""
-    b = benches[0]
+def scratch_curve(cases, benches, num_classes: int, cfg: evaluate.Config, steps: list[int], split: int = 0, seed: int = 0) -> dict:
+    """A network from scratch (torch and numpy seeded with `seed`) on split `split`'s largest
+    draw: per-class Dice on that split's held-out cases after each step count."""
+    b = benches[split]
     train = b.draws[max(b.draws)][0]
     curve = evaluate.fine_tune(
-        cfg, [cases[i] for i in train], [cases[i] for i in b.held_out], num_classes, None, 0, torch.device(cfg.device), steps,
+        cfg, [cases[i] for i in train], [cases[i] for i in b.held_out], num_classes, None, seed, torch.device(cfg.device), steps,
         evaluate.Clock(float("inf")),
         on_score=lambda step, dice: print(f"  from scratch, {step} steps: {', '.join(f'{v:.3f}' for v in dice)}", flush=True),
     )  # fmt: skip
-    return {"train_cases": train, "held_out": b.held_out, "dice": {str(k): v for k, v in curve.items()},
+    return {"split": split, "seed": seed, "train_cases": train, "held_out": b.held_out, "dice": {str(k): v for k, v in curve.items()},
             "mean": {str(k): metrics.mean_or_nan(v) for k, v in curve.items()}}  # fmt: skip
 
 
@@ -81,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ft_patch", nargs=3, type=int, default=None, help="Training patch (D H W); default the configuration's.")
     parser.add_argument("--ft_batch", type=int, default=None, help="Training batch; default the configuration's.")
+    parser.add_argument("--split", type=int, default=0, help="The held-out split the network from scratch trains and is scored on.")
+    parser.add_argument("--seed", type=int, default=0, help="The network from scratch's seed (weights, patches, flips).")
     parser.add_argument("--no_floor", action="store_true", help="Leave out the histogram floor (only the network from scratch).")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads (default: every core).")
     parser.add_argument("--out", default="", help="Also write the results here (JSON).")
     args = parser.parse_args(argv)
     cfg = evaluate.CONFIGS[args.config]
+    if not 0 <= args.split < cfg.probe_splits:
+        parser.error(f"--split {args.split}: the {args.config} configuration has splits 0 to {cfg.probe_splits - 1}")
     changes = {"ft_flip_axes": args.flip_axes, "ft_patch": args.ft_patch, "ft_batch": args.ft_batch}
     cfg = dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None})
     torch.set_num_threads(args.threads)
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report(style, one, cfg), flush=True)  # the floor before the long scratch run
         if args.scratch_steps:
             start = time.time()
-            one["scratch"] = scratch_curve(cases, benches, len(classes) + 1, cfg, sorted(args.scratch_steps))
+            one["scratch"] = scratch_curve(cases, benches, len(classes) + 1, cfg, sorted(args.scratch_steps), args.split, args.seed)
             one["scratch_seconds"] = round(time.time() - start, 1)
             print(report(style, one, cfg).splitlines()[-1], flush=True)
             print(f"  per class at {max(args.scratch_steps)} steps: "
