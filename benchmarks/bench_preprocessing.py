@@ -29,7 +29,7 @@ def make_series(root: str, volumes: int, slices: int, size: int = 512) -> dict[s
     rng = np.random.default_rng(0)
     spacing = {}
     for v in range(volumes):
-        phantom = Phantom(rng)
+        phantom = Phantom(rng, style="portal")  # the phantoms of the recorded figures
         px, interval = phantom.series_spacing(size), 1.25
         folder = f"{v + 1:06d}_01_01"
         os.makedirs(os.path.join(root, "Images_png", folder))

@@ -5,11 +5,14 @@ DeepLesion (220 GB) cannot be downloaded everywhere, so this writes look-alike d
 `DL_info.csv` with DeepLesion's 18 columns, one row per lesion. Each patient is a phantom of the
 trunk: body outline, skin, subcutaneous fat, muscle, lungs and heart in the upper slices,
 liver, spleen, stomach, pancreas, kidneys, aorta and vena cava, bowel, spine with discs, ribs,
-a patient table, and a few lesions; portal-venous-phase HU values, a scanner's partial-volume
-blur and 10-25 HU of noise. With `--style varied` each scan draws its contrast phase, its
-tissues' HU (organs overlapping), calibration, noise and organ shapes (`varied_look`), so that no
-intensity band names an organ; the default, `portal`, writes what it always wrote. Series draw an in-plane spacing of 0.6-1.0 mm and a slice interval
-of 0.8-5 mm, and keep only the slices around their key slices, so slice indices have gaps.
+a patient table, and a few lesions, with a scanner's partial-volume blur. In the default style,
+`varied`, each scan draws its contrast phase (unenhanced, arterial or portal), its tissues' HU
+(organs overlapping), calibration offset, noise (5-40 HU) and organ shapes and positions
+(`varied_look`), with organ-like distractors, so that no intensity band names an organ.
+`--style portal` writes the former phantoms, one portal-venous look whose organs sit in fixed HU
+bands with 10-25 HU of noise, so that figures made on them can be reproduced. Series draw an
+in-plane spacing of 0.6-1.0 mm and a slice interval of 0.8-5 mm, and keep only the slices around
+their key slices, so slice indices have gaps.
 
 It can also write, for the same kind of phantom, labelled volumes in the Medical Segmentation
 Decathlon layout (dataset.json, imagesTr/, labelsTr/; labels 1 liver, 2 spleen, 3 kidney) for
@@ -18,7 +21,7 @@ fine-tuning.
     python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 4
     python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 0 \
         --msd_dir data/Task01_SyntheticAbdomen --msd_cases 12 --msd_size 128
-    python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 4 --style varied
+    python preprocessing/synthetic_deeplesion.py --out data/SyntheticDeepLesion --patients 4 --style portal
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class Canvas:
 
 
 STYLES = ("portal", "varied")  # the phantoms' look: one portal phase, or drawn per scan (`varied_look`)
+DEFAULT_STYLE = "varied"
 PHASES = ("unenhanced", "arterial", "portal")
 PORTAL_LOOK = {  # HU of each tissue in the "portal" style (the liver's is drawn, 100-130)
     "muscle": 50.0, "paraspinal": 52.0, "liver_veins": 165.0, "spleen_minus_liver": -10.0, "kidney_cortex": 185.0,
@@ -159,7 +163,7 @@ class Phantom:
     style (`STYLES`) sets the tissues' HU and the organs' shapes: "portal", one portal-venous look
     whose organs differ by fixed HU bands, or "varied" (`varied_look`)."""
 
-    def __init__(self, rng: np.random.Generator, style: str = "portal"):
+    def __init__(self, rng: np.random.Generator, style: str = DEFAULT_STYLE):
         check_style(style)
         self.rng = rng
         self.a = rng.uniform(125, 175)  # body half-width, mm
@@ -392,7 +396,7 @@ def make_series(phantom: Phantom, folder: str, size: int, context_mm: float, rng
     return rows, {"spacing": (spacing, spacing, interval)}
 
 
-def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, context_mm: float = 30.0, style: str = "portal") -> str:
+def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, context_mm: float = 30.0, style: str = DEFAULT_STYLE) -> str:
     """Write Images_png/ and DL_info.csv for `patients` phantoms of a style (`STYLES`) under root;
     returns the CSV path."""
     check_style(style)
@@ -436,7 +440,7 @@ def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, co
     return csv_path
 
 
-def render_case(rng: np.random.Generator, size: int, slices: int, style: str = "portal") -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+def render_case(rng: np.random.Generator, size: int, slices: int, style: str = DEFAULT_STYLE) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """One labelled phantom: image (HU) and label volumes, (rows, cols, slices) with NIH's affine.
     Its first slice lies 30-45% of the way down the trunk, or 20-60% in the varied style."""
     phantom = Phantom(rng, style)
@@ -455,7 +459,9 @@ def render_case(rng: np.random.Generator, size: int, slices: int, style: str = "
     return nib.Nifti1Image(np.stack(hu, axis=2), affine), nib.Nifti1Image(np.stack(lab, axis=2), affine)
 
 
-def make_msd(out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: int = 48, test_cases: int = 0, style: str = "portal") -> str:
+def make_msd(
+    out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: int = 48, test_cases: int = 0, style: str = DEFAULT_STYLE
+) -> str:
     """Labelled phantoms of a style (`STYLES`) in the Decathlon layout, and `test_cases` unlabelled
     ones in imagesTs/ (drawn apart, so that the training cases do not depend on their number);
     volumes are (rows, cols, slices) with NIH's affine, so nibabel reads them in the same
@@ -512,10 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--msd_test_cases", default=2, type=int, help="Unlabelled cases for imagesTs/, as a Decathlon task has.")
     parser.add_argument(
         "--style",
-        default="portal",
+        default=DEFAULT_STYLE,
         choices=STYLES,
-        help="portal: one portal-venous look, organs in fixed HU bands (every figure so far); varied: phase, HU, "
-        "calibration, noise, organ shape and position drawn per scan, with organ-like distractors.",
+        help="varied (default): phase, HU, calibration, noise, organ shape and position drawn per scan, with "
+        "organ-like distractors; portal: the former phantoms, one portal-venous look, organs in fixed HU bands.",
     )
     args = parser.parse_args(argv)
     if args.patients > 0:

@@ -304,14 +304,15 @@ def test_the_real_ct_probe_names_what_is_missing_before_any_work(tmp_path):
 
 
 def test_a_run_folder_keeps_one_phantom_style(tmp_path, monkeypatch):
-    """--phantoms varied into a folder that holds a portal run is refused before anything is made;
-    a folder of an older run (no phantoms.txt) counts as portal."""
+    """--phantoms varied (every configuration's default) into a folder that holds a portal run is
+    refused before anything is made; a folder of an older run (no phantoms.txt) counts as portal."""
+    assert {cfg.phantoms for cfg in evaluate.CONFIGS.values()} == {"varied"}
     made = []
     monkeypatch.setattr("preprocessing.synthetic_deeplesion.make_deeplesion", lambda *a, **k: made.append(("unlabelled", k["style"])))
     monkeypatch.setattr("preprocessing.synthetic_deeplesion.make_msd", lambda *a, **k: made.append(("labelled", k["style"])))
     monkeypatch.setattr(evaluate, "run", lambda *a, **k: None)  # the three preprocessing scripts
     (tmp_path / "DeepLesion").mkdir()
-    cfg = dataclasses.replace(evaluate.CONFIGS["smoke"], phantoms="varied")
+    cfg = evaluate.CONFIGS["smoke"]
     with pytest.raises(SystemExit, match="holds a run on portal phantoms, not varied"):
         evaluate.make_data(cfg, str(tmp_path))
     assert made == [] and not (tmp_path / "phantoms.txt").exists()
@@ -319,7 +320,7 @@ def test_a_run_folder_keeps_one_phantom_style(tmp_path, monkeypatch):
     evaluate.make_data(cfg, str(tmp_path))
     assert made == [("unlabelled", "varied"), ("labelled", "varied")] and (tmp_path / "phantoms.txt").read_text() == "varied\n"
     with pytest.raises(SystemExit, match="holds a run on varied phantoms, not portal"):
-        evaluate.make_data(evaluate.CONFIGS["smoke"], str(tmp_path))
+        evaluate.make_data(dataclasses.replace(cfg, phantoms="portal"), str(tmp_path))
     evaluate.make_data(cfg, str(tmp_path / "new" / "run"))  # a folder not made yet is made
     assert (tmp_path / "new" / "run" / "phantoms.txt").read_text() == "varied\n"
 

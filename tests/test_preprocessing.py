@@ -241,8 +241,10 @@ def test_the_synthetic_decathlon_task_has_test_images_that_leave_its_training_ca
     assert not np.array_equal(test, np.asarray(nib.load(str(tmp_path / "b" / "imagesTr" / "synth_000.nii.gz")).dataobj))
 
 
-def test_synthetic_organs_have_portal_venous_hu(tmp_path):
-    syn.make_msd(str(tmp_path), cases=1, size=96, slices=40, seed=0)
+def test_the_portal_style_keeps_its_organs_in_portal_venous_hu_bands(tmp_path):
+    """The former phantoms stay reachable by the flag, as they were, so that their figures can be
+    reproduced."""
+    syn.make_msd(str(tmp_path), cases=1, size=96, slices=40, seed=0, style="portal")
     img = np.asarray(nib.load(str(tmp_path / "imagesTr" / "synth_000.nii.gz")).dataobj)
     lab = np.asarray(nib.load(str(tmp_path / "labelsTr" / "synth_000.nii.gz")).dataobj)
     assert img.shape == lab.shape
@@ -283,6 +285,21 @@ def test_varied_phantoms_have_no_intensity_band_per_organ(tmp_path):
     assert max(liver) - min(liver) > 40  # phases: the liver's HU is no band
     assert min(spleen) < max(liver) and max(spleen) > min(liver)  # the spleen's HU inside the liver's range
     assert "phases" in json.loads((tmp_path / "dataset.json").read_text())["description"]
+
+
+def test_the_generator_writes_varied_phantoms_unless_asked_for_the_portal_ones(tmp_path):
+    def generate(folder, *flags):
+        syn.main(["--out", str(tmp_path / "unused"), "--patients", "0", "--msd_dir", str(tmp_path / folder),
+                  "--msd_cases", "1", "--msd_size", "32", "--msd_slices", "4", "--msd_test_cases", "0", *flags])  # fmt: skip
+        description = json.loads((tmp_path / folder / "dataset.json").read_text())["description"]
+        return description, np.asarray(nib.load(str(tmp_path / folder / "imagesTr" / "synth_000.nii.gz")).dataobj)
+
+    syn.make_msd(str(tmp_path / "varied"), cases=1, size=32, slices=4, seed=0, style="varied")
+    varied = np.asarray(nib.load(str(tmp_path / "varied" / "imagesTr" / "synth_000.nii.gz")).dataobj)
+    description, image = generate("default")
+    assert "phases" in description and np.array_equal(image, varied)
+    description, image = generate("portal", "--style", "portal")
+    assert "portal-venous" in description and not np.array_equal(image, varied)
 
 
 def test_an_unknown_phantom_style_is_refused_by_name(tmp_path):
