@@ -66,7 +66,7 @@ bench: install
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_preprocessing.py
 
-# DeSD vs DINO vs no pretraining on generated CT, CPU-sized (56 min on 2 cores, measured); results
+# DeSD vs DINO vs no pretraining on generated CT, CPU-sized (53 min on 2 cores, measured); results
 # and figure in evidence/ (docs/evidence.png is redrawn from them: evaluate.py --from_results ... --figure)
 evaluate: install
 	$(PY) evaluate.py --config cpu --out evidence

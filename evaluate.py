@@ -26,7 +26,7 @@ A secondary table then takes the finished run's teachers to real CT (tools/real_
 TotalSegmentator's reference scans with that tool's predicted labels, heads fitted on the
 abdomen/pelvis CT and scored on the DICOM upper abdomen and the chest CT angiogram.
 
-    python evaluate.py --config cpu --out evidence      # `make evaluate`: 56 min on 2 CPU cores
+    python evaluate.py --config cpu --out evidence      # `make evaluate`: 53 min on 2 CPU cores
     python tools/real_ct_probe.py --results evidence/results.json  # `make evaluate-realct`: 3 min
     python evaluate.py --config gpu --out evidence_gpu  # one H100/H200 within 9 minutes, or refused
     python evaluate.py --config smoke --out /tmp/smoke  # the smallest run, for the tests
@@ -840,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         default="cpu",
         choices=list(CONFIGS),
-        help="cpu: 56 min on 2 cores; gpu: one H100/H200; smoke: the tests' minute.",
+        help="cpu: 53 min on 2 cores; gpu: one H100/H200; smoke: the tests' minute.",
     )
     parser.add_argument("--out", default="evidence", help="Working folder (data, runs, results).")
     parser.add_argument("--figure", default="", help="Where the figure goes (default: <out>/evidence.png).")
