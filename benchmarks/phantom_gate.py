@@ -35,7 +35,7 @@ import torch
 import evaluate
 import utils
 from downstream import metrics, probe
-from preprocessing.synthetic_deeplesion import STYLES, make_msd
+from preprocessing.synthetic_deeplesion import STYLES, check_start, make_msd
 
 
 def floor_scores(benches, cfg: evaluate.Config) -> dict:
@@ -83,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ft_batch", type=int, default=None, help="Training batch; default the configuration's.")
     parser.add_argument("--split", type=int, default=0, help="The held-out split the network from scratch trains and is scored on.")
     parser.add_argument("--seed", type=int, default=0, help="The network from scratch's seed (weights, patches, flips).")
+    parser.add_argument(
+        "--msd_start",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("LO", "HI"),
+        help="Depth range of a labelled case's first slice (synthetic_deeplesion.py --msd_start); default the style's.",
+    )
     parser.add_argument("--no_floor", action="store_true", help="Leave out the histogram floor (only the network from scratch).")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads (default: every core).")
     parser.add_argument("--out", default="", help="Also write the results here (JSON).")
@@ -90,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = evaluate.CONFIGS[args.config]
     if not 0 <= args.split < cfg.probe_splits:
         parser.error(f"--split {args.split}: the {args.config} configuration has splits 0 to {cfg.probe_splits - 1}")
+    if args.msd_start is not None:
+        try:
+            check_start(args.msd_start)
+        except ValueError as err:
+            parser.error(f"--msd_start: {err}")
     changes = {"ft_flip_axes": args.flip_axes, "ft_patch": args.ft_patch, "ft_batch": args.ft_batch}
     cfg = dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None})
     torch.set_num_threads(args.threads)
@@ -99,16 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config,
         "counts": list(cfg.probe_counts),
         "training": {"ft_patch": list(cfg.ft_patch), "ft_batch": cfg.ft_batch, "ft_flip_axes": list(cfg.ft_flip_axes), "ft_lr": cfg.ft_lr},
+        "msd_start": args.msd_start,  # None: each style's own (SLAB_STARTS)
         "styles": {},
     }
     for style in args.styles:
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            make_msd(tmp, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices, style=style)
+            make_msd(tmp, cases=cfg.labelled_cases, size=cfg.msd_size, seed=2, slices=cfg.msd_slices, style=style, start=args.msd_start)
             cases, classes = probe.load_cases(tmp, cfg.spacing)
         b = probe.bench(cases, classes, cfg.probe_patch, cfg.probe_per_case, cfg.probe_counts, cfg.probe_draws)
         benches = [probe.resplit(b, k, cfg.probe_counts, cfg.probe_draws) for k in range(cfg.probe_splits)]
-        one = {"classes": classes}
+        # voxels of each class in each case on the probe grid: a class absent from a held-out case is left out of its mean
+        one = {"classes": classes, "voxels": [[int((label == k).sum()) for k in range(1, len(classes) + 1)] for _, label in cases]}
         if not args.no_floor:
             one.update(floor=floor_scores(benches, cfg), floor_seconds=round(time.time() - start, 1))
             print(report(style, one, cfg), flush=True)  # the floor before the long scratch run

@@ -106,6 +106,7 @@ class Canvas:
 
 STYLES = ("portal", "varied")  # the phantoms' look: one portal phase, or drawn per scan (`varied_look`)
 DEFAULT_STYLE = "varied"
+SLAB_STARTS = {"portal": (0.3, 0.45), "varied": (0.2, 0.6)}  # a labelled case's first-slice depth, fractions of the trunk
 PHASES = ("unenhanced", "arterial", "portal")
 PORTAL_LOOK = {  # HU of each tissue in the "portal" style (the liver's is drawn, 100-130)
     "muscle": 50.0, "paraspinal": 52.0, "liver_veins": 165.0, "spleen_minus_liver": -10.0, "kidney_cortex": 185.0,
@@ -440,13 +441,23 @@ def make_deeplesion(root: str, patients: int, size: int = 512, seed: int = 0, co
     return csv_path
 
 
-def render_case(rng: np.random.Generator, size: int, slices: int, style: str = DEFAULT_STYLE) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+def check_start(start: tuple[float, float]) -> None:
+    """Refuse a first-slice depth range that is not LO <= HI within the trunk."""
+    if len(start) != 2 or not 0 <= start[0] <= start[1] < 1:
+        raise ValueError(f"first-slice depth {tuple(start)}: need LO <= HI, fractions of the trunk in [0, 1)")
+
+
+def render_case(
+    rng: np.random.Generator, size: int, slices: int, style: str = DEFAULT_STYLE, start: tuple[float, float] | None = None
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """One labelled phantom: image (HU) and label volumes, (rows, cols, slices) with NIH's affine.
-    Its first slice lies 30-45% of the way down the trunk, or 20-60% in the varied style."""
+    Its first slice lies a fraction of the way down the trunk drawn from `start` (default the
+    style's, `SLAB_STARTS`: 30-45% for portal, 20-60% for varied). Slices 2.5-3.5 mm apart, so 24
+    span 13-18% of the trunk; the kidneys lie at 47-83%, the liver at 28-70%, the spleen at 32-60%."""
     phantom = Phantom(rng, style)
     spacing = phantom.series_spacing(size)
     interval = float(rng.uniform(2.5, 3.5))
-    start = rng.uniform(*((0.3, 0.45) if style == "portal" else (0.2, 0.6))) * TRUNK_MM
+    start = rng.uniform(*(SLAB_STARTS[style] if start is None else start)) * TRUNK_MM
     for _ in range(int(rng.integers(1, 3))):
         phantom.add_lesion(start + rng.uniform(0.2, 0.8) * slices * interval)
     noise = phantom.noise_std(rng)
@@ -460,26 +471,36 @@ def render_case(rng: np.random.Generator, size: int, slices: int, style: str = D
 
 
 def make_msd(
-    out_dir: str, cases: int, size: int = 128, seed: int = 0, slices: int = 48, test_cases: int = 0, style: str = DEFAULT_STYLE
+    out_dir: str,
+    cases: int,
+    size: int = 128,
+    seed: int = 0,
+    slices: int = 48,
+    test_cases: int = 0,
+    style: str = DEFAULT_STYLE,
+    start: tuple[float, float] | None = None,
 ) -> str:
     """Labelled phantoms of a style (`STYLES`) in the Decathlon layout, and `test_cases` unlabelled
     ones in imagesTs/ (drawn apart, so that the training cases do not depend on their number);
     volumes are (rows, cols, slices) with NIH's affine, so nibabel reads them in the same
-    orientation as the pretraining patches."""
+    orientation as the pretraining patches. `start`: the range of the first slice's depth
+    (`render_case`); another range draws the same patients, scanned at other depths."""
     check_style(style)
+    if start is not None:
+        check_start(start)
     rng = np.random.default_rng(seed + 1_000_003)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):  # imagesTs/ even when empty: nnU-Net's MSD converter expects it
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     training = []
     for i in range(cases):
-        image, label = render_case(rng, size, slices, style)
+        image, label = render_case(rng, size, slices, style, start)
         name = f"synth_{i:03d}.nii.gz"
         write_atomic(os.path.join(out_dir, "imagesTr", name), lambda tmp, im=image: nib.save(im, tmp))
         write_atomic(os.path.join(out_dir, "labelsTr", name), lambda tmp, im=label: nib.save(im, tmp))
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     test, test_rng = [], np.random.default_rng(seed + 2_000_003)
     for i in range(test_cases):
-        image, _ = render_case(test_rng, size, slices, style)
+        image, _ = render_case(test_rng, size, slices, style, start)
         name = f"synth_test_{i:03d}.nii.gz"
         write_atomic(os.path.join(out_dir, "imagesTs", name), lambda tmp, im=image: nib.save(im, tmp))
         test.append(f"./imagesTs/{name}")
@@ -517,6 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--msd_slices", default=48, type=int)
     parser.add_argument("--msd_test_cases", default=2, type=int, help="Unlabelled cases for imagesTs/, as a Decathlon task has.")
     parser.add_argument(
+        "--msd_start",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("LO", "HI"),
+        help="Depth range of a labelled case's first slice, as fractions of the trunk from the lung apex "
+        "(default the style's: varied 0.2 0.6, portal 0.3 0.45). 0.45 0.55 puts liver, spleen and kidneys in every 24-slice case.",
+    )
+    parser.add_argument(
         "--style",
         default=DEFAULT_STYLE,
         choices=STYLES,
@@ -524,12 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         "organ-like distractors; portal: the former phantoms, one portal-venous look, organs in fixed HU bands.",
     )
     args = parser.parse_args(argv)
+    if args.msd_start is not None:
+        check_start(args.msd_start)  # before the unlabelled phantoms take their time
     if args.patients > 0:
         csv_path = make_deeplesion(args.out, args.patients, args.size, args.seed, args.context_mm, args.style)
         n = len(os.listdir(os.path.join(args.out, "Images_png")))
         print(f"wrote {n} series to {os.path.join(args.out, 'Images_png')} and {csv_path}")
     if args.msd_dir:
-        make_msd(args.msd_dir, args.msd_cases, args.msd_size, args.seed, args.msd_slices, args.msd_test_cases, args.style)
+        make_msd(args.msd_dir, args.msd_cases, args.msd_size, args.seed, args.msd_slices, args.msd_test_cases, args.style, args.msd_start)
         print(f"wrote {args.msd_cases} labelled and {args.msd_test_cases} test cases to {args.msd_dir}")
     return 0
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import evaluate
-from benchmarks import pilot_recipes
+from benchmarks import phantom_gate, pilot_recipes
 from tests.helpers import REALCT, realct_files
 from tools import real_ct_probe
 
@@ -259,6 +259,29 @@ def test_fine_tuning_hands_each_scoring_to_on_score_as_it_comes():
         cfg, [case], [case], 2, None, 0, torch.device("cpu"), [1, 2], evaluate.Clock(float("inf")), on_score=lambda *a: seen.append(a)
     )
     assert [step for step, _ in seen] == [1, 2] and dict(seen) == curve
+
+
+@pytest.mark.slow
+def test_the_gate_tool_scores_the_floor_and_a_network_on_the_labelled_set_it_is_given(tmp_path, capsys):
+    """phantom_gate on the smoke configuration: the floor at each label count, the network's curve
+    on the split asked for, the first-slice depth and each case's class voxels recorded."""
+    out = tmp_path / "gate.json"
+    argv = ["--config", "smoke", "--styles", "varied", "--msd_start", "0.45", "0.55", "--scratch_steps", "1", "2", "--split", "1",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert phantom_gate.main(argv) == 0
+    results = json.loads(out.read_text())
+    cfg, one = evaluate.CONFIGS["smoke"], results["styles"]["varied"]
+    assert results["msd_start"] == [0.45, 0.55] and one["classes"] == ["liver", "spleen", "kidney"]
+    assert len(one["voxels"]) == cfg.labelled_cases and all(min(v) > 0 for v in one["voxels"])  # every organ in every case
+    for head in ("linear", "knn"):
+        assert sorted(one["floor"][head]["mean"], key=int) == [str(c) for c in cfg.probe_counts]
+        assert all(0 <= v <= 1 for v in one["floor"][head]["mean"].values())
+    curve = one["scratch"]
+    assert curve["split"] == 1 and sorted(curve["dice"], key=int) == ["1", "2"] and len(curve["dice"]["2"]) == 3
+    assert not set(curve["train_cases"]) & set(curve["held_out"])
+    assert "from scratch, 2 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        phantom_gate.main(["--config", "smoke", "--split", str(cfg.probe_splits)])
 
 
 def test_the_gpu_run_enforces_its_own_clock(tmp_path, monkeypatch):
