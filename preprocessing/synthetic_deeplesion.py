@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar=("LO", "HI"),
         help="Depth range of a labelled case's first slice, as fractions of the trunk from the lung apex "
-        "(default the style's: varied 0.2 0.6, portal 0.3 0.45). 0.45 0.55 puts liver, spleen and kidneys in every 24-slice case.",
+        "(default the style's: varied 0.2 0.6, portal 0.3 0.45). 0.45 0.55 puts liver, spleen and kidneys in every 24-slice case; "
+        "0 0 with --msd_slices 190 covers the whole trunk.",
     )
     parser.add_argument(
         "--style",
