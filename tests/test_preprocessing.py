@@ -322,6 +322,15 @@ def test_the_first_slice_depth_puts_the_organs_in_or_out_of_every_labelled_case(
     assert all(3 not in found and 1 in found for found in organs("upper", 0.2, 0.25))
 
 
+def test_a_labelled_case_can_cover_the_whole_trunk(tmp_path):
+    """--msd_start 0 0 with 190 slices (at least 2.5 mm apart) spans the trunk, apex to pelvis."""
+    syn.main(["--out", str(tmp_path / "unused"), "--patients", "0", "--msd_dir", str(tmp_path), "--msd_cases", "1",
+              "--msd_size", "32", "--msd_slices", "190", "--msd_test_cases", "0", "--msd_start", "0", "0"])  # fmt: skip
+    label = nib.load(str(tmp_path / "labelsTr" / "synth_000.nii.gz"))
+    assert label.shape[2] * label.header.get_zooms()[2] >= syn.TRUNK_MM
+    assert {1, 2, 3} <= set(np.unique(np.asarray(label.dataobj)))
+
+
 def test_a_first_slice_depth_outside_the_trunk_is_refused_before_anything_is_written(tmp_path):
     code = syn.run_command(syn.main, ["--out", str(tmp_path / "dl"), "--patients", "1", "--size", "64",
                                       "--msd_dir", str(tmp_path / "msd"), "--msd_start", "0.6", "0.5"])  # fmt: skip
