@@ -35,7 +35,7 @@ import torch
 import evaluate
 import utils
 from downstream import metrics, probe
-from preprocessing.synthetic_deeplesion import STYLES, check_start, make_msd
+from preprocessing.synthetic_deeplesion import STYLES, add_start_argument, check_start, make_msd
 
 
 def floor_scores(benches, cfg: evaluate.Config) -> dict:
@@ -83,14 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ft_batch", type=int, default=None, help="Training batch; default the configuration's.")
     parser.add_argument("--split", type=int, default=0, help="The held-out split the network from scratch trains and is scored on.")
     parser.add_argument("--seed", type=int, default=0, help="The network from scratch's seed (weights, patches, flips).")
-    parser.add_argument(
-        "--msd_start",
-        nargs=2,
-        type=float,
-        default=None,
-        metavar=("LO", "HI"),
-        help="Depth range of a labelled case's first slice (synthetic_deeplesion.py --msd_start); default the style's.",
-    )
+    add_start_argument(parser, "Depth range of a labelled case's first slice (synthetic_deeplesion.py --msd_start); default the style's.")
     parser.add_argument("--no_floor", action="store_true", help="Leave out the histogram floor (only the network from scratch).")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads (default: every core).")
     parser.add_argument("--out", default="", help="Also write the results here (JSON).")

@@ -447,6 +447,11 @@ def check_start(start: tuple[float, float]) -> None:
         raise ValueError(f"first-slice depth {tuple(start)}: need LO <= HI, fractions of the trunk in [0, 1)")
 
 
+def add_start_argument(parser, help_text: str) -> None:
+    """`--msd_start LO HI`: the first-slice depth range of `make_msd`'s `start` (None: the style's)."""
+    parser.add_argument("--msd_start", nargs=2, type=float, default=None, metavar=("LO", "HI"), help=help_text)
+
+
 def render_case(
     rng: np.random.Generator, size: int, slices: int, style: str = DEFAULT_STYLE, start: tuple[float, float] | None = None
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
@@ -537,13 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--msd_size", default=128, type=int, help="Image side of the labelled cases.")
     parser.add_argument("--msd_slices", default=48, type=int)
     parser.add_argument("--msd_test_cases", default=2, type=int, help="Unlabelled cases for imagesTs/, as a Decathlon task has.")
-    parser.add_argument(
-        "--msd_start",
-        nargs=2,
-        type=float,
-        default=None,
-        metavar=("LO", "HI"),
-        help="Depth range of a labelled case's first slice, as fractions of the trunk from the lung apex "
+    add_start_argument(
+        parser,
+        "Depth range of a labelled case's first slice, as fractions of the trunk from the lung apex "
         "(default the style's: varied 0.2 0.6, portal 0.3 0.45). 0.45 0.55 puts liver, spleen and kidneys in every 24-slice case; "
         "0 0 with --msd_slices 190 covers the whole trunk.",
     )
